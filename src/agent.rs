@@ -1,0 +1,99 @@
+//! What the controller asks of a node's agent: create, grow and delete replica files on the
+//! node's disks. In standalone the agent is in the same process (`LocalAgent`); in a cluster
+//! the same trait is served over the node API.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+
+use crate::replica::{self, ReplicaError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("node {0:?} is not served by this agent")]
+    UnknownNode(String),
+    #[error("disk {disk:?} is not on node {node:?}")]
+    UnknownDisk { node: String, disk: String },
+    #[error("node {node:?} is unreachable: {why}")]
+    Unreachable { node: String, why: String },
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error("replica task failed: {0}")]
+    Task(String),
+}
+
+/// A replica the controller wants on a node's disk.
+#[derive(Debug, Clone)]
+pub struct ReplicaTarget<'a> {
+    pub node_id: &'a str,
+    pub disk_id: &'a str,
+    pub replica_id: &'a str,
+    pub volume_id: &'a str,
+}
+
+#[async_trait]
+pub trait NodeAgent: Send + Sync + 'static {
+    /// Creates the replica (idempotent); returns its directory.
+    async fn create_replica(&self, t: ReplicaTarget<'_>, size: u64) -> Result<PathBuf, AgentError>;
+    /// Grows the replica's data file to `size` (idempotent, never shrinks).
+    async fn grow_replica(&self, t: ReplicaTarget<'_>, size: u64) -> Result<(), AgentError>;
+    /// Removes the replica; Ok when it is already gone.
+    async fn delete_replica(&self, t: ReplicaTarget<'_>) -> Result<(), AgentError>;
+}
+
+/// The agent of the node this process runs, acting on its disks directly.
+pub struct LocalAgent {
+    node_id: String,
+    disks: HashMap<String, PathBuf>,
+}
+
+impl LocalAgent {
+    pub fn new(node_id: String, disks: HashMap<String, PathBuf>) -> Self {
+        LocalAgent { node_id, disks }
+    }
+
+    fn disk(&self, t: &ReplicaTarget<'_>) -> Result<PathBuf, AgentError> {
+        if t.node_id != self.node_id {
+            return Err(AgentError::UnknownNode(t.node_id.to_string()));
+        }
+        self.disks
+            .get(t.disk_id)
+            .cloned()
+            .ok_or_else(|| AgentError::UnknownDisk {
+                node: t.node_id.to_string(),
+                disk: t.disk_id.to_string(),
+            })
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ReplicaError> + Send + 'static,
+) -> Result<T, AgentError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AgentError::Task(e.to_string()))?
+        .map_err(AgentError::from)
+}
+
+#[async_trait]
+impl NodeAgent for LocalAgent {
+    async fn create_replica(&self, t: ReplicaTarget<'_>, size: u64) -> Result<PathBuf, AgentError> {
+        let disk = self.disk(&t)?;
+        let (rid, vid) = (t.replica_id.to_string(), t.volume_id.to_string());
+        let dir = blocking(move || replica::create(&disk, &rid, &vid, size)).await?;
+        Ok(dir.dir.clone())
+    }
+
+    async fn grow_replica(&self, t: ReplicaTarget<'_>, size: u64) -> Result<(), AgentError> {
+        let disk = self.disk(&t)?;
+        let rid = t.replica_id.to_string();
+        blocking(move || replica::grow(&disk, &rid, size).map(|_| ())).await
+    }
+
+    async fn delete_replica(&self, t: ReplicaTarget<'_>) -> Result<(), AgentError> {
+        let disk = self.disk(&t)?;
+        let rid = t.replica_id.to_string();
+        blocking(move || replica::delete(&disk, &rid)).await
+    }
+}

@@ -1,0 +1,1061 @@
+//! The controller's domain layer: volumes from creation to deletion, their replicas'
+//! placement, attachments, capacity and expansion. It knows nothing of protobuf; the CSI
+//! adapter validates requests, calls in here under the volume's lock, and maps the errors.
+//!
+//! Every operation persists its intent before it touches a node, and is keyed so that a
+//! retry, or a restart at any point, converges: a volume in `Creating` is resumed by the next
+//! CreateVolume with its name (or by `reconcile` at start-up), a volume in `Deleting` is
+//! finished by the next DeleteVolume or by `reconcile`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use crate::agent::{AgentError, NodeAgent, ReplicaTarget};
+use crate::attach::{self, Health, PublishDecision, PublishRequest};
+use crate::locks::KeyLocks;
+use crate::model::{
+    self, now_ms, Attachment, Capability, Node, Replica, ReplicaState, Volume, VolumeState,
+    TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY,
+};
+use crate::params::{self, DataLocality, ParamError, RecoveryPolicy, VolumeParams};
+use crate::scheduler::{self, ClusterView, PlacementError, PlacementRequest};
+use crate::settings::Settings;
+use crate::store::{Store, StoreError, Versioned, SETTINGS_KEY};
+
+/// Size of a volume created without a capacity range.
+pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
+/// Volume sizes are multiples of this.
+pub const SIZE_ALIGNMENT: u64 = 1 << 20;
+/// The largest volume Palisade creates (a sparse file's practical bound on ext4 is 16 TiB).
+pub const MAX_VOLUME_SIZE: u64 = 16 << 40;
+/// How many volumes one node may have attached.
+pub const MAX_VOLUMES_PER_NODE: u64 = 256;
+/// How long a store compare-and-swap is retried before the call gives up.
+const CAS_ATTEMPTS: usize = 16;
+
+/// Tunables of the controller.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// A node whose heartbeat is older than this is down.
+    pub heartbeat_timeout_ms: u64,
+    /// The pods' termination grace period that the `wait` recovery policy waits out.
+    pub termination_grace_ms: u64,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            heartbeat_timeout_ms: 10_000,
+            termination_grace_ms: 30_000,
+        }
+    }
+}
+
+/// The capacity a CreateVolume asks for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CapacityRange {
+    /// 0: no lower bound.
+    pub required: u64,
+    /// 0: no upper bound.
+    pub limit: u64,
+}
+
+impl CapacityRange {
+    fn admits(&self, size: u64) -> bool {
+        size >= self.required && (self.limit == 0 || size <= self.limit)
+    }
+
+    /// The size to create: the required bytes rounded up to the alignment, or the default,
+    /// always within the limit.
+    pub fn resolve(&self) -> Result<u64, String> {
+        if self.limit != 0 && self.limit < self.required {
+            return Err(format!(
+                "capacity_range: limit_bytes {} is below required_bytes {}",
+                self.limit, self.required
+            ));
+        }
+        let wanted = if self.required == 0 {
+            match self.limit {
+                0 => DEFAULT_VOLUME_SIZE,
+                limit => DEFAULT_VOLUME_SIZE.min(limit / SIZE_ALIGNMENT * SIZE_ALIGNMENT),
+            }
+        } else {
+            self.required.div_ceil(SIZE_ALIGNMENT) * SIZE_ALIGNMENT
+        };
+        if wanted == 0 || !self.admits(wanted) {
+            return Err(format!(
+                "capacity_range: no size that is a multiple of {} bytes lies within [{}, {}]",
+                SIZE_ALIGNMENT, self.required, self.limit
+            ));
+        }
+        if wanted > MAX_VOLUME_SIZE {
+            return Err(format!(
+                "capacity_range: {wanted} bytes is above the largest volume Palisade makes ({MAX_VOLUME_SIZE} bytes)"
+            ));
+        }
+        Ok(wanted)
+    }
+}
+
+/// A CreateVolume request in domain terms.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub name: String,
+    pub capacity: CapacityRange,
+    pub capabilities: Vec<Capability>,
+    pub parameters: HashMap<String, String>,
+    /// The node named first in accessibility_requirements.preferred (or requisite).
+    pub preferred_node: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error(transparent)]
+    Params(#[from] ParamError),
+    #[error("{0}")]
+    Capability(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("volume {name:?} already exists with a different {what}")]
+    Incompatible { name: String, what: String },
+    #[error("volume {0:?} is being deleted; retry once the deletion has finished")]
+    BeingDeleted(String),
+    #[error("cannot place volume {name:?}: {source}")]
+    Placement {
+        name: String,
+        #[source]
+        source: PlacementError,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("creating a replica of volume {volume:?} failed: {source}")]
+    Agent {
+        volume: String,
+        #[source]
+        source: AgentError,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    #[error("volume {volume:?} is published on node {node:?}; unpublish it first")]
+    InUse { volume: String, node: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("deleting a replica of volume {volume:?} failed: {source}")]
+    Agent {
+        volume: String,
+        #[source]
+        source: AgentError,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("volume {0:?} does not exist")]
+    VolumeNotFound(String),
+    #[error("node {0:?} does not exist")]
+    NodeNotFound(String),
+    #[error("{0}")]
+    Capability(String),
+    #[error("volume {volume:?} is already published on node {node:?} with a different capability or read-only flag")]
+    Incompatible { volume: String, node: String },
+    #[error("volume {volume:?} is published on node {node:?}, which is up; unpublish it there first (single-node access mode)")]
+    HeldElsewhere { volume: String, node: String },
+    #[error("volume {volume:?} is published on node {node:?}, which is down; {detail}")]
+    HeldByDownNode {
+        volume: String,
+        node: String,
+        detail: String,
+    },
+    #[error("volume {volume:?} is strict-local to node {pinned:?}; it cannot be attached on node {node:?}")]
+    StrictLocal {
+        volume: String,
+        pinned: String,
+        node: String,
+    },
+    #[error("node {node:?} already has {count} volumes attached, its maximum")]
+    NodeFull { node: String, count: u64 },
+    #[error("volume {0:?} is not ready (it is being created or deleted)")]
+    NotReady(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnpublishError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExpandError {
+    #[error("volume {0:?} does not exist")]
+    NotFound(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("volume {0:?} is not ready (it is being created or deleted)")]
+    NotReady(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("growing a replica of volume {volume:?} failed: {source}")]
+    Agent {
+        volume: String,
+        #[source]
+        source: AgentError,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    #[error("starting_token {0:?} is not a token this controller handed out")]
+    BadToken(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The published context handed to the node with ControllerPublish.
+pub const CONTEXT_EPOCH: &str = "palisade.io/epoch";
+
+/// One page of ListVolumes.
+#[derive(Debug)]
+pub struct VolumePage {
+    pub volumes: Vec<Arc<Volume>>,
+    pub next_token: Option<String>,
+}
+
+/// What GetCapacity reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapacityReport {
+    pub available: u64,
+    pub maximum_volume_size: u64,
+}
+
+/// Prefix that marks a ListVolumes token as ours.
+const TOKEN_PREFIX: &str = "after:";
+
+/// The controller's domain service.
+pub struct Controller {
+    store: Arc<dyn Store>,
+    agent: Arc<dyn NodeAgent>,
+    locks: KeyLocks,
+    config: ControllerConfig,
+}
+
+impl Controller {
+    pub fn new(store: Arc<dyn Store>, agent: Arc<dyn NodeAgent>, config: ControllerConfig) -> Self {
+        Controller {
+            store,
+            agent,
+            locks: KeyLocks::default(),
+            config,
+        }
+    }
+
+    /// The store this controller works on.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The current cluster settings (defaults when none were stored yet).
+    pub async fn settings(&self) -> Result<Settings, StoreError> {
+        Ok(self
+            .store
+            .settings()
+            .get(SETTINGS_KEY)
+            .await?
+            .map(|v| (*v.value).clone())
+            .unwrap_or_default())
+    }
+
+    /// CreateVolume: idempotent by name.
+    pub async fn create_volume(&self, req: CreateRequest) -> Result<Arc<Volume>, CreateError> {
+        let id = model::volume_id_for_name(&req.name);
+        let _guard = self.locks.lock(&id).await;
+        let settings = self.settings().await?;
+        let parsed = params::parse(&req.parameters, &settings)?;
+        check_capabilities(&req.capabilities, &parsed.params).map_err(CreateError::Capability)?;
+        let size = req.capacity.resolve().map_err(CreateError::OutOfRange)?;
+
+        let existing = self.store.volumes().get(&id).await?;
+        let current = match existing {
+            Some(v) => {
+                check_same_volume(&v.value, &req, &parsed.params)?;
+                v
+            }
+            None => {
+                self.record_new_volume(&id, &req, parsed, size, &settings)
+                    .await?
+            }
+        };
+        self.finish_creation(current).await
+    }
+
+    /// Persists a new volume in `Creating` with its placement decided.
+    async fn record_new_volume(
+        &self,
+        id: &str,
+        req: &CreateRequest,
+        parsed: params::Parsed,
+        size: u64,
+        settings: &Settings,
+    ) -> Result<Versioned<Volume>, CreateError> {
+        let mut accessible_topology = Vec::new();
+        if parsed.params.data_locality == DataLocality::StrictLocal {
+            if let Some(node) = &req.preferred_node {
+                accessible_topology.push(BTreeMap::from([(
+                    TOPOLOGY_NODE_KEY.to_string(),
+                    node.clone(),
+                )]));
+            }
+        }
+        let volume = Volume {
+            id: id.to_string(),
+            name: req.name.clone(),
+            size,
+            params: parsed.params,
+            extra_params: parsed.extra,
+            capabilities: req.capabilities.clone(),
+            accessible_topology,
+            state: VolumeState::Creating,
+            degraded_reason: None,
+            epoch: 0,
+            attachment: None,
+            created_ms: now_ms(),
+        };
+        // Place before recording, so that a volume that cannot be placed leaves nothing.
+        let placement = self.place(&volume, &[], req, settings).await?;
+        let mut volume = volume;
+        volume.degraded_reason = placement.degraded_reason.clone();
+        let version = self.store.volumes().put(id, volume.clone(), None).await?;
+        info!(volume = %id, name = %req.name, size, replicas = placement.replicas.len(), "volume recorded");
+        for (n, (node_id, disk_id)) in placement.replicas.iter().enumerate() {
+            let replica = Replica {
+                id: format!("{id}-r-{n}"),
+                volume_id: id.to_string(),
+                node_id: node_id.clone(),
+                disk_id: disk_id.clone(),
+                path: Default::default(),
+                size,
+                state: ReplicaState::Creating,
+            };
+            let key = replica.id.clone();
+            match self.store.replicas().put(&key, replica, None).await {
+                Ok(_) | Err(StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Versioned {
+            version,
+            value: Arc::new(volume),
+        })
+    }
+
+    async fn place(
+        &self,
+        volume: &Volume,
+        existing: &[Arc<Replica>],
+        req: &CreateRequest,
+        settings: &Settings,
+    ) -> Result<scheduler::Placement, CreateError> {
+        let nodes = self.list_nodes().await?;
+        let replicas: Vec<Replica> = self
+            .store
+            .replicas()
+            .list()
+            .await?
+            .iter()
+            .map(|r| (*r.value).clone())
+            .collect();
+        let view = ClusterView::new(
+            &nodes,
+            &replicas,
+            now_ms(),
+            self.config.heartbeat_timeout_ms,
+        );
+        let existing: Vec<Replica> = existing.iter().map(|r| (**r).clone()).collect();
+        let wanted = (volume.params.number_of_replicas as usize).saturating_sub(existing.len());
+        let request = PlacementRequest {
+            volume_id: &volume.id,
+            size: volume.size,
+            replica_count: u32::try_from(wanted).unwrap_or(u32::MAX),
+            params: &volume.params,
+            settings,
+            preferred_node: req.preferred_node.as_deref(),
+            existing: &existing,
+        };
+        scheduler::place(&view, &request).map_err(|source| CreateError::Placement {
+            name: volume.name.clone(),
+            source,
+        })
+    }
+
+    /// Creates whatever replicas of a `Creating` volume are still missing, then marks it
+    /// `Ready`. Returns the volume as stored.
+    async fn finish_creation(
+        &self,
+        current: Versioned<Volume>,
+    ) -> Result<Arc<Volume>, CreateError> {
+        match current.value.state {
+            VolumeState::Ready => return Ok(current.value),
+            VolumeState::Deleting => {
+                return Err(CreateError::BeingDeleted(current.value.name.clone()))
+            }
+            VolumeState::Creating => {}
+        }
+        let volume = current.value.clone();
+        for replica in self.volume_replicas(&volume.id).await? {
+            if replica.value.state != ReplicaState::Creating {
+                continue;
+            }
+            let target = ReplicaTarget {
+                node_id: &replica.value.node_id,
+                disk_id: &replica.value.disk_id,
+                replica_id: &replica.value.id,
+                volume_id: &volume.id,
+            };
+            let path = self
+                .agent
+                .create_replica(target, volume.size)
+                .await
+                .map_err(|source| CreateError::Agent {
+                    volume: volume.id.clone(),
+                    source,
+                })?;
+            let mut ready = (*replica.value).clone();
+            ready.state = ReplicaState::Ready;
+            ready.path = path;
+            self.store
+                .replicas()
+                .put(&ready.id.clone(), ready, Some(replica.version))
+                .await?;
+        }
+        let mut ready = (*volume).clone();
+        ready.state = VolumeState::Ready;
+        self.store
+            .volumes()
+            .put(&volume.id, ready.clone(), Some(current.version))
+            .await?;
+        info!(volume = %volume.id, "volume ready");
+        Ok(Arc::new(ready))
+    }
+
+    /// The replicas of one volume.
+    pub async fn volume_replicas(
+        &self,
+        volume_id: &str,
+    ) -> Result<Vec<Versioned<Replica>>, StoreError> {
+        let prefix = format!("{volume_id}-r-");
+        Ok(self
+            .store
+            .replicas()
+            .list_prefix(&prefix)
+            .await?
+            .into_iter()
+            .filter(|r| r.value.volume_id == volume_id)
+            .collect())
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<Node>, StoreError> {
+        Ok(self
+            .store
+            .nodes()
+            .list()
+            .await?
+            .iter()
+            .map(|n| (*n.value).clone())
+            .collect())
+    }
+
+    /// DeleteVolume: OK when the volume is already gone.
+    pub async fn delete_volume(&self, id: &str) -> Result<(), DeleteError> {
+        let _guard = self.locks.lock(id).await;
+        let Some(current) = self.store.volumes().get(id).await? else {
+            return Ok(());
+        };
+        if let Some(a) = &current.value.attachment {
+            return Err(DeleteError::InUse {
+                volume: id.to_string(),
+                node: a.node_id.clone(),
+            });
+        }
+        let current = if current.value.state == VolumeState::Deleting {
+            current
+        } else {
+            let mut deleting = (*current.value).clone();
+            deleting.state = VolumeState::Deleting;
+            let version = self
+                .store
+                .volumes()
+                .put(id, deleting.clone(), Some(current.version))
+                .await?;
+            Versioned {
+                version,
+                value: Arc::new(deleting),
+            }
+        };
+        self.finish_deletion(current).await
+    }
+
+    async fn finish_deletion(&self, current: Versioned<Volume>) -> Result<(), DeleteError> {
+        let id = current.value.id.clone();
+        for replica in self.volume_replicas(&id).await? {
+            let target = ReplicaTarget {
+                node_id: &replica.value.node_id,
+                disk_id: &replica.value.disk_id,
+                replica_id: &replica.value.id,
+                volume_id: &id,
+            };
+            self.agent
+                .delete_replica(target)
+                .await
+                .map_err(|source| DeleteError::Agent {
+                    volume: id.clone(),
+                    source,
+                })?;
+            self.store
+                .replicas()
+                .delete(&replica.value.id, replica.version)
+                .await?;
+        }
+        self.store.volumes().delete(&id, current.version).await?;
+        info!(volume = %id, "volume deleted");
+        Ok(())
+    }
+
+    /// Start-up reconciliation: finishes deletions and creations that a crash interrupted.
+    pub async fn reconcile(&self) -> Result<(), StoreError> {
+        for v in self.store.volumes().list().await? {
+            let _guard = self.locks.lock(&v.value.id).await;
+            let Some(current) = self.store.volumes().get(&v.value.id).await? else {
+                continue;
+            };
+            let outcome = match current.value.state {
+                VolumeState::Ready => continue,
+                VolumeState::Deleting => self
+                    .finish_deletion(current)
+                    .await
+                    .map_err(|e| e.to_string()),
+                VolumeState::Creating => self
+                    .finish_creation(current)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            };
+            if let Err(e) = outcome {
+                warn!(volume = %v.value.id, error = %e, "reconciling an interrupted operation failed; the next call on the volume retries it");
+            }
+        }
+        Ok(())
+    }
+
+    /// The volume as stored, if any.
+    pub async fn get_volume(&self, id: &str) -> Result<Option<Arc<Volume>>, StoreError> {
+        Ok(self.store.volumes().get(id).await?.map(|v| v.value))
+    }
+
+    /// The node as stored, if any.
+    pub async fn get_node(&self, id: &str) -> Result<Option<Arc<Node>>, StoreError> {
+        Ok(self.store.nodes().get(id).await?.map(|v| v.value))
+    }
+
+    fn health(&self, node: Option<&Node>, now: u64) -> Health {
+        match node {
+            Some(n)
+                if now.saturating_sub(n.last_heartbeat_ms) <= self.config.heartbeat_timeout_ms =>
+            {
+                Health::Up
+            }
+            Some(n) => Health::Down {
+                for_ms: now.saturating_sub(n.last_heartbeat_ms + self.config.heartbeat_timeout_ms),
+            },
+            None => Health::Down {
+                for_ms: u64::MAX / 2,
+            },
+        }
+    }
+
+    /// ControllerPublishVolume: returns the publish context.
+    pub async fn publish(
+        &self,
+        volume_id: &str,
+        node_id: &str,
+        capability: &Capability,
+        readonly: bool,
+    ) -> Result<HashMap<String, String>, PublishError> {
+        let _guard = self.locks.lock(volume_id).await;
+        let Some(current) = self.store.volumes().get(volume_id).await? else {
+            return Err(PublishError::VolumeNotFound(volume_id.to_string()));
+        };
+        if self.store.nodes().get(node_id).await?.is_none() {
+            return Err(PublishError::NodeNotFound(node_id.to_string()));
+        }
+        let volume = &current.value;
+        if volume.state != VolumeState::Ready {
+            return Err(PublishError::NotReady(volume_id.to_string()));
+        }
+        check_publish_capability(volume, capability).map_err(PublishError::Capability)?;
+        if let Some(pinned) = strict_local_node(volume) {
+            if pinned != node_id {
+                return Err(PublishError::StrictLocal {
+                    volume: volume_id.to_string(),
+                    pinned: pinned.to_string(),
+                    node: node_id.to_string(),
+                });
+            }
+        }
+        let now = now_ms();
+        let holder = match &volume.attachment {
+            Some(a) if a.node_id != node_id => {
+                self.store.nodes().get(&a.node_id).await?.map(|n| n.value)
+            }
+            _ => None,
+        };
+        let policy = volume.params.recovery_policy;
+        let decision = attach::decide_publish(
+            volume.attachment.as_ref(),
+            volume.epoch,
+            &PublishRequest {
+                node_id,
+                capability,
+                readonly,
+                now_ms: now,
+            },
+            self.health(holder.as_deref(), now),
+            policy,
+            self.config.termination_grace_ms,
+        );
+        let attachment = match decision {
+            PublishDecision::AlreadyPublished(a) => return Ok(publish_context(&a)),
+            PublishDecision::Attach(a) => {
+                self.check_node_room(node_id).await?;
+                a
+            }
+            PublishDecision::TakeOver { from, to } => {
+                warn!(volume = %volume_id, from = %from.node_id, to = %to.node_id, epoch = to.epoch, "taking over the attachment of a down node");
+                self.check_node_room(node_id).await?;
+                to
+            }
+            PublishDecision::Incompatible(a) => {
+                return Err(PublishError::Incompatible {
+                    volume: volume_id.to_string(),
+                    node: a.node_id,
+                })
+            }
+            PublishDecision::HeldByHealthyNode(a) => {
+                return Err(PublishError::HeldElsewhere {
+                    volume: volume_id.to_string(),
+                    node: a.node_id,
+                })
+            }
+            PublishDecision::HeldByDownNode {
+                current,
+                policy,
+                retry_in_ms,
+            } => {
+                let detail = match (policy, retry_in_ms) {
+                    (RecoveryPolicy::Wait, Some(ms)) => format!(
+                        "recovery policy \"wait\" allows the take-over in {} s",
+                        ms.div_ceil(1000)
+                    ),
+                    _ => "recovery policy \"never\": release it with ControllerUnpublish or `palisade ctl volume detach --force`".to_string(),
+                };
+                return Err(PublishError::HeldByDownNode {
+                    volume: volume_id.to_string(),
+                    node: current.node_id,
+                    detail,
+                });
+            }
+        };
+        let mut updated = (**volume).clone();
+        updated.epoch = attachment.epoch;
+        updated.attachment = Some(attachment.clone());
+        self.store
+            .volumes()
+            .put(volume_id, updated, Some(current.version))
+            .await?;
+        info!(volume = %volume_id, node = %node_id, epoch = attachment.epoch, "volume published");
+        Ok(publish_context(&attachment))
+    }
+
+    async fn check_node_room(&self, node_id: &str) -> Result<(), PublishError> {
+        let count = self
+            .store
+            .volumes()
+            .list()
+            .await?
+            .iter()
+            .filter(|v| {
+                v.value
+                    .attachment
+                    .as_ref()
+                    .is_some_and(|a| a.node_id == node_id)
+            })
+            .count() as u64;
+        if count >= MAX_VOLUMES_PER_NODE {
+            return Err(PublishError::NodeFull {
+                node: node_id.to_string(),
+                count,
+            });
+        }
+        Ok(())
+    }
+
+    /// ControllerUnpublishVolume: OK when the volume, the node or the attachment is gone.
+    pub async fn unpublish(&self, volume_id: &str, node_id: &str) -> Result<(), UnpublishError> {
+        let _guard = self.locks.lock(volume_id).await;
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(current) = self.store.volumes().get(volume_id).await? else {
+                return Ok(());
+            };
+            if !attach::unpublish_releases(current.value.attachment.as_ref(), node_id) {
+                return Ok(());
+            }
+            let mut updated = (*current.value).clone();
+            updated.attachment = None;
+            match self
+                .store
+                .volumes()
+                .put(volume_id, updated, Some(current.version))
+                .await
+            {
+                Ok(_) => {
+                    info!(volume = %volume_id, node = %node_id, "volume unpublished");
+                    return Ok(());
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(UnpublishError::Store(StoreError::Conflict {
+            kind: "volume",
+            key: volume_id.to_string(),
+            expected: None,
+        }))
+    }
+
+    /// ListVolumes, in volume id order, paged by an opaque token.
+    pub async fn list_volumes(
+        &self,
+        max_entries: usize,
+        starting_token: &str,
+    ) -> Result<VolumePage, ListError> {
+        let after = if starting_token.is_empty() {
+            None
+        } else {
+            match starting_token.strip_prefix(TOKEN_PREFIX) {
+                Some(id) if !id.is_empty() => Some(id.to_string()),
+                _ => return Err(ListError::BadToken(starting_token.to_string())),
+            }
+        };
+        let mut volumes: Vec<Arc<Volume>> = self
+            .store
+            .volumes()
+            .list()
+            .await?
+            .into_iter()
+            .filter(|v| v.value.state == VolumeState::Ready)
+            .filter(|v| {
+                after
+                    .as_ref()
+                    .is_none_or(|a| v.value.id.as_str() > a.as_str())
+            })
+            .map(|v| v.value)
+            .collect();
+        let mut next_token = None;
+        if max_entries > 0 && volumes.len() > max_entries {
+            volumes.truncate(max_entries);
+            next_token = volumes.last().map(|v| format!("{TOKEN_PREFIX}{}", v.id));
+        }
+        Ok(VolumePage {
+            volumes,
+            next_token,
+        })
+    }
+
+    /// GetCapacity for the given parameters, optionally restricted to one topology segment.
+    pub async fn capacity(
+        &self,
+        parameters: &HashMap<String, String>,
+        segment: Option<&HashMap<String, String>>,
+    ) -> Result<CapacityReport, CreateError> {
+        let settings = self.settings().await?;
+        let parsed = params::parse(parameters, &settings)?;
+        let nodes = self.list_nodes().await?;
+        let replicas: Vec<Replica> = self
+            .store
+            .replicas()
+            .list()
+            .await?
+            .iter()
+            .map(|r| (*r.value).clone())
+            .collect();
+        let view = ClusterView::new(
+            &nodes,
+            &replicas,
+            now_ms(),
+            self.config.heartbeat_timeout_ms,
+        );
+        let in_segment = |node: &scheduler::NodeView| match segment {
+            None => true,
+            Some(seg) => seg.iter().all(|(k, v)| match k.as_str() {
+                TOPOLOGY_NODE_KEY => node.id() == v,
+                TOPOLOGY_ZONE_KEY => node.zone() == Some(v.as_str()),
+                _ => false,
+            }),
+        };
+        let c = scheduler::capacity(&view, &parsed.params, &settings, in_segment);
+        Ok(CapacityReport {
+            available: c.available_bytes,
+            maximum_volume_size: c.maximum_volume_size,
+        })
+    }
+
+    /// ControllerExpandVolume: grows every replica, then records the new size. Returns the
+    /// volume's size afterwards.
+    pub async fn expand(&self, id: &str, range: CapacityRange) -> Result<u64, ExpandError> {
+        let _guard = self.locks.lock(id).await;
+        let Some(current) = self.store.volumes().get(id).await? else {
+            return Err(ExpandError::NotFound(id.to_string()));
+        };
+        if current.value.state != VolumeState::Ready {
+            return Err(ExpandError::NotReady(id.to_string()));
+        }
+        if range.limit != 0 && range.limit < range.required {
+            return Err(ExpandError::OutOfRange(format!(
+                "capacity_range: limit_bytes {} is below required_bytes {}",
+                range.limit, range.required
+            )));
+        }
+        if current.value.size >= range.required {
+            // Already at least that large; shrinking is not supported, and not asked for.
+            if range.limit != 0 && current.value.size > range.limit {
+                return Err(ExpandError::OutOfRange(format!(
+                    "capacity_range: the volume is {} bytes, above limit_bytes {}; volumes cannot shrink",
+                    current.value.size, range.limit
+                )));
+            }
+            return Ok(current.value.size);
+        }
+        let size = range.required.div_ceil(SIZE_ALIGNMENT) * SIZE_ALIGNMENT;
+        let size = if range.limit != 0 && size > range.limit {
+            range.required
+        } else {
+            size
+        };
+        if size > MAX_VOLUME_SIZE {
+            return Err(ExpandError::OutOfRange(format!(
+                "capacity_range: {size} bytes is above the largest volume Palisade makes ({MAX_VOLUME_SIZE} bytes)"
+            )));
+        }
+        self.check_growth_fits(&current.value, size).await?;
+        let replicas = self.volume_replicas(id).await?;
+        for replica in &replicas {
+            let target = ReplicaTarget {
+                node_id: &replica.value.node_id,
+                disk_id: &replica.value.disk_id,
+                replica_id: &replica.value.id,
+                volume_id: id,
+            };
+            self.agent
+                .grow_replica(target, size)
+                .await
+                .map_err(|source| ExpandError::Agent {
+                    volume: id.to_string(),
+                    source,
+                })?;
+        }
+        for replica in replicas {
+            let mut grown = (*replica.value).clone();
+            grown.size = size;
+            self.store
+                .replicas()
+                .put(&grown.id.clone(), grown, Some(replica.version))
+                .await?;
+        }
+        let mut grown = (*current.value).clone();
+        grown.size = size;
+        self.store
+            .volumes()
+            .put(id, grown, Some(current.version))
+            .await?;
+        info!(volume = %id, size, "volume expanded");
+        Ok(size)
+    }
+
+    /// Refuses a growth that the replicas' disks cannot hold under the scheduling rules.
+    async fn check_growth_fits(&self, volume: &Volume, size: u64) -> Result<(), ExpandError> {
+        let nodes = self.list_nodes().await?;
+        let settings = self.settings().await?;
+        let replicas = self.store.replicas().list().await?;
+        let growth = size - volume.size;
+        for r in replicas.iter().filter(|r| r.value.volume_id == volume.id) {
+            let Some(disk) = nodes
+                .iter()
+                .find(|n| n.id == r.value.node_id)
+                .and_then(|n| n.disks.iter().find(|d| d.id == r.value.disk_id))
+            else {
+                continue;
+            };
+            let scheduled: u64 = replicas
+                .iter()
+                .filter(|o| o.value.disk_id == disk.id && o.value.node_id == r.value.node_id)
+                .map(|o| o.value.size)
+                .sum();
+            let limit = disk.storage_maximum.saturating_sub(disk.storage_reserved) as u128
+                * settings.storage_over_provisioning_percentage as u128
+                / 100;
+            if (scheduled + growth) as u128 > limit {
+                return Err(ExpandError::OutOfRange(format!(
+                    "capacity_range: growing to {size} bytes needs {growth} more bytes on disk {} of node {}, which has {} of {} schedulable bytes scheduled",
+                    disk.id, r.value.node_id, scheduled, limit
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a node's heartbeat and its disks as its agent reports them.
+    pub async fn heartbeat(&self, mut node: Node) -> Result<(), StoreError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let current = self.store.nodes().get(&node.id).await?;
+            node.last_heartbeat_ms = now_ms();
+            if let Some(cur) = &current {
+                // Operator levers live in the store; the agent reports only what is real.
+                node.schedulable = cur.value.schedulable;
+                for disk in &mut node.disks {
+                    if let Some(old) = cur.value.disks.iter().find(|d| d.id == disk.id) {
+                        disk.schedulable = old.schedulable;
+                        disk.storage_reserved = old.storage_reserved;
+                        disk.tags = if old.tags.is_empty() {
+                            disk.tags.clone()
+                        } else {
+                            old.tags.clone()
+                        };
+                    }
+                }
+            }
+            match self
+                .store
+                .nodes()
+                .put(&node.id.clone(), node.clone(), current.map(|c| c.version))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Conflict {
+            kind: "node",
+            key: node.id,
+            expected: None,
+        })
+    }
+}
+
+/// The node a strict-local volume is pinned to.
+pub fn strict_local_node(volume: &Volume) -> Option<&str> {
+    if volume.params.data_locality != DataLocality::StrictLocal {
+        return None;
+    }
+    volume
+        .accessible_topology
+        .first()
+        .and_then(|t| t.get(TOPOLOGY_NODE_KEY))
+        .map(String::as_str)
+}
+
+fn publish_context(a: &Attachment) -> HashMap<String, String> {
+    HashMap::from([(CONTEXT_EPOCH.to_string(), a.epoch.to_string())])
+}
+
+/// Access modes Palisade can serve: one node at a time (the engine runs on one node).
+pub fn check_capabilities(caps: &[Capability], params: &VolumeParams) -> Result<(), String> {
+    let _ = params;
+    if caps.is_empty() {
+        return Err("volume_capabilities: at least one capability is required".to_string());
+    }
+    for cap in caps {
+        if !cap.access_mode.is_single_node() {
+            return Err(format!(
+                "volume_capabilities: access mode {:?} is not supported; Palisade volumes are attached on one node at a time (single-node access modes)",
+                cap.access_mode
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A publish capability must be one of the kinds (block or mount) the volume was created for.
+fn check_publish_capability(volume: &Volume, cap: &Capability) -> Result<(), String> {
+    check_capabilities(std::slice::from_ref(cap), &volume.params)?;
+    let block = matches!(cap.access_type, model::AccessType::Block);
+    let created_for = volume
+        .capabilities
+        .iter()
+        .any(|c| matches!(c.access_type, model::AccessType::Block) == block);
+    if !created_for {
+        return Err(format!(
+            "volume_capability: volume {:?} was created for {} access, not {}",
+            volume.id,
+            if block { "mount" } else { "block" },
+            if block { "block" } else { "mount" },
+        ));
+    }
+    Ok(())
+}
+
+/// A second CreateVolume with the same name must ask for the same volume.
+fn check_same_volume(
+    v: &Volume,
+    req: &CreateRequest,
+    params: &VolumeParams,
+) -> Result<(), CreateError> {
+    let incompatible = |what: &str| CreateError::Incompatible {
+        name: req.name.clone(),
+        what: what.to_string(),
+    };
+    if v.name != req.name {
+        return Err(incompatible("name (the volume id collides)"));
+    }
+    if v.state == VolumeState::Deleting {
+        return Err(CreateError::BeingDeleted(req.name.clone()));
+    }
+    if !req.capacity.admits(v.size) {
+        return Err(CreateError::Incompatible {
+            name: req.name.clone(),
+            what: format!(
+                "capacity (it has {} bytes; the request asks for [{}, {}])",
+                v.size, req.capacity.required, req.capacity.limit
+            ),
+        });
+    }
+    if v.params != *params {
+        return Err(incompatible("parameters"));
+    }
+    if v.capabilities != req.capabilities {
+        return Err(incompatible("volume capabilities"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_range_resolves_within_bounds() {
+        let r = |required, limit| CapacityRange { required, limit }.resolve();
+        assert_eq!(r(0, 0), Ok(DEFAULT_VOLUME_SIZE));
+        assert_eq!(r(1, 0), Ok(SIZE_ALIGNMENT));
+        assert_eq!(r(SIZE_ALIGNMENT + 1, 0), Ok(2 * SIZE_ALIGNMENT));
+        assert_eq!(r(0, 10 * SIZE_ALIGNMENT + 5), Ok(10 * SIZE_ALIGNMENT));
+        assert!(r(10, 5).unwrap_err().contains("limit_bytes"));
+        assert!(r(SIZE_ALIGNMENT + 1, SIZE_ALIGNMENT + 2).is_err());
+        assert!(r(0, 100).is_err());
+        assert!(r(MAX_VOLUME_SIZE + 1, 0).is_err());
+    }
+}

@@ -1,0 +1,19 @@
+//! Palisade: a CSI driver that makes replicated block volumes out of the local disks of a
+//! cluster's nodes, and fences a failed node so it can never write to them again.
+
+pub mod agent;
+pub mod attach;
+pub mod blockdev;
+pub mod controller;
+pub mod csi;
+pub mod csi_server;
+pub mod locks;
+pub mod model;
+pub mod mount;
+pub mod node;
+pub mod params;
+pub mod replica;
+pub mod scheduler;
+pub mod settings;
+pub mod standalone;
+pub mod store;

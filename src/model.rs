@@ -1,0 +1,193 @@
+//! The cluster's objects as the store keeps them: nodes and their disks, volumes with their
+//! attachment, and replicas. Plain data, serde-serialisable, no behaviour beyond small helpers.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::params::VolumeParams;
+
+/// Topology key whose value is the node id; every node reports it.
+pub const TOPOLOGY_NODE_KEY: &str = "topology.palisade.io/node";
+/// Topology key for the node's zone (only reported when the node has one).
+pub const TOPOLOGY_ZONE_KEY: &str = "topology.kubernetes.io/zone";
+
+/// A node of the cluster as its agent reported it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Node {
+    pub id: String,
+    /// host:port of the node's replica server ("" in standalone).
+    pub address: String,
+    pub zone: Option<String>,
+    pub tags: Vec<String>,
+    /// Operator lever: false keeps new replicas off this node.
+    pub schedulable: bool,
+    /// Milliseconds since the Unix epoch of the last heartbeat.
+    pub last_heartbeat_ms: u64,
+    pub disks: Vec<Disk>,
+}
+
+/// A disk (a directory on a filesystem) that holds replicas.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Disk {
+    /// Stable id, kept in a marker file in the disk directory.
+    pub id: String,
+    pub path: PathBuf,
+    pub tags: Vec<String>,
+    pub schedulable: bool,
+    /// Total bytes of the filesystem the disk lives on.
+    pub storage_maximum: u64,
+    /// Bytes available on that filesystem now.
+    pub storage_available: u64,
+    /// Bytes the operator keeps out of scheduling.
+    pub storage_reserved: u64,
+}
+
+/// Where a volume is in its life.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VolumeState {
+    /// Intent recorded; replicas may not all exist yet. A retry or restart resumes it.
+    Creating,
+    Ready,
+    /// Delete recorded; replicas are being removed. A retry or restart finishes it.
+    Deleting,
+}
+
+/// How the volume is consumed: a mounted filesystem or a raw block device.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum AccessType {
+    Block,
+    Mount {
+        fs_type: String,
+        mount_flags: Vec<String>,
+    },
+}
+
+/// CSI access modes that Palisade knows by name.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AccessMode {
+    SingleNodeWriter,
+    SingleNodeReaderOnly,
+    MultiNodeReaderOnly,
+    MultiNodeSingleWriter,
+    MultiNodeMultiWriter,
+    SingleNodeSingleWriter,
+    SingleNodeMultiWriter,
+}
+
+impl AccessMode {
+    /// True when at most one node may have the volume published at a time.
+    pub fn is_single_node(self) -> bool {
+        matches!(
+            self,
+            AccessMode::SingleNodeWriter
+                | AccessMode::SingleNodeReaderOnly
+                | AccessMode::SingleNodeSingleWriter
+                | AccessMode::SingleNodeMultiWriter
+        )
+    }
+}
+
+/// One requested volume capability, reduced to what Palisade acts on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Capability {
+    pub access_type: AccessType,
+    pub access_mode: AccessMode,
+}
+
+/// The volume's one attachment: the node its engine runs on and the epoch that fences
+/// every older attachment.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Attachment {
+    pub node_id: String,
+    pub epoch: u64,
+    pub readonly: bool,
+    pub capability: Capability,
+    pub since_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Volume {
+    /// Derived from the name (see `volume_id_for_name`), so create-by-name is a keyed put.
+    pub id: String,
+    pub name: String,
+    pub size: u64,
+    pub params: VolumeParams,
+    /// The `csi.storage.k8s.io/*` keys external-provisioner adds, kept as given.
+    pub extra_params: BTreeMap<String, String>,
+    pub capabilities: Vec<Capability>,
+    /// The topology segments the volume is reachable from (strict-local pins one node).
+    pub accessible_topology: Vec<BTreeMap<String, String>>,
+    pub state: VolumeState,
+    /// Why the volume has fewer replicas than asked, when it has.
+    pub degraded_reason: Option<String>,
+    /// Highest epoch ever handed out; bumps on every new attachment.
+    pub epoch: u64,
+    pub attachment: Option<Attachment>,
+    pub created_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicaState {
+    /// Placed; the node has not confirmed the replica file yet.
+    Creating,
+    Ready,
+    Failed,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Replica {
+    /// `<volume id>-r-<n>`.
+    pub id: String,
+    pub volume_id: String,
+    pub node_id: String,
+    pub disk_id: String,
+    /// The replica's directory on the node.
+    pub path: PathBuf,
+    pub size: u64,
+    pub state: ReplicaState,
+}
+
+/// Maps a CSI volume name to its volume id. Names that are already safe as ids and paths
+/// are kept (as Longhorn does: the PV name is the volume name); any other name maps to a
+/// digest of it, with a prefix that no kept name can have.
+pub fn volume_id_for_name(name: &str) -> String {
+    let safe = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && !name.starts_with("h-");
+    if safe {
+        name.to_string()
+    } else {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(name.as_bytes());
+        format!("h-{}", &hex::encode(digest)[..40])
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safe_names_are_kept_and_others_hashed() {
+        assert_eq!(volume_id_for_name("pvc-0a1b"), "pvc-0a1b");
+        let odd = volume_id_for_name("Sanity Volume/ü");
+        assert!(odd.starts_with("h-") && odd.len() == 42, "{odd}");
+        assert_eq!(odd, volume_id_for_name("Sanity Volume/ü"));
+        assert_ne!(volume_id_for_name("h-abc"), "h-abc");
+        assert_ne!(volume_id_for_name(&"a".repeat(128)), "a".repeat(128));
+    }
+}

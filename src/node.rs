@@ -1,0 +1,436 @@
+//! The node's domain layer: exposes a volume's local replica as a block device, formats it
+//! only when blank, mounts it at the staging path, bind-mounts it into pods, reports stats
+//! and grows filesystems. What is staged or published is read from the kernel (mountinfo,
+//! sysfs), never remembered, so a restarted process knows where it stands.
+
+use std::path::{Path, PathBuf};
+
+use tracing::{info, warn};
+
+use crate::blockdev::{self, BlockError};
+use crate::locks::KeyLocks;
+use crate::model::{AccessType, Capability};
+use crate::mount::{self, MountError};
+use crate::replica::{self, ReplicaDir, ReplicaError};
+
+/// The node this process serves.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node_id: String,
+    pub zone: Option<String>,
+    /// The node's disks: (disk id, directory).
+    pub disks: Vec<(String, PathBuf)>,
+    pub max_volumes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("volume {volume:?} has no replica on node {node:?}")]
+    NoLocalReplica { volume: String, node: String },
+    #[error("volume {volume:?} is not staged at {path:?}")]
+    NotStaged { volume: String, path: PathBuf },
+    #[error("{path:?} is not a path where volume {volume:?} is staged or published")]
+    NotMounted { volume: String, path: PathBuf },
+    #[error("{path:?} already has {what} mounted, not volume {volume:?} as asked")]
+    Incompatible {
+        volume: String,
+        path: PathBuf,
+        what: String,
+    },
+    #[error("volume {volume:?} holds a {found} filesystem, but {wanted} was asked for; it is never reformatted")]
+    FsMismatch {
+        volume: String,
+        found: String,
+        wanted: String,
+    },
+    #[error("volume {volume:?} is still mounted at {paths:?}; unpublish it there first")]
+    StillPublished { volume: String, paths: Vec<PathBuf> },
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("{op} {path:?}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("node task failed: {0}")]
+    Task(String),
+}
+
+/// Stats of a staged or published volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeStats {
+    pub bytes_total: u64,
+    pub bytes_available: Option<u64>,
+    pub bytes_used: Option<u64>,
+    pub inodes: Option<(u64, u64, u64)>,
+    /// Some(message) when the volume is abnormal.
+    pub abnormal: Option<String>,
+}
+
+/// The node's CSI domain service. Every call is idempotent.
+pub struct NodeService {
+    config: NodeConfig,
+    locks: KeyLocks,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, NodeError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| NodeError::Task(e.to_string()))?
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> NodeError + 'a {
+    move |source| NodeError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl NodeService {
+    pub fn new(config: NodeConfig) -> Self {
+        NodeService {
+            config,
+            locks: KeyLocks::default(),
+        }
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// NodeStageVolume.
+    pub async fn stage(
+        &self,
+        volume_id: &str,
+        staging: &Path,
+        cap: &Capability,
+        mkfs_params: Vec<String>,
+    ) -> Result<(), NodeError> {
+        let _g = self.locks.lock(volume_id).await;
+        let replica = self.local_replica(volume_id).await?;
+        let (volume, staging, cap) = (volume_id.to_string(), staging.to_path_buf(), cap.clone());
+        blocking(move || stage_blocking(&volume, &replica, &staging, &cap, &mkfs_params)).await
+    }
+
+    /// NodeUnstageVolume: unmounts, detaches the device, removes the staging path.
+    pub async fn unstage(&self, volume_id: &str, staging: &Path) -> Result<(), NodeError> {
+        let _g = self.locks.lock(volume_id).await;
+        let replica = self.local_replica(volume_id).await.ok();
+        let (volume, staging) = (volume_id.to_string(), staging.to_path_buf());
+        blocking(move || unstage_blocking(&volume, replica.as_ref(), &staging)).await
+    }
+
+    /// NodePublishVolume: bind-mounts the staged volume at the target.
+    pub async fn publish(
+        &self,
+        volume_id: &str,
+        staging: &Path,
+        target: &Path,
+        cap: &Capability,
+        readonly: bool,
+    ) -> Result<(), NodeError> {
+        let _g = self.locks.lock(volume_id).await;
+        let replica = self.local_replica(volume_id).await?;
+        let (volume, staging, target, cap) = (
+            volume_id.to_string(),
+            staging.to_path_buf(),
+            target.to_path_buf(),
+            cap.clone(),
+        );
+        blocking(move || publish_blocking(&volume, &replica, &staging, &target, &cap, readonly))
+            .await
+    }
+
+    /// NodeUnpublishVolume: unmounts and removes the target; OK when already gone.
+    pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), NodeError> {
+        let _g = self.locks.lock(volume_id).await;
+        let target = target.to_path_buf();
+        blocking(move || {
+            mount::unmount_and_remove(&target)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// NodeGetVolumeStats for a staged or published path.
+    pub async fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats, NodeError> {
+        let replica = self.local_replica(volume_id).await;
+        let (volume, path) = (volume_id.to_string(), path.to_path_buf());
+        blocking(move || stats_blocking(&volume, replica, &path)).await
+    }
+
+    /// NodeExpandVolume: refreshes the device size and grows the filesystem mounted at
+    /// `path` (if any). Returns the device's size.
+    pub async fn expand(&self, volume_id: &str, path: &Path) -> Result<u64, NodeError> {
+        let _g = self.locks.lock(volume_id).await;
+        let replica = self.local_replica(volume_id).await?;
+        let (volume, path) = (volume_id.to_string(), path.to_path_buf());
+        blocking(move || expand_blocking(&volume, &replica, &path)).await
+    }
+
+    /// The replica of `volume_id` on this node's disks (the lowest replica id when there
+    /// are several).
+    pub async fn local_replica(&self, volume_id: &str) -> Result<ReplicaDir, NodeError> {
+        let disks = self.config.disks.clone();
+        let (volume, node) = (volume_id.to_string(), self.config.node_id.clone());
+        blocking(move || {
+            let mut found: Vec<ReplicaDir> = Vec::new();
+            for (_, disk) in &disks {
+                found.extend(
+                    replica::list(disk)?
+                        .into_iter()
+                        .filter(|r| r.volume_id == volume),
+                );
+            }
+            found.sort_by(|a, b| a.id.cmp(&b.id));
+            found
+                .into_iter()
+                .next()
+                .ok_or(NodeError::NoLocalReplica { volume, node })
+        })
+        .await
+    }
+
+    /// Start-up reconciliation: detaches loop devices over replica files of this node's
+    /// disks whose replica no longer exists and which nothing mounts.
+    pub async fn reconcile(&self) -> Result<(), NodeError> {
+        let disks = self.config.disks.clone();
+        blocking(move || {
+            let mounts = mount::read_mountinfo()?;
+            for (dev, backing) in blockdev::list_loops()? {
+                let ours = disks.iter().any(|(_, d)| backing.starts_with(d.join("replicas")));
+                if !ours {
+                    continue;
+                }
+                let in_use = mounts.iter().any(|m| Path::new(&m.source) == dev);
+                if backing.exists() || in_use {
+                    continue;
+                }
+                warn!(device = %dev.display(), backing = %backing.display(), "detaching a loop device whose replica is gone");
+                blockdev::detach_loop(&dev)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+fn stage_blocking(
+    volume: &str,
+    replica: &ReplicaDir,
+    staging: &Path,
+    cap: &Capability,
+    mkfs_params: &[String],
+) -> Result<(), NodeError> {
+    let dev = blockdev::attach_loop(&replica.data_path())?;
+    let AccessType::Mount {
+        fs_type,
+        mount_flags,
+    } = &cap.access_type
+    else {
+        // Block: the attached device is the staged state; publish binds it.
+        info!(volume, device = %dev.display(), "block volume staged");
+        return Ok(());
+    };
+    std::fs::create_dir_all(staging).map_err(io("create staging directory", staging))?;
+    if let Some(m) = mount::mounts_at(staging)?.last() {
+        if Path::new(&m.source) == dev {
+            return Ok(());
+        }
+        return Err(NodeError::Incompatible {
+            volume: volume.to_string(),
+            path: staging.to_path_buf(),
+            what: m.source.clone(),
+        });
+    }
+    match blockdev::detect_fs(&dev)? {
+        Some(found) if &found != fs_type => {
+            return Err(NodeError::FsMismatch {
+                volume: volume.to_string(),
+                found,
+                wanted: fs_type.clone(),
+            })
+        }
+        Some(_) => {}
+        None => {
+            info!(volume, device = %dev.display(), fs = %fs_type, "formatting a blank volume");
+            blockdev::make_fs(&dev, fs_type, mkfs_params)?;
+        }
+    }
+    let readonly = cap.access_mode == crate::model::AccessMode::SingleNodeReaderOnly;
+    mount::mount_fs(&dev, staging, fs_type, mount_flags, readonly)?;
+    info!(volume, device = %dev.display(), staging = %staging.display(), "volume staged");
+    Ok(())
+}
+
+fn unstage_blocking(
+    volume: &str,
+    replica: Option<&ReplicaDir>,
+    staging: &Path,
+) -> Result<(), NodeError> {
+    mount::unmount(staging)?;
+    if let Some(dev) = replica.and_then(|r| blockdev::find_loop_for(&r.data_path()).ok().flatten())
+    {
+        let users: Vec<PathBuf> = mount::read_mountinfo()?
+            .into_iter()
+            .filter(|m| Path::new(&m.source) == dev)
+            .map(|m| m.mount_point)
+            .collect();
+        if !users.is_empty() {
+            return Err(NodeError::StillPublished {
+                volume: volume.to_string(),
+                paths: users,
+            });
+        }
+        blockdev::detach_loop(&dev)?;
+    }
+    match std::fs::remove_dir(staging) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("remove staging directory", staging)(e)),
+    }
+    info!(volume, staging = %staging.display(), "volume unstaged");
+    Ok(())
+}
+
+fn publish_blocking(
+    volume: &str,
+    replica: &ReplicaDir,
+    staging: &Path,
+    target: &Path,
+    cap: &Capability,
+    readonly: bool,
+) -> Result<(), NodeError> {
+    let (source, is_block) = match &cap.access_type {
+        AccessType::Block => {
+            let dev = blockdev::find_loop_for(&replica.data_path())?.ok_or_else(|| {
+                NodeError::NotStaged {
+                    volume: volume.to_string(),
+                    path: staging.to_path_buf(),
+                }
+            })?;
+            (dev, true)
+        }
+        AccessType::Mount { .. } => {
+            if !mount::is_mount_point(staging)? {
+                return Err(NodeError::NotStaged {
+                    volume: volume.to_string(),
+                    path: staging.to_path_buf(),
+                });
+            }
+            (staging.to_path_buf(), false)
+        }
+    };
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(io("create target parent", parent))?;
+    }
+    if is_block {
+        if !target.exists() {
+            std::fs::File::create(target).map_err(io("create target file", target))?;
+        }
+    } else {
+        std::fs::create_dir_all(target).map_err(io("create target directory", target))?;
+    }
+    mount::bind_mount(&source, target, readonly).map_err(|e| match e {
+        MountError::Occupied { what, .. } => NodeError::Incompatible {
+            volume: volume.to_string(),
+            path: target.to_path_buf(),
+            what,
+        },
+        other => NodeError::Mount(other),
+    })?;
+    info!(volume, target = %target.display(), readonly, "volume published");
+    Ok(())
+}
+
+fn stats_blocking(
+    volume: &str,
+    replica: Result<ReplicaDir, NodeError>,
+    path: &Path,
+) -> Result<VolumeStats, NodeError> {
+    let meta = std::fs::metadata(path).map_err(|_| NodeError::NotMounted {
+        volume: volume.to_string(),
+        path: path.to_path_buf(),
+    })?;
+    let abnormal = match &replica {
+        Ok(r) if r.data_path().exists() => None,
+        Ok(r) => Some(format!(
+            "the replica data file {:?} is missing",
+            r.data_path()
+        )),
+        Err(e) => Some(e.to_string()),
+    };
+    if meta.is_dir() {
+        if !mount::is_mount_point(path)? {
+            return Err(NodeError::NotMounted {
+                volume: volume.to_string(),
+                path: path.to_path_buf(),
+            });
+        }
+        let s = mount::stats(path)?;
+        return Ok(VolumeStats {
+            bytes_total: s.bytes_total,
+            bytes_available: Some(s.bytes_available),
+            bytes_used: Some(s.bytes_used),
+            inodes: Some((s.inodes_total, s.inodes_free, s.inodes_used)),
+            abnormal,
+        });
+    }
+    // A block volume: a device bound onto a file.
+    let m = mount::mounts_at(path)?;
+    let Some(bound) = m.last() else {
+        return Err(NodeError::NotMounted {
+            volume: volume.to_string(),
+            path: path.to_path_buf(),
+        });
+    };
+    let dev = replica
+        .ok()
+        .and_then(|r| blockdev::find_loop_for(&r.data_path()).ok().flatten());
+    let bytes_total = match dev {
+        Some(dev) => blockdev::device_size(&dev)?,
+        None => {
+            let _ = bound;
+            0
+        }
+    };
+    Ok(VolumeStats {
+        bytes_total,
+        bytes_available: None,
+        bytes_used: None,
+        inodes: None,
+        abnormal,
+    })
+}
+
+fn expand_blocking(volume: &str, replica: &ReplicaDir, path: &Path) -> Result<u64, NodeError> {
+    let dev =
+        blockdev::find_loop_for(&replica.data_path())?.ok_or_else(|| NodeError::NotStaged {
+            volume: volume.to_string(),
+            path: path.to_path_buf(),
+        })?;
+    blockdev::refresh_loop_capacity(&dev)?;
+    if path.is_dir() {
+        if !mount::is_mount_point(path)? {
+            return Err(NodeError::NotMounted {
+                volume: volume.to_string(),
+                path: path.to_path_buf(),
+            });
+        }
+        if let Some(fs) = blockdev::detect_fs(&dev)? {
+            blockdev::grow_fs(&dev, path, &fs)?;
+        }
+    }
+    let size = blockdev::device_size(&dev)?;
+    info!(volume, size, "volume expanded on the node");
+    Ok(size)
+}
