@@ -331,15 +331,25 @@ impl Controller {
         volume.degraded_reason = placement.degraded_reason.clone();
         let version = self.store.volumes().put(id, volume.clone(), None).await?;
         info!(volume = %id, name = %req.name, size, replicas = placement.replicas.len(), "volume recorded");
+        let nodes = self.list_nodes().await?;
         for (n, (node_id, disk_id)) in placement.replicas.iter().enumerate() {
+            let replica_id = format!("{id}-r-{n}");
+            let path = nodes
+                .iter()
+                .find(|node| &node.id == node_id)
+                .and_then(|node| node.disks.iter().find(|d| &d.id == disk_id))
+                .map(|d| crate::replica::replica_dir(&d.path, &replica_id))
+                .unwrap_or_default();
+            // Recorded Ready: the volume's own Creating state covers its first replicas,
+            // which are trusted only once the volume is Ready.
             let replica = Replica {
-                id: format!("{id}-r-{n}"),
+                id: replica_id,
                 volume_id: id.to_string(),
                 node_id: node_id.clone(),
                 disk_id: disk_id.clone(),
-                path: Default::default(),
+                path,
                 size,
-                state: ReplicaState::Creating,
+                state: ReplicaState::Ready,
             };
             let key = replica.id.clone();
             match self.store.replicas().put(&key, replica, None).await {
@@ -406,31 +416,22 @@ impl Controller {
             VolumeState::Creating => {}
         }
         let volume = current.value.clone();
+        // Every replica again: creation is idempotent, and one interrupted by a crash is
+        // finished here.
         for replica in self.volume_replicas(&volume.id).await? {
-            if replica.value.state != ReplicaState::Creating {
-                continue;
-            }
             let target = ReplicaTarget {
                 node_id: &replica.value.node_id,
                 disk_id: &replica.value.disk_id,
                 replica_id: &replica.value.id,
                 volume_id: &volume.id,
             };
-            let path = self
-                .agent
+            self.agent
                 .create_replica(target, volume.size)
                 .await
                 .map_err(|source| CreateError::Agent {
                     volume: volume.id.clone(),
                     source,
                 })?;
-            let mut ready = (*replica.value).clone();
-            ready.state = ReplicaState::Ready;
-            ready.path = path;
-            self.store
-                .replicas()
-                .put(&ready.id.clone(), ready, Some(replica.version))
-                .await?;
         }
         let mut ready = (*volume).clone();
         ready.state = VolumeState::Ready;

@@ -130,7 +130,9 @@ pub struct Volume {
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReplicaState {
-    /// Placed; the node has not confirmed the replica file yet.
+    /// Placed after the volume was created (a replacement); not yet confirmed by its node.
+    /// A new volume's first replicas are recorded `Ready`: the volume's `Creating` state
+    /// covers them until every one exists.
     Creating,
     Ready,
     Failed,

@@ -13,6 +13,11 @@
 //! The anti-affinity values are only `ignored`, `enabled` and `disabled`, as Longhorn's own
 //! validation has it; `true` and `false` are refused with a message that names the accepted
 //! spellings, so that a class never means something different here than in Longhorn.
+//!
+//! `fsType` (and `csi.storage.k8s.io/fstype`, should a CO pass it through) is validated
+//! (ext4 or xfs) and returned in [`Parsed::fs_type`], not kept in [`VolumeParams`]:
+//! external-provisioner already turns it into the volume capability's fs_type, which is
+//! what the node formats with.
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
@@ -158,10 +163,6 @@ pub struct VolumeParams {
     pub recovery_policy: RecoveryPolicy,
     /// Extra arguments for mkfs, split on whitespace.
     pub mkfs_params: Vec<String>,
-    /// The filesystem the class asks for (`fsType`, or `csi.storage.k8s.io/fstype`); `None`
-    /// when it names none, and then the volume capability's fs_type decides (ext4 if empty).
-    #[serde(default)]
-    pub fs_type: Option<FsType>,
 }
 
 /// A parameter the driver refuses, with the key it names.
@@ -186,6 +187,11 @@ pub enum ParamError {
 pub struct Parsed {
     pub params: VolumeParams,
     pub extra: BTreeMap<String, String>,
+    /// The filesystem the class names (`fsType` or `csi.storage.k8s.io/fstype`), validated.
+    /// It is not a volume parameter: external-provisioner puts it in the volume
+    /// capability's fs_type, which is what the node formats with; a caller may check that
+    /// the two agree.
+    pub fs_type: Option<FsType>,
 }
 
 /// `numberOfReplicas`: 1..=20, default the setting default-replica-count.
@@ -324,18 +330,22 @@ pub fn parse(map: &HashMap<String, String>, settings: &Settings) -> Result<Parse
             settings.volume_attachment_recovery_policy,
         )?,
         mkfs_params: parse_mkfs_params(get(MKFS_PARAMS).unwrap_or_default())?,
-        fs_type: parse_fs_type(get(FS_TYPE), get(CSI_FSTYPE))?,
     };
+    let fs_type = parse_fs_type(get(FS_TYPE), get(CSI_FSTYPE))?;
     check_strict_local(&params, map.contains_key(NUMBER_OF_REPLICAS))?;
-    Ok(Parsed { params, extra })
+    Ok(Parsed {
+        params,
+        extra,
+        fs_type,
+    })
 }
 
 impl VolumeParams {
     /// The parameters as volume_context (string map) for the CO to hand back to the node:
-    /// Longhorn's keys and spellings, every parameter present (`fsType` only when set), so
-    /// that [`parse`] of this map gives back the same `VolumeParams` under any settings.
+    /// Longhorn's keys and spellings, every parameter present, so that [`parse`] of this map
+    /// gives back the same `VolumeParams` under any settings.
     pub fn to_context(&self) -> HashMap<String, String> {
-        let mut context: HashMap<String, String> = [
+        [
             (NUMBER_OF_REPLICAS, self.number_of_replicas.to_string()),
             (DATA_LOCALITY, self.data_locality.to_string()),
             (
@@ -364,11 +374,7 @@ impl VolumeParams {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        if let Some(fs) = self.fs_type {
-            context.insert(FS_TYPE.to_string(), fs.to_string());
-        }
-        context
+        .collect()
     }
 
     /// Whether two replicas of this volume may share a node (replicaSoftAntiAffinity, else
@@ -553,11 +559,19 @@ mod tests {
             .collect()
     }
 
-    fn ok(pairs: &[(&str, &str)]) -> VolumeParams {
+    fn parsed(pairs: &[(&str, &str)]) -> Parsed {
         match parse(&map(pairs), &Settings::default()) {
-            Ok(parsed) => parsed.params,
+            Ok(parsed) => parsed,
             Err(e) => panic!("{pairs:?} should parse: {e}"),
         }
+    }
+
+    fn ok(pairs: &[(&str, &str)]) -> VolumeParams {
+        parsed(pairs).params
+    }
+
+    fn fs(pairs: &[(&str, &str)]) -> Option<FsType> {
+        parsed(pairs).fs_type
     }
 
     fn err(pairs: &[(&str, &str)]) -> ParamError {
@@ -598,7 +612,6 @@ mod tests {
                 replica_disk_soft_anti_affinity: SoftAntiAffinity::Ignored,
                 recovery_policy: RecoveryPolicy::Wait,
                 mkfs_params: vec![],
-                fs_type: None,
             }
         );
     }
@@ -620,7 +633,7 @@ mod tests {
 
     #[test]
     fn every_parameter_is_parsed() {
-        let p = ok(&[
+        let all = parsed(&[
             ("numberOfReplicas", " 2 "),
             ("dataLocality", "best-effort"),
             ("staleReplicaTimeout", "30"),
@@ -633,6 +646,8 @@ mod tests {
             ("fsType", "xfs"),
             ("mkfsParams", "-I 256  -b 4096 -O ^metadata_csum,^64bit"),
         ]);
+        assert_eq!(all.fs_type, Some(FsType::Xfs));
+        let p = all.params;
         assert_eq!(p.number_of_replicas, 2);
         assert_eq!(p.data_locality, DataLocality::BestEffort);
         assert_eq!(p.stale_replica_timeout_minutes, 30);
@@ -645,7 +660,6 @@ mod tests {
         );
         assert_eq!(p.replica_disk_soft_anti_affinity, SoftAntiAffinity::Ignored);
         assert_eq!(p.recovery_policy, RecoveryPolicy::Never);
-        assert_eq!(p.fs_type, Some(FsType::Xfs));
         assert_eq!(
             p.mkfs_params,
             vec!["-I", "256", "-b", "4096", "-O", "^metadata_csum,^64bit"]
@@ -829,7 +843,7 @@ mod tests {
 
     #[test]
     fn longhorns_default_storage_class_is_accepted() {
-        let p = ok(&[
+        let all = parsed(&[
             ("numberOfReplicas", "3"),
             ("staleReplicaTimeout", "30"),
             ("fromBackup", ""),
@@ -840,8 +854,9 @@ mod tests {
             ("dataEngine", "v1"),
             ("backupTargetName", "default"),
         ]);
-        assert_eq!(p.number_of_replicas, 3);
-        assert_eq!(p.fs_type, Some(FsType::Ext4));
+        assert_eq!(all.params.number_of_replicas, 3);
+        assert_eq!(all.params.stale_replica_timeout_minutes, 30);
+        assert_eq!(all.fs_type, Some(FsType::Ext4));
     }
 
     #[test]
@@ -862,8 +877,11 @@ mod tests {
 
     #[test]
     fn csi_fstype_is_validated_and_must_agree_with_fs_type() {
-        let p = ok(&[("csi.storage.k8s.io/fstype", "xfs")]);
-        assert_eq!(p.fs_type, Some(FsType::Xfs));
+        assert_eq!(fs(&[]), None);
+        assert_eq!(
+            fs(&[("csi.storage.k8s.io/fstype", "xfs")]),
+            Some(FsType::Xfs)
+        );
         assert_bad_value(
             &[("csi.storage.k8s.io/fstype", "ntfs")],
             "csi.storage.k8s.io/fstype",
@@ -874,7 +892,7 @@ mod tests {
             ParamError::Conflict { .. }
         ));
         assert_eq!(
-            ok(&[("fsType", "xfs"), ("csi.storage.k8s.io/fstype", "xfs")]).fs_type,
+            fs(&[("fsType", "xfs"), ("csi.storage.k8s.io/fstype", "xfs")]),
             Some(FsType::Xfs)
         );
     }

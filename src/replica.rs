@@ -125,17 +125,11 @@ pub enum ReplicaError {
     #[error("{path} is not a valid replica: {reason}")]
     Invalid { path: PathBuf, reason: String },
     #[error(
-        "replica {id:?} already exists at {path} for volume {existing_volume_id:?} of \
-         {existing_size} bytes, not for volume {volume_id:?} of {size} bytes"
+        "replica {:?} already exists at {} for volume {:?} of {} bytes, not for volume {:?} \
+         of {} bytes",
+        .0.id, .0.path.display(), .0.existing_volume_id, .0.existing_size, .0.volume_id, .0.size
     )]
-    Mismatch {
-        id: String,
-        path: PathBuf,
-        existing_volume_id: String,
-        existing_size: u64,
-        volume_id: String,
-        size: u64,
-    },
+    Mismatch(Box<Mismatch>),
     #[error("replica {id:?} does not exist on disk {disk}")]
     NotFound { id: String, disk: PathBuf },
     #[error("replica {id:?} is {size} bytes and cannot shrink to {requested}")]
@@ -156,6 +150,17 @@ pub enum ReplicaError {
         #[source]
         source: nix::errno::Errno,
     },
+}
+
+/// A replica that exists with another volume or size than a create asked for.
+#[derive(Debug)]
+pub struct Mismatch {
+    pub id: String,
+    pub path: PathBuf,
+    pub existing_volume_id: String,
+    pub existing_size: u64,
+    pub volume_id: String,
+    pub size: u64,
 }
 
 /// The metadata file's contents.
@@ -201,14 +206,14 @@ pub fn create(
     let dir = root.join(replica_id);
     if let Some(existing) = load(&dir, replica_id)? {
         if existing.volume_id != volume_id || existing.size != size {
-            return Err(ReplicaError::Mismatch {
+            return Err(ReplicaError::Mismatch(Box::new(Mismatch {
                 id: replica_id.to_string(),
                 path: dir,
                 existing_volume_id: existing.volume_id,
                 existing_size: existing.size,
                 volume_id: volume_id.to_string(),
                 size,
-            });
+            })));
         }
         return Ok(existing);
     }
@@ -435,6 +440,11 @@ pub fn init_disk(path: &Path) -> Result<DiskInfo, ReplicaError> {
         storage_maximum: fragment.saturating_mul(stats.blocks() as u64),
         storage_available: fragment.saturating_mul(stats.blocks_available() as u64),
     })
+}
+
+/// The directory replica `replica_id` has (or would have) on `disk`.
+pub fn replica_dir(disk: &Path, replica_id: &str) -> PathBuf {
+    replicas_dir(disk).join(replica_id)
 }
 
 fn replicas_dir(disk: &Path) -> PathBuf {
@@ -735,7 +745,7 @@ mod tests {
         create(disk.path(), "r1", "vol", GIB).unwrap();
         for (volume, size) in [("vol", 2 * GIB), ("vol", GIB / 2), ("other", GIB)] {
             let err = create(disk.path(), "r1", volume, size).unwrap_err();
-            assert!(matches!(err, ReplicaError::Mismatch { .. }), "{err}");
+            assert!(matches!(err, ReplicaError::Mismatch(_)), "{err}");
             let message = err.to_string();
             assert!(
                 message.contains("\"r1\"") && message.contains("replicas/r1"),

@@ -1,8 +1,9 @@
 //! Replica placement, Longhorn's rules as pure functions: filter, then score.
 //!
 //! [`ClusterView::new`] arranges the store's nodes and replicas once (O(replicas)); then
-//! [`place`] chooses disks for the new replicas of one volume in O(nodes + disks), whatever
-//! the number of replicas in the cluster, and [`capacity`] answers GetCapacity.
+//! [`place`] chooses disks for the new replicas of one volume in O(nodes + disks) per
+//! replica, whatever the number of replicas in the cluster, and [`capacity`] answers
+//! GetCapacity.
 //!
 //! The rules (see `select` for the tiers and the score):
 //! - a node qualifies when it is ready, schedulable and has every nodeSelector tag; a disk

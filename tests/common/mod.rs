@@ -42,7 +42,7 @@ impl Driver {
                 Some((name, tags)) => format!("{}:{tags}", dir.path().join(name).display()),
                 None => dir.path().join(d).display().to_string(),
             })
-            .collect();
+            .collect::<Vec<String>>();
         let node_id = "node-1".to_string();
         let (child, channel) = spawn(dir.path(), &socket, &disks, &node_id).await;
         Driver {
