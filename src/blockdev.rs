@@ -435,6 +435,10 @@ pub fn probe(device: &Path) -> Result<Contents, BlockError> {
     let mut file = fs::File::open(device).map_err(io_error("opening", device))?;
     let meta = file.metadata().map_err(io_error("inspecting", device))?;
     let size = if meta.file_type().is_block_device() {
+        // A loop device number that served another file keeps that file's pages in its
+        // cache when something held it open across the switch: drop them, so that what is
+        // probed is what the backing file holds.
+        run("blockdev", &[OsStr::new("--flushbufs"), device.as_os_str()])?;
         device_size(device)?
     } else if meta.is_file() {
         meta.len()
@@ -650,6 +654,8 @@ mod tests {
     /// Unmounts, then detaches, whatever a test set up, even when an assertion failed.
     struct Cleanup {
         mounts: MountGuard,
+        /// The backing files of the loops to detach: a device number is looked up again at
+        /// drop time, because after a test's own detach another process may hold it.
         loops: Vec<PathBuf>,
     }
 
@@ -663,7 +669,7 @@ mod tests {
 
         fn attach(&mut self, file: &Path) -> PathBuf {
             let device = attach_loop(file).unwrap();
-            self.loops.push(device.clone());
+            self.loops.push(file.to_path_buf());
             device
         }
     }
@@ -671,9 +677,11 @@ mod tests {
     impl Drop for Cleanup {
         fn drop(&mut self) {
             self.mounts.unmount_all();
-            for device in &self.loops {
-                if detach_loop(device).is_err() {
-                    let _ = Command::new("losetup").arg("-d").arg(device).status();
+            for file in &self.loops {
+                if let Ok(Some(device)) = find_loop_for(file) {
+                    if detach_loop(&device).is_err() {
+                        let _ = Command::new("losetup").arg("-d").arg(&device).status();
+                    }
                 }
             }
         }
@@ -805,7 +813,7 @@ fi
                 attach_anyway,
             );
             let device = attach_loop_using(&losetup, &file).unwrap();
-            cleanup.loops.push(device.clone());
+            cleanup.loops.push(file.clone());
             assert_eq!(find_loop_for(&file).unwrap(), Some(device.clone()));
             let backing = fs::canonicalize(&file).unwrap();
             let attached: Vec<_> = list_loops()

@@ -8,6 +8,7 @@ use crate::agent::AgentError;
 use crate::controller::{
     CreateError, DeleteError, ExpandError, ListError, PublishError, UnpublishError,
 };
+use crate::scheduler::PlacementError;
 use crate::store::StoreError;
 
 fn store(e: &StoreError) -> Code {
@@ -48,7 +49,12 @@ impl From<CreateError> for Status {
             CreateError::OutOfRange(_) => Code::OutOfRange,
             CreateError::Incompatible { .. } => Code::AlreadyExists,
             CreateError::BeingDeleted(_) => Code::Aborted,
-            CreateError::Placement { .. } => Code::ResourceExhausted,
+            CreateError::Placement { source, .. } => match source {
+                PlacementError::StrictLocalWithoutNode { .. } => Code::InvalidArgument,
+                PlacementError::NoRoom { .. }
+                | PlacementError::NotEnoughRoom { .. }
+                | PlacementError::StrictLocalNodeUnfit { .. } => Code::ResourceExhausted,
+            },
             CreateError::Store(s) => store(s),
             CreateError::Agent { source, .. } => agent(source),
         };
