@@ -25,8 +25,19 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-async fn measure(d: &mut Driver, tag: &str) -> Vec<Duration> {
-    let mut out = Vec::with_capacity(SAMPLES);
+/// Latencies of CreateVolume, DeleteVolume and the pair, each sorted.
+struct Latencies {
+    create: Vec<Duration>,
+    delete: Vec<Duration>,
+    pair: Vec<Duration>,
+}
+
+async fn measure(d: &mut Driver, tag: &str) -> Latencies {
+    let mut out = Latencies {
+        create: Vec::with_capacity(SAMPLES),
+        delete: Vec::with_capacity(SAMPLES),
+        pair: Vec::with_capacity(SAMPLES),
+    };
     for i in 0..SAMPLES {
         let name = format!("bench-{tag}-{i}");
         let start = Instant::now();
@@ -43,6 +54,7 @@ async fn measure(d: &mut Driver, tag: &str) -> Vec<Duration> {
             .into_inner()
             .volume
             .expect("volume");
+        let created = start.elapsed();
         d.controller
             .delete_volume(pb::DeleteVolumeRequest {
                 volume_id: v.volume_id,
@@ -50,9 +62,14 @@ async fn measure(d: &mut Driver, tag: &str) -> Vec<Duration> {
             })
             .await
             .expect("delete");
-        out.push(start.elapsed());
+        let pair = start.elapsed();
+        out.create.push(created);
+        out.delete.push(pair - created);
+        out.pair.push(pair);
     }
-    out.sort();
+    out.create.sort();
+    out.delete.sort();
+    out.pair.sort();
     out
 }
 
@@ -118,10 +135,14 @@ async fn main() {
         }
         let fill = fill_start.elapsed();
         let lat = measure(&mut d, &level.to_string()).await;
-        let (p50, p99) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
+        let (p50, p99) = (percentile(&lat.pair, 0.5), percentile(&lat.pair, 0.99));
         let base = *p99_at_100.get_or_insert(p99);
         println!(
-            "{level:>6} volumes: create+delete p50 {:.2} ms  p99 {:.2} ms  | p99 / p99@100 = {:.2}  | p50 / reference p50 = {:.2}  (filled in {:.1} s)",
+            "{level:>6} volumes: create p50 {:.2} ms p99 {:.2} ms | delete p50 {:.2} ms p99 {:.2} ms | pair p50 {:.2} ms p99 {:.2} ms | pair p99 / p99@100 = {:.2} | pair p50 / reference p50 = {:.2} (filled in {:.1} s)",
+            ms(percentile(&lat.create, 0.5)),
+            ms(percentile(&lat.create, 0.99)),
+            ms(percentile(&lat.delete, 0.5)),
+            ms(percentile(&lat.delete, 0.99)),
             ms(p50),
             ms(p99),
             p99.as_secs_f64() / base.as_secs_f64(),

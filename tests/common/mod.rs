@@ -165,7 +165,7 @@ async fn spawn(dir: &Path, socket: &Path, disks: &[String], node_id: &str) -> (C
     for d in disks {
         cmd.arg("--disk").arg(d);
     }
-    let child = cmd.spawn().expect("spawn palisade");
+    let mut child = cmd.spawn().expect("spawn palisade");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(channel) = palisade::csi_server::connect(socket).await {
@@ -176,10 +176,11 @@ async fn spawn(dir: &Path, socket: &Path, disks: &[String], node_id: &str) -> (C
                 }
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "driver did not become ready on {socket:?}"
-        );
+        if Instant::now() > deadline || matches!(child.try_wait(), Ok(Some(_))) {
+            let _ = child.kill();
+            let status = child.wait();
+            panic!("driver did not become ready on {socket:?} (exit: {status:?})");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
