@@ -644,6 +644,39 @@ pub fn grow_fs(device: &Path, mount_point: &Path, fs_type: &str) -> Result<(), B
     Ok(())
 }
 
+/// The size in bytes of the ext2/3/4 filesystem on `device`, from its superblock.
+pub fn ext4_size(device: &Path) -> Result<u64, BlockError> {
+    let out = run("dumpe2fs", &[OsStr::new("-h"), device.as_os_str()])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().parse().ok())
+    };
+    match (field("Block count:"), field("Block size:")) {
+        (Some(blocks), Some(size)) => Ok(blocks.saturating_mul(size)),
+        _ => Err(BlockError::Command {
+            command: command_line("dumpe2fs", &[OsStr::new("-h"), device.as_os_str()]),
+            status: "0".to_string(),
+            stderr: "no \"Block count\" and \"Block size\" in its output".to_string(),
+        }),
+    }
+}
+
+/// Grows an unmounted ext2/3/4 filesystem to its device: `e2fsck -f -p` (which resize2fs
+/// insists on for an offline resize), then `resize2fs`. Needs no capability beyond writing
+/// to the device, unlike an online resize.
+pub fn grow_ext4_offline(device: &Path) -> Result<(), BlockError> {
+    let args = [OsStr::new("-f"), OsStr::new("-p"), device.as_os_str()];
+    let out = run_unchecked("e2fsck", &args)?;
+    // 0: clean; 1: errors corrected. Anything else needs a person.
+    if !matches!(out.status.code(), Some(0) | Some(1)) {
+        return Err(command_failed("e2fsck", &args, &out));
+    }
+    run("resize2fs", &[device.as_os_str()])?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

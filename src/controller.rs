@@ -108,6 +108,9 @@ pub struct CreateRequest {
     pub parameters: HashMap<String, String>,
     /// The node named first in accessibility_requirements.preferred (or requisite).
     pub preferred_node: Option<String>,
+    /// accessibility_requirements.requisite: when given, replicas (and so the volume's
+    /// accessibility) are kept to nodes matching one of these segments.
+    pub requisite: Vec<HashMap<String, String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -276,7 +279,11 @@ impl Controller {
         let _guard = self.locks.lock(&id).await;
         let settings = self.settings().await?;
         let parsed = params::parse(&req.parameters, &settings)?;
-        check_capabilities(&req.capabilities, &parsed.params).map_err(CreateError::Capability)?;
+        check_capabilities(&req.capabilities, "volume_capabilities")
+            .map_err(CreateError::Capability)?;
+        let mut req = req;
+        req.capabilities = resolve_fs_types(&req.capabilities, parsed.fs_type.map(|f| f.as_str()))
+            .map_err(CreateError::Capability)?;
         let size = req.capacity.resolve().map_err(CreateError::OutOfRange)?;
 
         let existing = self.store.volumes().get(&id).await?;
@@ -302,15 +309,7 @@ impl Controller {
         size: u64,
         settings: &Settings,
     ) -> Result<Versioned<Volume>, CreateError> {
-        let mut accessible_topology = Vec::new();
-        if parsed.params.data_locality == DataLocality::StrictLocal {
-            if let Some(node) = &req.preferred_node {
-                accessible_topology.push(BTreeMap::from([(
-                    TOPOLOGY_NODE_KEY.to_string(),
-                    node.clone(),
-                )]));
-            }
-        }
+        let accessible_topology = Vec::new();
         let volume = Volume {
             id: id.to_string(),
             name: req.name.clone(),
@@ -329,6 +328,15 @@ impl Controller {
         let placement = self.place(&volume, &[], req, settings).await?;
         let mut volume = volume;
         volume.degraded_reason = placement.degraded_reason.clone();
+        // The volume is served from a local replica (strict-local always; every volume until
+        // the network engine lands), so it is reachable exactly from its replicas' nodes.
+        let mut replica_nodes: Vec<&String> = placement.replicas.iter().map(|(n, _)| n).collect();
+        replica_nodes.sort();
+        replica_nodes.dedup();
+        volume.accessible_topology = replica_nodes
+            .into_iter()
+            .map(|n| BTreeMap::from([(TOPOLOGY_NODE_KEY.to_string(), n.clone())]))
+            .collect();
         let version = self.store.volumes().put(id, volume.clone(), None).await?;
         info!(volume = %id, name = %req.name, size, replicas = placement.replicas.len(), "volume recorded");
         let nodes = self.list_nodes().await?;
@@ -370,7 +378,28 @@ impl Controller {
         req: &CreateRequest,
         settings: &Settings,
     ) -> Result<scheduler::Placement, CreateError> {
-        let nodes = self.list_nodes().await?;
+        let mut nodes = self.list_nodes().await?;
+        if !req.requisite.is_empty() {
+            nodes.retain(|n| {
+                req.requisite
+                    .iter()
+                    .any(|seg| node_in_segment(n.id.as_str(), n.zone.as_deref(), seg))
+            });
+            if nodes.is_empty() {
+                return Err(CreateError::Placement {
+                    name: volume.name.clone(),
+                    source: PlacementError::NoRoom {
+                        volume_id: volume.id.clone(),
+                        wanted: volume.params.number_of_replicas,
+                        size: volume.size,
+                        reason: format!(
+                            "no node of the cluster matches any accessibility_requirements.requisite segment ({} given)",
+                            req.requisite.len()
+                        ),
+                    },
+                });
+            }
+        }
         let replicas: Vec<Replica> = self
             .store
             .replicas()
@@ -799,13 +828,8 @@ impl Controller {
             now_ms(),
             self.config.heartbeat_timeout_ms,
         );
-        let in_segment = |node: &scheduler::NodeView| match segment {
-            None => true,
-            Some(seg) => seg.iter().all(|(k, v)| match k.as_str() {
-                TOPOLOGY_NODE_KEY => node.id() == v,
-                TOPOLOGY_ZONE_KEY => node.zone() == Some(v.as_str()),
-                _ => false,
-            }),
+        let in_segment = |node: &scheduler::NodeView| {
+            segment.is_none_or(|seg| node_in_segment(node.id(), node.zone(), seg))
         };
         let c = scheduler::capacity(&view, &parsed.params, &settings, in_segment);
         Ok(CapacityReport {
@@ -957,6 +981,16 @@ impl Controller {
     }
 }
 
+/// True when a node with this id and zone lies in a topology segment (every key matches;
+/// keys Palisade does not report match nothing).
+fn node_in_segment(id: &str, zone: Option<&str>, segment: &HashMap<String, String>) -> bool {
+    segment.iter().all(|(k, v)| match k.as_str() {
+        TOPOLOGY_NODE_KEY => id == v,
+        TOPOLOGY_ZONE_KEY => zone == Some(v.as_str()),
+        _ => false,
+    })
+}
+
 /// The node a strict-local volume is pinned to.
 pub fn strict_local_node(volume: &Volume) -> Option<&str> {
     if volume.params.data_locality != DataLocality::StrictLocal {
@@ -974,15 +1008,15 @@ fn publish_context(a: &Attachment) -> HashMap<String, String> {
 }
 
 /// Access modes Palisade can serve: one node at a time (the engine runs on one node).
-pub fn check_capabilities(caps: &[Capability], params: &VolumeParams) -> Result<(), String> {
-    let _ = params;
+/// `field` names the request field in the message.
+pub fn check_capabilities(caps: &[Capability], field: &str) -> Result<(), String> {
     if caps.is_empty() {
-        return Err("volume_capabilities: at least one capability is required".to_string());
+        return Err(format!("{field}: at least one capability is required"));
     }
     for cap in caps {
         if !cap.access_mode.is_single_node() {
             return Err(format!(
-                "volume_capabilities: access mode {:?} is not supported; Palisade volumes are attached on one node at a time (single-node access modes)",
+                "{field}: access mode {:?} is not supported; Palisade volumes are attached on one node at a time (single-node access modes)",
                 cap.access_mode
             ));
         }
@@ -990,9 +1024,47 @@ pub fn check_capabilities(caps: &[Capability], params: &VolumeParams) -> Result<
     Ok(())
 }
 
+/// Gives every mount capability its filesystem: the one it names, else the `fsType`
+/// parameter, else ext4. A capability and a parameter that disagree are refused.
+pub fn resolve_fs_types(
+    caps: &[Capability],
+    param: Option<&str>,
+) -> Result<Vec<Capability>, String> {
+    caps.iter()
+        .enumerate()
+        .map(|(i, cap)| {
+            let mut cap = cap.clone();
+            if let model::AccessType::Mount { fs_type, .. } = &mut cap.access_type {
+                match (fs_type.is_empty(), param) {
+                    (true, Some(p)) => *fs_type = p.to_string(),
+                    (true, None) => *fs_type = crate::csi_server::convert::DEFAULT_FS.to_string(),
+                    (false, Some(p)) if p != fs_type => {
+                        return Err(format!(
+                            "volume_capabilities[{i}].mount.fs_type {fs_type:?} contradicts parameter fsType {p:?}"
+                        ))
+                    }
+                    (false, _) => {}
+                }
+            }
+            Ok(cap)
+        })
+        .collect()
+}
+
+/// The filesystem a volume's mount capabilities name (they agree after creation).
+pub fn volume_fs_type(volume: &Volume) -> Option<&str> {
+    volume
+        .capabilities
+        .iter()
+        .find_map(|c| match &c.access_type {
+            model::AccessType::Mount { fs_type, .. } => Some(fs_type.as_str()),
+            model::AccessType::Block => None,
+        })
+}
+
 /// A publish capability must be one of the kinds (block or mount) the volume was created for.
 fn check_publish_capability(volume: &Volume, cap: &Capability) -> Result<(), String> {
-    check_capabilities(std::slice::from_ref(cap), &volume.params)?;
+    check_capabilities(std::slice::from_ref(cap), "volume_capability")?;
     let block = matches!(cap.access_type, model::AccessType::Block);
     let created_for = volume
         .capabilities

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use crate::blockdev::{self, BlockError};
 use crate::locks::KeyLocks;
-use crate::model::{AccessType, Capability};
+use crate::model::{AccessMode, AccessType, Capability};
 use crate::mount::{self, MountError};
 use crate::replica::{self, ReplicaDir, ReplicaError};
 
@@ -42,6 +42,12 @@ pub enum NodeError {
         volume: String,
         found: String,
         wanted: String,
+    },
+    #[error("volume {volume:?} is published at {paths:?} already, and access mode {mode:?} allows one publication")]
+    SingleWriter {
+        volume: String,
+        mode: AccessMode,
+        paths: Vec<PathBuf>,
     },
     #[error("volume {volume:?} is still mounted at {paths:?}; unpublish it there first")]
     StillPublished { volume: String, paths: Vec<PathBuf> },
@@ -163,9 +169,9 @@ impl NodeService {
 
     /// NodeGetVolumeStats for a staged or published path.
     pub async fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats, NodeError> {
-        let replica = self.local_replica(volume_id).await;
+        let disks = self.config.disks.clone();
         let (volume, path) = (volume_id.to_string(), path.to_path_buf());
-        blocking(move || stats_blocking(&volume, replica, &path)).await
+        blocking(move || stats_blocking(&volume, &disks, &path)).await
     }
 
     /// NodeExpandVolume: refreshes the device size and grows the filesystem mounted at
@@ -241,16 +247,32 @@ fn stage_blocking(
         info!(volume, device = %dev.display(), "block volume staged");
         return Ok(());
     };
+    let readonly = cap.access_mode == crate::model::AccessMode::SingleNodeReaderOnly;
     std::fs::create_dir_all(staging).map_err(io("create staging directory", staging))?;
     if let Some(m) = mount::mounts_at(staging)?.last() {
-        if Path::new(&m.source) == dev {
-            return Ok(());
+        if loop_behind(staging)? != Some(device_numbers(&dev)?) {
+            return Err(NodeError::Incompatible {
+                volume: volume.to_string(),
+                path: staging.to_path_buf(),
+                what: m.source.clone(),
+            });
         }
-        return Err(NodeError::Incompatible {
-            volume: volume.to_string(),
-            path: staging.to_path_buf(),
-            what: m.source.clone(),
-        });
+        if &m.fs_type != fs_type || m.is_read_only() != readonly {
+            return Err(NodeError::Incompatible {
+                volume: volume.to_string(),
+                path: staging.to_path_buf(),
+                what: format!(
+                    "this volume as {}{}",
+                    m.fs_type,
+                    if m.is_read_only() {
+                        ", read-only"
+                    } else {
+                        ", read-write"
+                    }
+                ),
+            });
+        }
+        return Ok(());
     }
     match blockdev::detect_fs(&dev)? {
         Some(found) if &found != fs_type => {
@@ -260,16 +282,95 @@ fn stage_blocking(
                 wanted: fs_type.clone(),
             })
         }
-        Some(_) => {}
+        Some(found) => {
+            // A volume expanded while it was not staged: grow ext4 before mounting (no
+            // capability needed offline); xfs only grows mounted, below.
+            if found == "ext4"
+                && !readonly
+                && blockdev::device_size(&dev)?.saturating_sub(blockdev::ext4_size(&dev)?)
+                    >= 1 << 20
+            {
+                info!(volume, device = %dev.display(), "growing ext4 to its device before mounting");
+                blockdev::grow_ext4_offline(&dev)?;
+            }
+        }
         None => {
             info!(volume, device = %dev.display(), fs = %fs_type, "formatting a blank volume");
             blockdev::make_fs(&dev, fs_type, mkfs_params)?;
         }
     }
-    let readonly = cap.access_mode == crate::model::AccessMode::SingleNodeReaderOnly;
     mount::mount_fs(&dev, staging, fs_type, mount_flags, readonly)?;
+    if fs_type == "xfs" && !readonly {
+        blockdev::grow_fs(&dev, staging, fs_type)?;
+    }
     info!(volume, device = %dev.display(), staging = %staging.display(), "volume staged");
     Ok(())
+}
+
+/// The (major, minor) of a block device node.
+fn device_numbers(dev: &Path) -> Result<(u64, u64), NodeError> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(dev)
+        .map_err(io("inspect device", dev))?
+        .rdev();
+    Ok((nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev)))
+}
+
+/// The block device behind `path`, read from the kernel: the device node itself when `path`
+/// is one (a block volume's bind-mounted target), else the device of the filesystem
+/// mounted at `path`. None when nothing is mounted there.
+fn loop_behind(path: &Path) -> Result<Option<(u64, u64)>, NodeError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mounts = mount::mounts_at(path)?;
+    let Some(top) = mounts.last() else {
+        return Ok(None);
+    };
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.file_type().is_block_device() => Ok(Some((
+            nix::sys::stat::major(meta.rdev()),
+            nix::sys::stat::minor(meta.rdev()),
+        ))),
+        _ => Ok(Some((
+            u64::from(top.major_minor.0),
+            u64::from(top.major_minor.1),
+        ))),
+    }
+}
+
+/// The replica data file a loop device serves, from sysfs, and whether it was deleted.
+fn loop_backing(numbers: (u64, u64)) -> Option<(PathBuf, bool)> {
+    let raw = std::fs::read_to_string(format!(
+        "/sys/dev/block/{}:{}/loop/backing_file",
+        numbers.0, numbers.1
+    ))
+    .ok()?;
+    let raw = raw.trim_end_matches('\n');
+    Some(match raw.strip_suffix(" (deleted)") {
+        Some(p) => (PathBuf::from(p), true),
+        None => {
+            let p = PathBuf::from(raw);
+            let gone = !p.exists();
+            (p, gone)
+        }
+    })
+}
+
+/// True when `backing` is a data file of one of `volume`'s replicas on these disks.
+fn is_replica_file_of(backing: &Path, volume: &str, disks: &[(String, PathBuf)]) -> bool {
+    let Some(replica_id) = backing
+        .parent()
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+    else {
+        return false;
+    };
+    let ours = replica_id
+        .strip_prefix(volume)
+        .and_then(|rest| rest.strip_prefix("-r-"))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    ours && disks
+        .iter()
+        .any(|(_, d)| backing == replica::replica_dir(d, replica_id).join(replica::DATA_FILE))
 }
 
 fn unstage_blocking(
@@ -310,26 +411,62 @@ fn publish_blocking(
     cap: &Capability,
     readonly: bool,
 ) -> Result<(), NodeError> {
+    let not_staged = || NodeError::NotStaged {
+        volume: volume.to_string(),
+        path: staging.to_path_buf(),
+    };
+    let dev = blockdev::find_loop_for(&replica.data_path())?.ok_or_else(not_staged)?;
+    let numbers = device_numbers(&dev)?;
     let (source, is_block) = match &cap.access_type {
-        AccessType::Block => {
-            let dev = blockdev::find_loop_for(&replica.data_path())?.ok_or_else(|| {
-                NodeError::NotStaged {
-                    volume: volume.to_string(),
-                    path: staging.to_path_buf(),
-                }
-            })?;
-            (dev, true)
-        }
+        AccessType::Block => (dev.clone(), true),
         AccessType::Mount { .. } => {
-            if !mount::is_mount_point(staging)? {
-                return Err(NodeError::NotStaged {
-                    volume: volume.to_string(),
-                    path: staging.to_path_buf(),
-                });
+            if loop_behind(staging)? != Some(numbers) {
+                return Err(not_staged());
             }
             (staging.to_path_buf(), false)
         }
     };
+    // Already published here: the same publish is OK, a different one is not.
+    if let Some(existing) = mount::mounts_at(target)?.last() {
+        let same_volume = loop_behind(target)? == Some(numbers);
+        if same_volume && existing.is_read_only() == readonly {
+            return Ok(());
+        }
+        return Err(NodeError::Incompatible {
+            volume: volume.to_string(),
+            path: target.to_path_buf(),
+            what: if same_volume {
+                format!(
+                    "this volume {}",
+                    if existing.is_read_only() {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    }
+                )
+            } else {
+                existing.source.clone()
+            },
+        });
+    }
+    if matches!(
+        cap.access_mode,
+        AccessMode::SingleNodeWriter | AccessMode::SingleNodeSingleWriter
+    ) {
+        let staging_real = std::fs::canonicalize(staging).unwrap_or_else(|_| staging.to_path_buf());
+        let elsewhere: Vec<PathBuf> = mount::find_mounts_of_source(&dev)?
+            .into_iter()
+            .map(|m| m.mount_point)
+            .filter(|p| *p != staging_real)
+            .collect();
+        if !elsewhere.is_empty() {
+            return Err(NodeError::SingleWriter {
+                volume: volume.to_string(),
+                mode: cap.access_mode,
+                paths: elsewhere,
+            });
+        }
+    }
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent).map_err(io("create target parent", parent))?;
     }
@@ -354,28 +491,25 @@ fn publish_blocking(
 
 fn stats_blocking(
     volume: &str,
-    replica: Result<ReplicaDir, NodeError>,
+    disks: &[(String, PathBuf)],
     path: &Path,
 ) -> Result<VolumeStats, NodeError> {
-    let meta = std::fs::metadata(path).map_err(|_| NodeError::NotMounted {
+    let not_here = || NodeError::NotMounted {
         volume: volume.to_string(),
         path: path.to_path_buf(),
-    })?;
-    let abnormal = match &replica {
-        Ok(r) if r.data_path().exists() => None,
-        Ok(r) => Some(format!(
-            "the replica data file {:?} is missing",
-            r.data_path()
-        )),
-        Err(e) => Some(e.to_string()),
     };
+    // Which volume is mounted at `path` is read from the kernel: the loop device behind
+    // the mount and the replica file behind the loop device.
+    let numbers = loop_behind(path)?.ok_or_else(not_here)?;
+    let (backing, deleted) = loop_backing(numbers).ok_or_else(not_here)?;
+    if !is_replica_file_of(&backing, volume, disks) {
+        return Err(not_here());
+    }
+    let abnormal = deleted.then(|| {
+        format!("the replica data file {backing:?} is missing: the volume is served from a deleted file and will not survive detaching")
+    });
+    let meta = std::fs::metadata(path).map_err(|_| not_here())?;
     if meta.is_dir() {
-        if !mount::is_mount_point(path)? {
-            return Err(NodeError::NotMounted {
-                volume: volume.to_string(),
-                path: path.to_path_buf(),
-            });
-        }
         let s = mount::stats(path)?;
         return Ok(VolumeStats {
             bytes_total: s.bytes_total,
@@ -385,26 +519,8 @@ fn stats_blocking(
             abnormal,
         });
     }
-    // A block volume: a device bound onto a file.
-    let m = mount::mounts_at(path)?;
-    let Some(bound) = m.last() else {
-        return Err(NodeError::NotMounted {
-            volume: volume.to_string(),
-            path: path.to_path_buf(),
-        });
-    };
-    let dev = replica
-        .ok()
-        .and_then(|r| blockdev::find_loop_for(&r.data_path()).ok().flatten());
-    let bytes_total = match dev {
-        Some(dev) => blockdev::device_size(&dev)?,
-        None => {
-            let _ = bound;
-            0
-        }
-    };
     Ok(VolumeStats {
-        bytes_total,
+        bytes_total: blockdev::device_size(path)?,
         bytes_available: None,
         bytes_used: None,
         inodes: None,
@@ -413,19 +529,16 @@ fn stats_blocking(
 }
 
 fn expand_blocking(volume: &str, replica: &ReplicaDir, path: &Path) -> Result<u64, NodeError> {
-    let dev =
-        blockdev::find_loop_for(&replica.data_path())?.ok_or_else(|| NodeError::NotStaged {
-            volume: volume.to_string(),
-            path: path.to_path_buf(),
-        })?;
+    let not_here = || NodeError::NotMounted {
+        volume: volume.to_string(),
+        path: path.to_path_buf(),
+    };
+    let dev = blockdev::find_loop_for(&replica.data_path())?.ok_or_else(not_here)?;
+    if loop_behind(path)? != Some(device_numbers(&dev)?) {
+        return Err(not_here());
+    }
     blockdev::refresh_loop_capacity(&dev)?;
     if path.is_dir() {
-        if !mount::is_mount_point(path)? {
-            return Err(NodeError::NotMounted {
-                volume: volume.to_string(),
-                path: path.to_path_buf(),
-            });
-        }
         if let Some(fs) = blockdev::detect_fs(&dev)? {
             blockdev::grow_fs(&dev, path, &fs)?;
         }

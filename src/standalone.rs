@@ -20,6 +20,9 @@ use crate::node::{NodeConfig, NodeService};
 use crate::replica;
 use crate::store::{embedded::EmbeddedStore, Store, SETTINGS_KEY};
 
+/// How long a shutdown waits for connected clients before it stops regardless.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// A disk given on the command line: `PATH` or `PATH:tag1,tag2`.
 #[derive(Debug, Clone)]
 pub struct DiskArg {
@@ -200,7 +203,9 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), StandaloneError> {
         store: store.clone(),
         disks: cfg.disks.iter().map(|d| d.path.clone()).collect(),
     });
-    let result = tonic::transport::Server::builder()
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let signalled = stopping.clone();
+    let serve = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity::IdentityService {
             driver_name: cfg.driver_name.clone(),
             controller: true,
@@ -210,8 +215,22 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), StandaloneError> {
             controller: controller.clone(),
         }))
         .add_service(NodeServer::new(NodeRpc { node }))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
-        .await;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            shutdown_signal().await;
+            signalled.notify_one();
+        });
+    // Graceful shutdown waits for connected clients to go; a wedged one must not keep the
+    // driver alive until SIGKILL.
+    let result = tokio::select! {
+        r = serve => r,
+        _ = async {
+            stopping.notified().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            warn!("clients still connected {} s after the signal; stopping anyway", SHUTDOWN_GRACE.as_secs());
+            Ok(())
+        }
+    };
     heartbeat.abort();
     let _ = std::fs::remove_file(&socket);
     info!("stopped");

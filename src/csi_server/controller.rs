@@ -11,7 +11,7 @@ use super::convert::{self, bytes_i64, required, volume_id};
 use crate::controller::{Controller, CreateRequest};
 use crate::csi::v1 as pb;
 use crate::csi::v1::controller_server::Controller as CsiController;
-use crate::model::{Volume, TOPOLOGY_NODE_KEY};
+use crate::model::{AccessType, Volume, TOPOLOGY_NODE_KEY};
 
 /// Longest volume name accepted (the CSI spec asks plugins to take at least 128 bytes).
 pub const MAX_NAME_BYTES: usize = 1024;
@@ -31,6 +31,9 @@ fn topology_of(v: &Volume) -> Vec<pb::Topology> {
 
 fn volume_context(v: &Volume) -> HashMap<String, String> {
     let mut ctx = v.params.to_context();
+    if let Some(fs) = crate::controller::volume_fs_type(v) {
+        ctx.insert(crate::params::FS_TYPE.to_string(), fs.to_string());
+    }
     ctx.extend(v.extra_params.iter().map(|(k, v)| (k.clone(), v.clone())));
     ctx
 }
@@ -100,6 +103,11 @@ impl CsiController for ControllerService {
             .accessibility_requirements
             .as_ref()
             .and_then(|t| first_node(&t.preferred).or_else(|| first_node(&t.requisite)));
+        let requisite: Vec<HashMap<String, String>> = req
+            .accessibility_requirements
+            .as_ref()
+            .map(|t| t.requisite.iter().map(|s| s.segments.clone()).collect())
+            .unwrap_or_default();
         let volume = self
             .controller
             .create_volume(CreateRequest {
@@ -108,6 +116,7 @@ impl CsiController for ControllerService {
                 capabilities,
                 parameters: req.parameters,
                 preferred_node,
+                requisite,
             })
             .await?;
         Ok(Response::new(pb::CreateVolumeResponse {
@@ -189,8 +198,31 @@ impl CsiController for ControllerService {
             Ok(c) => c,
             Err(status) => return unconfirmed(status.message().to_string()),
         };
-        if let Err(why) = crate::controller::check_capabilities(&caps, &volume.params) {
+        if let Err(why) = crate::controller::check_capabilities(&caps, "volume_capabilities") {
             return unconfirmed(why);
+        }
+        let volume_fs = crate::controller::volume_fs_type(&volume);
+        for (i, c) in caps.iter().enumerate() {
+            let fits = match &c.access_type {
+                AccessType::Block => volume
+                    .capabilities
+                    .iter()
+                    .any(|v| v.access_type == AccessType::Block),
+                AccessType::Mount { fs_type, .. } => {
+                    volume_fs.is_some()
+                        && (fs_type.is_empty() || Some(fs_type.as_str()) == volume_fs)
+                }
+            };
+            if !fits {
+                return unconfirmed(format!(
+                    "volume_capabilities[{i}]: the volume was created for {:?}",
+                    volume
+                        .capabilities
+                        .iter()
+                        .map(|v| &v.access_type)
+                        .collect::<Vec<_>>()
+                ));
+            }
         }
         let ctx = volume_context(&volume);
         if !req.volume_context.is_empty() && req.volume_context != ctx {
@@ -254,8 +286,18 @@ impl CsiController for ControllerService {
         request: Request<pb::GetCapacityRequest>,
     ) -> Result<Response<pb::GetCapacityResponse>, Status> {
         let req = request.into_inner();
+        let mut servable = true;
         for (i, c) in req.volume_capabilities.iter().enumerate() {
-            convert::capability(c, &format!("volume_capabilities[{i}]"))?;
+            let cap = convert::capability(c, &format!("volume_capabilities[{i}]"))?;
+            servable &= cap.access_mode.is_single_node();
+        }
+        if !servable {
+            // No volume Palisade makes satisfies a multi-node capability.
+            return Ok(Response::new(pb::GetCapacityResponse {
+                available_capacity: 0,
+                maximum_volume_size: Some(0),
+                minimum_volume_size: Some(bytes_i64(crate::controller::SIZE_ALIGNMENT)),
+            }));
         }
         let segment = req.accessible_topology.as_ref().map(|t| &t.segments);
         let report = self.controller.capacity(&req.parameters, segment).await?;
@@ -333,7 +375,9 @@ impl CsiController for ControllerService {
         };
         let range = convert::capacity_range(Some(range))?;
         if let Some(cap) = &req.volume_capability {
-            convert::capability(cap, "volume_capability")?;
+            let cap = convert::capability(cap, "volume_capability")?;
+            crate::controller::check_capabilities(std::slice::from_ref(&cap), "volume_capability")
+                .map_err(Status::invalid_argument)?;
         }
         let id = volume_id(&req.volume_id, "volume_id")?;
         let size = self.controller.expand(id, range).await?;

@@ -131,6 +131,23 @@ pub fn required_capability(
     )
 }
 
+/// Fills an unspecified mount fs_type from the volume context's `fsType`, else ext4.
+pub fn resolve_fs(
+    mut cap: Capability,
+    ctx: &std::collections::HashMap<String, String>,
+) -> Capability {
+    if let AccessType::Mount { fs_type, .. } = &mut cap.access_type {
+        if fs_type.is_empty() {
+            *fs_type = ctx
+                .get("fsType")
+                .filter(|f| SUPPORTED_FS.contains(&f.as_str()))
+                .cloned()
+                .unwrap_or_else(|| DEFAULT_FS.to_string());
+        }
+    }
+    cap
+}
+
 /// Back from the domain to the wire, for ValidateVolumeCapabilities' confirmation.
 pub fn to_pb_capability(c: &Capability) -> pb::VolumeCapability {
     use pb::volume_capability::{access_mode::Mode, AccessType as Pat};

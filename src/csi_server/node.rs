@@ -24,6 +24,7 @@ fn node_status(e: NodeError) -> Status {
         NodeError::Incompatible { .. } => Code::AlreadyExists,
         NodeError::FsMismatch { .. } => Code::FailedPrecondition,
         NodeError::StillPublished { .. } => Code::FailedPrecondition,
+        NodeError::SingleWriter { .. } => Code::FailedPrecondition,
         NodeError::Replica(_) | NodeError::Block(_) | NodeError::Mount(_) => Code::Internal,
         NodeError::Io { .. } | NodeError::Task(_) => Code::Internal,
     };
@@ -51,6 +52,34 @@ fn path<'a>(value: &'a str, field: &str) -> Result<&'a Path, Status> {
     Ok(Path::new(value))
 }
 
+/// A volume_path the driver looks up: required; a path that is not absolute cannot be
+/// where a volume is, so it is NOT_FOUND (as csi-sanity expects).
+fn volume_path<'a>(value: &'a str, volume: &str) -> Result<&'a Path, Status> {
+    required(value, "volume_path")?;
+    if !value.starts_with('/') || value.contains('\0') {
+        return Err(Status::not_found(format!(
+            "volume_path: volume {volume:?} is not staged or published at {value:?}"
+        )));
+    }
+    Ok(Path::new(value))
+}
+
+/// Node stage and publish serve single-node access modes only.
+fn node_capability(
+    volume: &str,
+    cap: Option<&pb::VolumeCapability>,
+    ctx: &std::collections::HashMap<String, String>,
+) -> Result<crate::model::Capability, Status> {
+    let cap = convert::required_capability(cap, "volume_capability")?;
+    if !cap.access_mode.is_single_node() {
+        return Err(Status::failed_precondition(format!(
+            "volume_capability: access mode {:?} exceeds the capabilities of volume {volume:?}: Palisade volumes serve single-node access modes",
+            cap.access_mode
+        )));
+    }
+    Ok(convert::resolve_fs(cap, ctx))
+}
+
 /// mkfsParams as CreateVolume returned them in the volume context.
 fn mkfs_params(ctx: &std::collections::HashMap<String, String>) -> Vec<String> {
     ctx.get("mkfsParams")
@@ -68,8 +97,7 @@ impl Node for NodeRpc {
         let req = request.into_inner();
         let id = required(&req.volume_id, "volume_id")?;
         let staging = path(&req.staging_target_path, "staging_target_path")?;
-        let cap =
-            convert::required_capability(req.volume_capability.as_ref(), "volume_capability")?;
+        let cap = node_capability(id, req.volume_capability.as_ref(), &req.volume_context)?;
         convert::volume_id(id, "volume_id")?;
         self.node
             .stage(id, staging, &cap, mkfs_params(&req.volume_context))
@@ -97,10 +125,14 @@ impl Node for NodeRpc {
     ) -> Result<Response<pb::NodePublishVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = required(&req.volume_id, "volume_id")?;
-        let staging = path(&req.staging_target_path, "staging_target_path")?;
         let target = path(&req.target_path, "target_path")?;
-        let cap =
-            convert::required_capability(req.volume_capability.as_ref(), "volume_capability")?;
+        let cap = node_capability(id, req.volume_capability.as_ref(), &req.volume_context)?;
+        if req.staging_target_path.is_empty() {
+            return Err(Status::failed_precondition(
+                "staging_target_path is not set: the plugin has STAGE_UNSTAGE_VOLUME, so NodeStageVolume must come first",
+            ));
+        }
+        let staging = path(&req.staging_target_path, "staging_target_path")?;
         convert::volume_id(id, "volume_id")?;
         self.node
             .publish(id, staging, target, &cap, req.readonly)
@@ -129,7 +161,7 @@ impl Node for NodeRpc {
         use pb::volume_usage::Unit;
         let req = request.into_inner();
         let id = required(&req.volume_id, "volume_id")?;
-        let volume_path = path(&req.volume_path, "volume_path")?;
+        let volume_path = volume_path(&req.volume_path, id)?;
         convert::volume_id(id, "volume_id")?;
         let s = self
             .node
@@ -173,10 +205,16 @@ impl Node for NodeRpc {
     ) -> Result<Response<pb::NodeExpandVolumeResponse>, Status> {
         let req = request.into_inner();
         let id = required(&req.volume_id, "volume_id")?;
-        let volume_path = path(&req.volume_path, "volume_path")?;
         if let Some(cap) = &req.volume_capability {
-            convert::capability(cap, "volume_capability")?;
+            let cap = convert::capability(cap, "volume_capability")?;
+            if !cap.access_mode.is_single_node() {
+                return Err(Status::invalid_argument(format!(
+                    "volume_capability: access mode {:?} exceeds the volume's capabilities (single-node access modes only)",
+                    cap.access_mode
+                )));
+            }
         }
+        let volume_path = volume_path(&req.volume_path, id)?;
         convert::volume_id(id, "volume_id")?;
         let size = self
             .node
