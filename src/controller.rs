@@ -323,6 +323,7 @@ impl Controller {
             epoch: 0,
             attachment: None,
             created_ms: now_ms(),
+            planned_replicas: Vec::new(),
         };
         // Place before recording, so that a volume that cannot be placed leaves nothing.
         let placement = self.place(&volume, &[], req, settings).await?;
@@ -337,8 +338,6 @@ impl Controller {
             .into_iter()
             .map(|n| BTreeMap::from([(TOPOLOGY_NODE_KEY.to_string(), n.clone())]))
             .collect();
-        let version = self.store.volumes().put(id, volume.clone(), None).await?;
-        info!(volume = %id, name = %req.name, size, replicas = placement.replicas.len(), "volume recorded");
         let nodes = self.list_nodes().await?;
         for (n, (node_id, disk_id)) in placement.replicas.iter().enumerate() {
             let replica_id = format!("{id}-r-{n}");
@@ -348,9 +347,9 @@ impl Controller {
                 .and_then(|node| node.disks.iter().find(|d| &d.id == disk_id))
                 .map(|d| crate::replica::replica_dir(&d.path, &replica_id))
                 .unwrap_or_default();
-            // Recorded Ready: the volume's own Creating state covers its first replicas,
-            // which are trusted only once the volume is Ready.
-            let replica = Replica {
+            // Ready: the volume's own Creating state covers its first replicas, which are
+            // trusted only once the volume is Ready.
+            volume.planned_replicas.push(Replica {
                 id: replica_id,
                 volume_id: id.to_string(),
                 node_id: node_id.clone(),
@@ -358,13 +357,10 @@ impl Controller {
                 path,
                 size,
                 state: ReplicaState::Ready,
-            };
-            let key = replica.id.clone();
-            match self.store.replicas().put(&key, replica, None).await {
-                Ok(_) | Err(StoreError::Conflict { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
+            });
         }
+        let version = self.store.volumes().put(id, volume.clone(), None).await?;
+        info!(volume = %id, name = %req.name, size, replicas = placement.replicas.len(), "volume recorded");
         Ok(Versioned {
             version,
             value: Arc::new(volume),
@@ -445,6 +441,18 @@ impl Controller {
             VolumeState::Creating => {}
         }
         let volume = current.value.clone();
+        for planned in &volume.planned_replicas {
+            match self
+                .store
+                .replicas()
+                .put(&planned.id, planned.clone(), None)
+                .await
+            {
+                // Already recorded by an attempt that a crash interrupted.
+                Ok(_) | Err(StoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         // Every replica again: creation is idempotent, and one interrupted by a crash is
         // finished here.
         for replica in self.volume_replicas(&volume.id).await? {
@@ -464,6 +472,7 @@ impl Controller {
         }
         let mut ready = (*volume).clone();
         ready.state = VolumeState::Ready;
+        ready.planned_replicas.clear();
         self.store
             .volumes()
             .put(&volume.id, ready.clone(), Some(current.version))

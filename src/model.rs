@@ -126,6 +126,10 @@ pub struct Volume {
     pub epoch: u64,
     pub attachment: Option<Attachment>,
     pub created_ms: u64,
+    /// While `Creating`: the replicas its placement decided, recorded with the volume in one
+    /// write so that a crash at any point resumes the same plan. Empty once `Ready`.
+    #[serde(default)]
+    pub planned_replicas: Vec<Replica>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

@@ -439,6 +439,7 @@ mod tests {
             epoch: 0,
             attachment: None,
             created_ms: 0,
+            planned_replicas: Vec::new(),
         }
     }
 
