@@ -43,7 +43,7 @@ pub enum NodeError {
         found: String,
         wanted: String,
     },
-    #[error("volume {volume:?} is published at {paths:?} already, and access mode {mode:?} allows one publication")]
+    #[error("volume {volume:?} is published at {paths:?} already, and access mode {mode:?} allows one (read-write) publication")]
     SingleWriter {
         volume: String,
         mode: AccessMode,
@@ -449,15 +449,20 @@ fn publish_blocking(
             },
         });
     }
-    if matches!(
-        cap.access_mode,
-        AccessMode::SingleNodeWriter | AccessMode::SingleNodeSingleWriter
-    ) {
+    // SINGLE_NODE_SINGLE_WRITER: one publication in all. SINGLE_NODE_WRITER: one read-write
+    // publication (read-only ones may sit beside it).
+    let exclusive = match cap.access_mode {
+        AccessMode::SingleNodeSingleWriter => true,
+        AccessMode::SingleNodeWriter => !readonly,
+        _ => false,
+    };
+    if exclusive {
         let staging_real = std::fs::canonicalize(staging).unwrap_or_else(|_| staging.to_path_buf());
         let elsewhere: Vec<PathBuf> = mount::find_mounts_of_source(&dev)?
             .into_iter()
+            .filter(|m| m.mount_point != staging_real)
+            .filter(|m| cap.access_mode == AccessMode::SingleNodeSingleWriter || !m.is_read_only())
             .map(|m| m.mount_point)
-            .filter(|p| *p != staging_real)
             .collect();
         if !elsewhere.is_empty() {
             return Err(NodeError::SingleWriter {

@@ -744,7 +744,16 @@ async fn block_volume_lifecycle() {
 #[tokio::test]
 async fn readonly_publish_refuses_writes_but_staging_stays_writable() {
     let mut d = Driver::start(&["disk0"]).await;
-    let cap = mount_cap("ext4");
+    // A read-only and a read-write publication on one node: SINGLE_NODE_WRITER allows one
+    // read-write publication, and read-only ones beside it.
+    let cap = cap(
+        pb::volume_capability::AccessType::Mount(pb::volume_capability::MountVolume {
+            fs_type: "ext4".to_string(),
+            mount_flags: vec![],
+            volume_mount_group: String::new(),
+        }),
+        pb::volume_capability::access_mode::Mode::SingleNodeWriter,
+    );
     let vol = create(&mut d, "ro", 64 * MIB, vec![cap.clone()]).await;
     let id = vol.volume_id.clone();
     let pctx = controller_publish(&mut d, &id, &cap).await;
@@ -878,6 +887,34 @@ fn has_cap_sys_resource() -> bool {
     eff & (1 << CAP_SYS_RESOURCE) != 0
 }
 
+/// A filesystem grown from `before` bytes for a device of `to` bytes has about `to` bytes.
+#[track_caller]
+fn check_grown(after: u64, before: u64, to: i64) {
+    assert!(
+        after as u128 * 100 >= to as u128 * 80 && after <= to as u64,
+        "after growing to {to} bytes the filesystem has {after} bytes (was {before})"
+    );
+    assert!(
+        after as u128 * 10 >= before as u128 * 18,
+        "filesystem barely grew: {before} → {after}"
+    );
+}
+
+/// Writes more than a volume of `old_size` bytes could ever hold into `dir`.
+fn fill_beyond(dir: &Path, old_size: i64, rng: &mut Rng) {
+    let big = (old_size + old_size / 4) as usize;
+    let chunk = rng.bytes(MIB as usize);
+    let path = dir.join("beyond.bin");
+    let mut f = std::fs::File::create(&path).expect("create beyond.bin");
+    let mut written = 0;
+    while written < big {
+        std::io::Write::write_all(&mut f, &chunk)
+            .unwrap_or_else(|e| panic!("writing {big} bytes after growth: {e}"));
+        written += chunk.len();
+    }
+    f.sync_all().expect("fsync beyond.bin");
+}
+
 async fn expand_filesystem(fs: &str, from: i64, to: i64, fill_beyond_old_size: bool) {
     let mut d = Driver::start(&["disk0"]).await;
     let mut rng = Rng::from_time(&format!("expand_{fs}"));
@@ -920,10 +957,10 @@ async fn expand_filesystem(fs: &str, from: i64, to: i64, fill_beyond_old_size: b
     let expanded = node_expand(&mut d, &id, &target, &staging, to, &cap).await;
     if fs == "ext4" && !has_cap_sys_resource() {
         // The kernel refuses to grow a mounted ext4 without CAP_SYS_RESOURCE: the driver must
-        // say so, and harm nothing.
+        // say so and harm nothing, and the next NodeStage grows it offline, before mounting.
         eprintln!(
-            "NOT TESTED: growing a mounted ext4: this process lacks CAP_SYS_RESOURCE; \
-             checking only that the refusal is explained and harmless"
+            "no CAP_SYS_RESOURCE: checking that online ext4 growth is refused with a reason, \
+             and that the next NodeStage grows the filesystem offline"
         );
         match expanded {
             Ok(size) => panic!("NodeExpandVolume succeeded ({size}) without CAP_SYS_RESOURCE"),
@@ -943,7 +980,12 @@ async fn expand_filesystem(fs: &str, from: i64, to: i64, fill_beyond_old_size: b
         stage(&mut d, &vol, &staging, &cap, &pctx)
             .await
             .expect("NodeStage after a refused growth");
+        check_grown(fs_total(&staging), before, to);
         check_files(&staging, &files);
+        if fill_beyond_old_size {
+            fill_beyond(&staging, from, &mut rng);
+            check_files(&staging, &files);
+        }
         unstage(&mut d, &id, &staging).await;
         assert!(
             loops_over(&data).is_empty(),
@@ -961,14 +1003,7 @@ async fn expand_filesystem(fs: &str, from: i64, to: i64, fill_beyond_old_size: b
         "loop device size after NodeExpand"
     );
     let after = fs_total(&target);
-    assert!(
-        after as u128 * 100 >= to as u128 * 80 && after <= to as u64,
-        "after growing to {to} bytes the filesystem has {after} bytes (was {before})"
-    );
-    assert!(
-        after as u128 * 10 >= before as u128 * 18,
-        "filesystem barely grew: {before} → {after}"
-    );
+    check_grown(after, before, to);
     assert_eq!(
         fs_total(&staging),
         after,
@@ -984,18 +1019,7 @@ async fn expand_filesystem(fs: &str, from: i64, to: i64, fill_beyond_old_size: b
     check_files(&target, &files);
 
     if fill_beyond_old_size {
-        // More than the old volume could ever hold: only fits because it grew.
-        let big = (from + from / 4) as usize;
-        let chunk = rng.bytes(MIB as usize);
-        let path = target.join("beyond.bin");
-        let mut f = std::fs::File::create(&path).expect("create beyond.bin");
-        let mut written = 0;
-        while written < big {
-            std::io::Write::write_all(&mut f, &chunk)
-                .unwrap_or_else(|e| panic!("writing {big} bytes after growth: {e}"));
-            written += chunk.len();
-        }
-        f.sync_all().expect("fsync beyond.bin");
+        fill_beyond(&target, from, &mut rng);
         check_files(&target, &files);
     }
 
