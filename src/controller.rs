@@ -396,20 +396,7 @@ impl Controller {
                 });
             }
         }
-        let replicas: Vec<Replica> = self
-            .store
-            .replicas()
-            .list()
-            .await?
-            .iter()
-            .map(|r| (*r.value).clone())
-            .collect();
-        let view = ClusterView::new(
-            &nodes,
-            &replicas,
-            now_ms(),
-            self.config.heartbeat_timeout_ms,
-        );
+        let view = self.cluster_view(&nodes).await?;
         let existing: Vec<Replica> = existing.iter().map(|r| (**r).clone()).collect();
         let wanted = (volume.params.number_of_replicas as usize).saturating_sub(existing.len());
         let request = PlacementRequest {
@@ -495,6 +482,17 @@ impl Controller {
             .into_iter()
             .filter(|r| r.value.volume_id == volume_id)
             .collect())
+    }
+
+    /// What placement sees: these nodes, and the space every stored replica takes.
+    async fn cluster_view(&self, nodes: &[Node]) -> Result<ClusterView, StoreError> {
+        let replicas = self.store.replicas().list().await?;
+        Ok(ClusterView::new(
+            nodes,
+            replicas.iter().map(|r| &*r.value),
+            now_ms(),
+            self.config.heartbeat_timeout_ms,
+        ))
     }
 
     async fn list_nodes(&self) -> Result<Vec<Node>, StoreError> {
@@ -823,20 +821,7 @@ impl Controller {
         let settings = self.settings().await?;
         let parsed = params::parse(parameters, &settings)?;
         let nodes = self.list_nodes().await?;
-        let replicas: Vec<Replica> = self
-            .store
-            .replicas()
-            .list()
-            .await?
-            .iter()
-            .map(|r| (*r.value).clone())
-            .collect();
-        let view = ClusterView::new(
-            &nodes,
-            &replicas,
-            now_ms(),
-            self.config.heartbeat_timeout_ms,
-        );
+        let view = self.cluster_view(&nodes).await?;
         let in_segment = |node: &scheduler::NodeView| {
             segment.is_none_or(|seg| node_in_segment(node.id(), node.zone(), seg))
         };

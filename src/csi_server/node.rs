@@ -28,17 +28,7 @@ fn node_status(e: NodeError) -> Status {
         NodeError::Replica(_) | NodeError::Block(_) | NodeError::Mount(_) => Code::Internal,
         NodeError::Io { .. } | NodeError::Task(_) => Code::Internal,
     };
-    let mut msg = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        let part = s.to_string();
-        if !msg.contains(&part) {
-            msg.push_str(": ");
-            msg.push_str(&part);
-        }
-        source = s.source();
-    }
-    Status::new(code, msg)
+    super::status::status(code, &e)
 }
 
 /// A path field: required, absolute, no NUL.

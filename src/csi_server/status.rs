@@ -28,7 +28,8 @@ fn agent(e: &AgentError) -> Code {
     }
 }
 
-fn status(code: Code, e: &dyn std::error::Error) -> Status {
+/// A status with the error's message and its sources' messages (each once).
+pub(crate) fn status(code: Code, e: &dyn std::error::Error) -> Status {
     let mut msg = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

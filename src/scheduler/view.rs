@@ -53,9 +53,9 @@ impl ClusterView {
     /// replica on an unknown node or disk adds nothing. Nodes are kept in id order and disks
     /// in id order within their node, which makes every tie-break by id an index comparison;
     /// a node or disk id listed twice keeps its first entry.
-    pub fn new(
+    pub fn new<'a>(
         nodes: &[Node],
-        replicas: &[Replica],
+        replicas: impl IntoIterator<Item = &'a Replica>,
         now_ms: u64,
         heartbeat_timeout_ms: u64,
     ) -> ClusterView {
@@ -80,8 +80,22 @@ impl ClusterView {
             view.push_node(node, zone_index, now_ms);
         }
         view.zone_count = zones.len();
+        // One hash lookup per replica: this loop is the O(replicas) part of every placement.
+        let index: HashMap<(&str, &str), usize> = view
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| ((view.nodes[d.node].id.as_str(), d.id.as_str()), i))
+            .collect();
+        let mut scheduled = vec![0u64; view.disks.len()];
         for replica in replicas {
-            view.record_replica(&replica.node_id, &replica.disk_id, replica.size);
+            if let Some(&i) = index.get(&(replica.node_id.as_str(), replica.disk_id.as_str())) {
+                scheduled[i] = scheduled[i].saturating_add(replica.size);
+            }
+        }
+        drop(index);
+        for (disk, bytes) in view.disks.iter_mut().zip(scheduled) {
+            disk.space.scheduled = bytes;
         }
         view
     }
