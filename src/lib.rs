@@ -13,6 +13,7 @@ pub mod mount;
 pub mod node;
 pub mod params;
 pub mod replica;
+pub mod replica_io;
 pub mod scheduler;
 pub mod settings;
 pub mod standalone;

@@ -1,0 +1,45 @@
+//! The I/O an engine does against one member replica, whether it sits behind the network
+//! (the replica protocol's client) or is a local file. The engine fans writes out to every
+//! member through this trait; the replica server and client implement it on the wire.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// Why a member's I/O failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ReplicaIoError {
+    /// The replica refused the request because a session with a newer epoch exists: the
+    /// caller has been fenced and must stop.
+    #[error("replica {replica}: fenced by epoch {current} (this session has epoch {ours})")]
+    Fenced {
+        replica: String,
+        ours: u64,
+        current: u64,
+    },
+    /// The replica is unreachable or its connection broke.
+    #[error("replica {replica}: unreachable: {why}")]
+    Unreachable { replica: String, why: String },
+    /// The replica answered with an I/O error.
+    #[error("replica {replica}: I/O error: {why}")]
+    Io { replica: String, why: String },
+    /// The request was outside the volume or otherwise invalid.
+    #[error("replica {replica}: invalid request: {why}")]
+    Invalid { replica: String, why: String },
+}
+
+/// One member replica as the engine sees it.
+#[async_trait]
+pub trait ReplicaIo: Send + Sync + 'static {
+    /// The replica's id.
+    fn id(&self) -> &str;
+    /// True when the replica's data is on this node (reads prefer it).
+    fn is_local(&self) -> bool;
+    /// Reads `len` bytes at `offset`.
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ReplicaIoError>;
+    /// Writes `data` at `offset`; with `fua`, it is on stable storage when this returns.
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ReplicaIoError>;
+    /// Makes every completed write durable (fsync).
+    async fn flush(&self) -> Result<(), ReplicaIoError>;
+    /// Discards `len` bytes at `offset` (they read back as zeros).
+    async fn trim(&self, offset: u64, len: u32) -> Result<(), ReplicaIoError>;
+}
