@@ -20,7 +20,7 @@ use crate::model::{
     TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY,
 };
 use crate::params::{self, DataLocality, ParamError, RecoveryPolicy, VolumeParams};
-use crate::scheduler::{self, ClusterView, PlacementError, PlacementRequest};
+use crate::scheduler::{self, ClusterView, PlacementError, PlacementRequest, ScheduledSpace};
 use crate::settings::Settings;
 use crate::store::{Store, StoreError, Versioned, SETTINGS_KEY};
 
@@ -245,6 +245,10 @@ pub struct Controller {
     agent: Arc<dyn NodeAgent>,
     locks: KeyLocks,
     config: ControllerConfig,
+    /// Bytes scheduled per disk, kept up to date by every replica write of this controller
+    /// (the only writer of replicas), so that placement does not read every replica. None
+    /// until first needed, and again after a store error left it unsure.
+    scheduled: std::sync::Mutex<Option<ScheduledSpace>>,
 }
 
 impl Controller {
@@ -254,7 +258,79 @@ impl Controller {
             agent,
             locks: KeyLocks::default(),
             config,
+            scheduled: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Applies `f` to the scheduled-space aggregate, if it is loaded.
+    fn update_scheduled(&self, f: impl FnOnce(&mut ScheduledSpace)) {
+        let mut guard = self.scheduled.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(space) = guard.as_mut() {
+            f(space);
+        }
+    }
+
+    /// Forgets the aggregate; the next placement rebuilds it from the store.
+    fn invalidate_scheduled(&self) {
+        *self.scheduled.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// The aggregate, loaded from the store when not known.
+    async fn scheduled_space(&self) -> Result<ScheduledSpace, StoreError> {
+        if let Some(space) = self
+            .scheduled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Ok(space);
+        }
+        let mut space = ScheduledSpace::default();
+        for r in self.store.replicas().list().await? {
+            space.add(&r.value);
+        }
+        let mut guard = self.scheduled.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(guard.get_or_insert(space).clone())
+    }
+
+    /// Records a replica in the store and in the aggregate.
+    async fn put_replica(
+        &self,
+        replica: Replica,
+        old: Option<&Versioned<Replica>>,
+    ) -> Result<u64, StoreError> {
+        let key = replica.id.clone();
+        let result = self
+            .store
+            .replicas()
+            .put(&key, replica.clone(), old.map(|o| o.version))
+            .await;
+        match &result {
+            Ok(_) => self.update_scheduled(|s| {
+                if let Some(old) = old {
+                    s.remove(&old.value);
+                }
+                s.add(&replica);
+            }),
+            Err(StoreError::Conflict { .. }) => {}
+            Err(_) => self.invalidate_scheduled(),
+        }
+        result
+    }
+
+    /// Deletes a replica's record from the store and the aggregate.
+    async fn delete_replica_record(&self, replica: &Versioned<Replica>) -> Result<(), StoreError> {
+        let result = self
+            .store
+            .replicas()
+            .delete(&replica.value.id, replica.version)
+            .await;
+        match &result {
+            Ok(()) => self.update_scheduled(|s| s.remove(&replica.value)),
+            Err(StoreError::Conflict { .. }) => {}
+            Err(_) => self.invalidate_scheduled(),
+        }
+        result
     }
 
     /// The store this controller works on.
@@ -429,12 +505,7 @@ impl Controller {
         }
         let volume = current.value.clone();
         for planned in &volume.planned_replicas {
-            match self
-                .store
-                .replicas()
-                .put(&planned.id, planned.clone(), None)
-                .await
-            {
+            match self.put_replica(planned.clone(), None).await {
                 // Already recorded by an attempt that a crash interrupted.
                 Ok(_) | Err(StoreError::Conflict { .. }) => {}
                 Err(e) => return Err(e.into()),
@@ -486,10 +557,9 @@ impl Controller {
 
     /// What placement sees: these nodes, and the space every stored replica takes.
     async fn cluster_view(&self, nodes: &[Node]) -> Result<ClusterView, StoreError> {
-        let replicas = self.store.replicas().list().await?;
-        Ok(ClusterView::new(
+        Ok(ClusterView::with_scheduled(
             nodes,
-            replicas.iter().map(|r| &*r.value),
+            &self.scheduled_space().await?,
             now_ms(),
             self.config.heartbeat_timeout_ms,
         ))
@@ -552,10 +622,7 @@ impl Controller {
                     volume: id.clone(),
                     source,
                 })?;
-            self.store
-                .replicas()
-                .delete(&replica.value.id, replica.version)
-                .await?;
+            self.delete_replica_record(&replica).await?;
         }
         self.store.volumes().delete(&id, current.version).await?;
         info!(volume = %id, "volume deleted");
@@ -889,10 +956,7 @@ impl Controller {
         for replica in replicas {
             let mut grown = (*replica.value).clone();
             grown.size = size;
-            self.store
-                .replicas()
-                .put(&grown.id.clone(), grown, Some(replica.version))
-                .await?;
+            self.put_replica(grown, Some(&replica)).await?;
         }
         let mut grown = (*current.value).clone();
         grown.size = size;
@@ -908,9 +972,9 @@ impl Controller {
     async fn check_growth_fits(&self, volume: &Volume, size: u64) -> Result<(), ExpandError> {
         let nodes = self.list_nodes().await?;
         let settings = self.settings().await?;
-        let replicas = self.store.replicas().list().await?;
+        let scheduled_space = self.scheduled_space().await?;
         let growth = size - volume.size;
-        for r in replicas.iter().filter(|r| r.value.volume_id == volume.id) {
+        for r in self.volume_replicas(&volume.id).await? {
             let Some(disk) = nodes
                 .iter()
                 .find(|n| n.id == r.value.node_id)
@@ -918,11 +982,7 @@ impl Controller {
             else {
                 continue;
             };
-            let scheduled: u64 = replicas
-                .iter()
-                .filter(|o| o.value.disk_id == disk.id && o.value.node_id == r.value.node_id)
-                .map(|o| o.value.size)
-                .sum();
+            let scheduled = scheduled_space.get(&r.value.node_id, &disk.id);
             let limit = disk.storage_maximum.saturating_sub(disk.storage_reserved) as u128
                 * settings.storage_over_provisioning_percentage as u128
                 / 100;
@@ -1112,6 +1172,110 @@ fn check_same_volume(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::LocalAgent;
+    use crate::model::{AccessMode, AccessType, Disk};
+    use crate::store::embedded::EmbeddedStore;
+
+    async fn controller(dir: &std::path::Path) -> Controller {
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.join("db.redb")).unwrap());
+        let mut disks = Vec::new();
+        let mut paths = HashMap::new();
+        for name in ["d0", "d1"] {
+            let path = dir.join(name);
+            let info = crate::replica::init_disk(&path).unwrap();
+            paths.insert(info.id.clone(), path.clone());
+            disks.push(Disk {
+                id: info.id,
+                path,
+                tags: vec![],
+                schedulable: true,
+                storage_maximum: info.storage_maximum,
+                storage_available: info.storage_available,
+                storage_reserved: 0,
+            });
+        }
+        let agent = Arc::new(LocalAgent::new("n1".into(), paths));
+        let c = Controller::new(store, agent, ControllerConfig::default());
+        c.heartbeat(Node {
+            id: "n1".into(),
+            address: String::new(),
+            zone: None,
+            tags: vec![],
+            schedulable: true,
+            last_heartbeat_ms: 0,
+            disks,
+        })
+        .await
+        .unwrap();
+        c
+    }
+
+    fn request(name: &str, size: u64) -> CreateRequest {
+        CreateRequest {
+            name: name.into(),
+            capacity: CapacityRange {
+                required: size,
+                limit: 0,
+            },
+            capabilities: vec![Capability {
+                access_type: AccessType::Block,
+                access_mode: AccessMode::SingleNodeWriter,
+            }],
+            parameters: HashMap::from([
+                ("numberOfReplicas".to_string(), "2".to_string()),
+                ("replicaSoftAntiAffinity".to_string(), "enabled".to_string()),
+            ]),
+            preferred_node: None,
+            requisite: vec![],
+        }
+    }
+
+    async fn from_store(c: &Controller) -> ScheduledSpace {
+        let mut s = ScheduledSpace::default();
+        for r in c.store.replicas().list().await.unwrap() {
+            s.add(&r.value);
+        }
+        s
+    }
+
+    #[tokio::test]
+    async fn scheduled_space_follows_every_replica_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = controller(dir.path()).await;
+        let empty = c.scheduled_space().await.unwrap();
+        assert_eq!(empty, ScheduledSpace::default());
+        for i in 0..4 {
+            c.create_volume(request(&format!("v{i}"), 8 << 20))
+                .await
+                .unwrap();
+        }
+        c.expand(
+            "v1",
+            CapacityRange {
+                required: 16 << 20,
+                limit: 0,
+            },
+        )
+        .await
+        .unwrap();
+        c.delete_volume("v2").await.unwrap();
+        let kept = c.scheduled_space().await.unwrap();
+        assert_eq!(kept, from_store(&c).await);
+        let total: u64 = c
+            .store
+            .nodes()
+            .get("n1")
+            .await
+            .unwrap()
+            .unwrap()
+            .value
+            .disks
+            .iter()
+            .map(|d| kept.get("n1", &d.id))
+            .sum();
+        // v0, v3: 2 × 8 MiB each; v1: 2 × 16 MiB.
+        assert_eq!(total, (2 * 8 + 2 * 8 + 2 * 16) << 20);
+    }
 
     #[test]
     fn capacity_range_resolves_within_bounds() {

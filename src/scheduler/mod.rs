@@ -34,7 +34,7 @@ mod tests;
 
 pub use capacity::{capacity, Capacity};
 pub use space::{DiskSpace, SpacePolicy};
-pub use view::{ClusterView, DiskView, NodeView};
+pub use view::{ClusterView, DiskView, NodeView, ScheduledSpace};
 
 use crate::model::Replica;
 use crate::params::{self, DataLocality, VolumeParams};

@@ -10,6 +10,41 @@ use crate::model::{Node, Replica};
 
 use super::space::DiskSpace;
 
+/// Bytes scheduled per (node, disk): the sum of the sizes of the replicas placed there.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScheduledSpace {
+    bytes: HashMap<(String, String), u64>,
+}
+
+impl ScheduledSpace {
+    /// Counts a replica.
+    pub fn add(&mut self, replica: &Replica) {
+        let key = (replica.node_id.clone(), replica.disk_id.clone());
+        let entry = self.bytes.entry(key).or_default();
+        *entry = entry.saturating_add(replica.size);
+    }
+
+    /// Uncounts a replica.
+    pub fn remove(&mut self, replica: &Replica) {
+        let key = (replica.node_id.clone(), replica.disk_id.clone());
+        if let Some(entry) = self.bytes.get_mut(&key) {
+            *entry = entry.saturating_sub(replica.size);
+            if *entry == 0 {
+                self.bytes.remove(&key);
+            }
+        }
+    }
+
+    /// Bytes scheduled on one disk.
+    pub fn get(&self, node_id: &str, disk_id: &str) -> u64 {
+        // Keys are owned pairs; a lookup by borrowed strings needs a probe key.
+        self.bytes
+            .get(&(node_id.to_string(), disk_id.to_string()))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
 /// The cluster as placement sees it.
 #[derive(Debug, Clone)]
 pub struct ClusterView {
@@ -80,24 +115,33 @@ impl ClusterView {
             view.push_node(node, zone_index, now_ms);
         }
         view.zone_count = zones.len();
-        // One hash lookup per replica: this loop is the O(replicas) part of every placement.
-        let index: HashMap<(&str, &str), usize> = view
-            .disks
-            .iter()
-            .enumerate()
-            .map(|(i, d)| ((view.nodes[d.node].id.as_str(), d.id.as_str()), i))
-            .collect();
-        let mut scheduled = vec![0u64; view.disks.len()];
+        // One hash lookup per replica: this loop is the O(replicas) part of building a view.
+        let mut scheduled = ScheduledSpace::default();
         for replica in replicas {
-            if let Some(&i) = index.get(&(replica.node_id.as_str(), replica.disk_id.as_str())) {
-                scheduled[i] = scheduled[i].saturating_add(replica.size);
-            }
+            scheduled.add(replica);
         }
-        drop(index);
-        for (disk, bytes) in view.disks.iter_mut().zip(scheduled) {
-            disk.space.scheduled = bytes;
-        }
+        view.set_scheduled(&scheduled);
         view
+    }
+
+    /// Builds the view from an aggregate of scheduled bytes kept up to date by its owner,
+    /// in O(nodes + disks): what a controller does on every CreateVolume.
+    pub fn with_scheduled(
+        nodes: &[Node],
+        scheduled: &ScheduledSpace,
+        now_ms: u64,
+        heartbeat_timeout_ms: u64,
+    ) -> ClusterView {
+        let mut view = ClusterView::new(nodes, std::iter::empty(), now_ms, heartbeat_timeout_ms);
+        view.set_scheduled(scheduled);
+        view
+    }
+
+    fn set_scheduled(&mut self, scheduled: &ScheduledSpace) {
+        for disk in &mut self.disks {
+            let node = &self.nodes[disk.node].id;
+            disk.space.scheduled = scheduled.get(node, &disk.id);
+        }
     }
 
     fn push_node(&mut self, node: &Node, zone_index: usize, now_ms: u64) {
