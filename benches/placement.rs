@@ -43,6 +43,7 @@ fn nodes(rng: &mut Lcg) -> Vec<Node> {
         .map(|n| Node {
             id: format!("node-{n:04}"),
             address: format!("10.0.{}.{}:7000", n / 250, n % 250),
+            agent_address: format!("10.0.{}.{}:7001", n / 250, n % 250),
             zone: Some(format!("zone-{}", n % ZONES)),
             tags: vec![],
             schedulable: true,

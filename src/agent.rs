@@ -1,6 +1,7 @@
 //! What the controller asks of a node's agent: create, grow and delete replica files on the
 //! node's disks. In standalone the agent is in the same process (`LocalAgent`); in a cluster
-//! the same trait is served over the node API.
+//! each node serves its `LocalAgent` as the NodeAgent gRPC service, and the controller's
+//! agent is `crate::api::agent::RemoteAgent`, which calls the node the replica is on.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -710,10 +710,14 @@ mod tests {
     impl Drop for Cleanup {
         fn drop(&mut self) {
             self.mounts.unmount_all();
+            // The test's temporary directory may be gone already (it is dropped first), so
+            // a backing file may read "<path> (deleted)".
+            let attached = list_loops().unwrap_or_default();
             for file in &self.loops {
-                if let Ok(Some(device)) = find_loop_for(file) {
-                    if detach_loop(&device).is_err() {
-                        let _ = Command::new("losetup").arg("-d").arg(&device).status();
+                let deleted = PathBuf::from(format!("{} (deleted)", file.display()));
+                for (device, backing) in &attached {
+                    if (backing == file || *backing == deleted) && detach_loop(device).is_err() {
+                        let _ = Command::new("losetup").arg("-d").arg(device).status();
                     }
                 }
             }

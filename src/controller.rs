@@ -1169,6 +1169,325 @@ fn check_same_volume(
     Ok(())
 }
 
+// --- cluster API (ctl, nodes) ---
+//
+// What `palisade controller` serves beyond CSI: node registration and heartbeats, the
+// operator's views (nodes with health and space, volumes with their replicas) and levers
+// (settings, force-detach). Kept together here, apart from the CSI operations above.
+// (Above the test module rather than at the very end: clippy refuses items after it.)
+
+/// A node as `palisade ctl nodes` shows it: as stored, with its health and the bytes
+/// scheduled on each of its disks.
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    pub node: Arc<Node>,
+    /// True while the last heartbeat is at most the heartbeat timeout old.
+    pub up: bool,
+    /// How old the last heartbeat is, in milliseconds.
+    pub heartbeat_age_ms: u64,
+    /// Bytes scheduled on each disk of `node.disks`, in the same order.
+    pub scheduled: Vec<u64>,
+}
+
+/// A volume with its replicas, as `palisade ctl volumes` shows it.
+#[derive(Debug, Clone)]
+pub struct VolumeStatus {
+    pub volume: Arc<Volume>,
+    /// Ordered by replica id.
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// One replica of a [`VolumeStatus`].
+#[derive(Debug, Clone)]
+pub struct ReplicaStatus {
+    pub replica: Arc<Replica>,
+    /// True for a replica only planned with a volume still `Creating` (not recorded yet).
+    pub planned: bool,
+}
+
+/// Why a node's registration or heartbeat is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error("node {node:?} is registered from agent address {registered:?} and is up (last heartbeat {age_ms} ms ago); refusing a registration from {reported:?}: are two processes running with one node id?")]
+    Duplicate {
+        node: String,
+        registered: String,
+        reported: String,
+        age_ms: u64,
+    },
+    #[error("node {node:?} is not registered from agent address {reported:?}; register it first")]
+    NotRegistered { node: String, reported: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a setting could not be changed.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingUpdateError {
+    #[error(transparent)]
+    Setting(#[from] crate::settings::SettingError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a force-detach failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ForceDetachError {
+    #[error("volume {0:?} does not exist")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Controller {
+    /// The controller's tunables.
+    pub fn config(&self) -> &ControllerConfig {
+        &self.config
+    }
+
+    /// Registers (or re-registers) a node from its agent's report, and reports the replica
+    /// directories `found_replicas` on its disks that the store does not know (orphans, left
+    /// in place) and the replicas the store places on it that were not found. Refused while
+    /// the node id is registered from another agent address and that registration is up.
+    pub async fn register_node(
+        &self,
+        node: Node,
+        found_replicas: &[String],
+    ) -> Result<(), RegisterError> {
+        let now = now_ms();
+        if let Some(current) = self.store.nodes().get(&node.id).await? {
+            let registered = &current.value.agent_address;
+            if registered != &node.agent_address
+                && self.health(Some(&current.value), now) == Health::Up
+            {
+                return Err(RegisterError::Duplicate {
+                    node: node.id.clone(),
+                    registered: registered.clone(),
+                    reported: node.agent_address.clone(),
+                    age_ms: now.saturating_sub(current.value.last_heartbeat_ms),
+                });
+            }
+        }
+        let (id, agent, disks) = (
+            node.id.clone(),
+            node.agent_address.clone(),
+            node.disks.len(),
+        );
+        self.heartbeat(node).await?;
+        info!(node = %id, agent = %agent, disks, "node registered");
+        self.report_node_replicas(&id, found_replicas).await;
+        Ok(())
+    }
+
+    /// Records a registered node's heartbeat. Refused when the node is not registered from
+    /// the reported agent address (the store lost it, or another process registered the id
+    /// since): the node registers again.
+    pub async fn node_heartbeat(&self, node: Node) -> Result<(), RegisterError> {
+        match self.store.nodes().get(&node.id).await? {
+            Some(current) if current.value.agent_address == node.agent_address => {}
+            _ => {
+                return Err(RegisterError::NotRegistered {
+                    node: node.id,
+                    reported: node.agent_address,
+                })
+            }
+        }
+        self.heartbeat(node).await?;
+        Ok(())
+    }
+
+    /// Compares the replica directories a node found with the replicas the store places on
+    /// it, and logs the differences. Nothing is deleted: an unknown directory may hold
+    /// another installation's data.
+    pub async fn report_node_replicas(&self, node_id: &str, found: &[String]) {
+        let known = match self.store.replicas().list().await {
+            Ok(list) => list
+                .into_iter()
+                .filter(|r| r.value.node_id == node_id)
+                .map(|r| r.value.id.clone())
+                .collect::<std::collections::HashSet<_>>(),
+            Err(e) => {
+                warn!(node = %node_id, error = %e, "listing replicas for the orphan check failed");
+                return;
+            }
+        };
+        for id in found.iter().filter(|id| !known.contains(*id)) {
+            warn!(node = %node_id, replica = %id, "orphaned replica directory: no volume in the store owns it; left in place");
+        }
+        for id in known.iter().filter(|id| !found.contains(*id)) {
+            warn!(node = %node_id, replica = %id, "replica missing: the store places it on this node, which did not find it on its disks");
+        }
+    }
+
+    /// Every node with its health and scheduled space, ordered by id.
+    pub async fn node_statuses(&self) -> Result<Vec<NodeStatus>, StoreError> {
+        let now = now_ms();
+        let space = self.scheduled_space().await?;
+        Ok(self
+            .store
+            .nodes()
+            .list()
+            .await?
+            .into_iter()
+            .map(|n| {
+                let node = n.value;
+                NodeStatus {
+                    up: self.health(Some(&node), now) == Health::Up,
+                    heartbeat_age_ms: now.saturating_sub(node.last_heartbeat_ms),
+                    scheduled: node
+                        .disks
+                        .iter()
+                        .map(|d| space.get(&node.id, &d.id))
+                        .collect(),
+                    node,
+                }
+            })
+            .collect())
+    }
+
+    /// Every volume, in any state, with its replicas, ordered by id.
+    pub async fn volume_statuses(&self) -> Result<Vec<VolumeStatus>, StoreError> {
+        let mut by_volume: HashMap<String, Vec<Arc<Replica>>> = HashMap::new();
+        for r in self.store.replicas().list().await? {
+            by_volume
+                .entry(r.value.volume_id.clone())
+                .or_default()
+                .push(r.value);
+        }
+        Ok(self
+            .store
+            .volumes()
+            .list()
+            .await?
+            .into_iter()
+            .map(|v| {
+                let replicas = by_volume.remove(&v.value.id).unwrap_or_default();
+                volume_status_of(v.value, replicas)
+            })
+            .collect())
+    }
+
+    /// One volume with its replicas, if it exists.
+    pub async fn volume_status(&self, id: &str) -> Result<Option<VolumeStatus>, StoreError> {
+        let Some(volume) = self.store.volumes().get(id).await? else {
+            return Ok(None);
+        };
+        let replicas = self
+            .volume_replicas(id)
+            .await?
+            .into_iter()
+            .map(|r| r.value)
+            .collect();
+        Ok(Some(volume_status_of(volume.value, replicas)))
+    }
+
+    /// Changes one setting (validated by [`Settings::set`]) with a compare-and-swap that
+    /// retries when another writer raced it. Returns the settings afterwards.
+    pub async fn set_setting(
+        &self,
+        name: &str,
+        value: &str,
+    ) -> Result<Settings, SettingUpdateError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let current = self.store.settings().get(SETTINGS_KEY).await?;
+            let mut settings = current
+                .as_ref()
+                .map(|c| (*c.value).clone())
+                .unwrap_or_default();
+            settings.set(name, value)?;
+            match self
+                .store
+                .settings()
+                .put(SETTINGS_KEY, settings.clone(), current.map(|c| c.version))
+                .await
+            {
+                Ok(_) => {
+                    info!(setting = %name, value = %value.trim(), "setting changed");
+                    return Ok(settings);
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(SettingUpdateError::Store(StoreError::Conflict {
+            kind: "settings",
+            key: SETTINGS_KEY.to_string(),
+            expected: None,
+        }))
+    }
+
+    /// Releases a volume's attachment without asking its node: the operator's lever for the
+    /// `never` recovery policy. The volume's epoch stays, so the next attachment gets a
+    /// higher one and fences the released node. Returns the attachment released (None when
+    /// the volume was not attached).
+    pub async fn force_detach(
+        &self,
+        volume_id: &str,
+    ) -> Result<Option<Attachment>, ForceDetachError> {
+        let _guard = self.locks.lock(volume_id).await;
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(current) = self.store.volumes().get(volume_id).await? else {
+                return Err(ForceDetachError::NotFound(volume_id.to_string()));
+            };
+            let Some(attachment) = current.value.attachment.clone() else {
+                info!(volume = %volume_id, "force-detach: the volume is not attached; nothing to release");
+                return Ok(None);
+            };
+            let mut updated = (*current.value).clone();
+            updated.attachment = None;
+            match self
+                .store
+                .volumes()
+                .put(volume_id, updated, Some(current.version))
+                .await
+            {
+                Ok(_) => {
+                    warn!(
+                        volume = %volume_id,
+                        node = %attachment.node_id,
+                        epoch = attachment.epoch,
+                        "FORCE-DETACH by the operator: the attachment is released without its node; \
+                         that node may still have the volume open until the next attachment \
+                         (epoch {}) fences it",
+                        current.value.epoch + 1
+                    );
+                    return Ok(Some(attachment));
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ForceDetachError::Store(StoreError::Conflict {
+            kind: "volume",
+            key: volume_id.to_string(),
+            expected: None,
+        }))
+    }
+}
+
+/// A volume with its recorded replicas and, while it is `Creating`, its planned ones.
+fn volume_status_of(volume: Arc<Volume>, recorded: Vec<Arc<Replica>>) -> VolumeStatus {
+    let mut replicas: Vec<ReplicaStatus> = recorded
+        .into_iter()
+        .map(|replica| ReplicaStatus {
+            replica,
+            planned: false,
+        })
+        .collect();
+    if volume.state == VolumeState::Creating {
+        for p in &volume.planned_replicas {
+            if !replicas.iter().any(|r| r.replica.id == p.id) {
+                replicas.push(ReplicaStatus {
+                    replica: Arc::new(p.clone()),
+                    planned: true,
+                });
+            }
+        }
+    }
+    replicas.sort_by(|a, b| a.replica.id.cmp(&b.replica.id));
+    VolumeStatus { volume, replicas }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1195,10 +1514,18 @@ mod tests {
             });
         }
         let agent = Arc::new(LocalAgent::new("n1".into(), paths));
+        // The test's disks are directories on the host's filesystem, whose free share is
+        // not this test's business.
+        let settings = Settings {
+            storage_minimal_available_percentage: 0,
+            ..Settings::default()
+        };
+        store.settings().put(SETTINGS_KEY, settings, None).await.unwrap();
         let c = Controller::new(store, agent, ControllerConfig::default());
         c.heartbeat(Node {
             id: "n1".into(),
             address: String::new(),
+            agent_address: String::new(),
             zone: None,
             tags: vec![],
             schedulable: true,

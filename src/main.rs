@@ -1,11 +1,14 @@
 //! The `palisade` binary: one subcommand per process role.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use palisade::cluster::controller::ControllerProcessConfig;
+use palisade::cluster::node::NodeProcessConfig;
 use palisade::standalone::{self, DiskArg, StandaloneConfig};
 
 #[derive(Parser)]
@@ -48,6 +51,95 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         heartbeat_seconds: u64,
     },
+    /// The cluster's controller: CSI Identity + Controller on a unix socket, the embedded
+    /// store, and the control plane API (for nodes and `palisade ctl`) on TCP.
+    Controller {
+        /// Where the control plane API listens (host:port).
+        #[arg(long, default_value = "127.0.0.1:9500")]
+        listen: SocketAddr,
+        /// CSI endpoint (default: unix://<state-dir>/csi.sock).
+        #[arg(long, env = "CSI_ENDPOINT")]
+        endpoint: Option<String>,
+        /// Where the store and the cluster secret live.
+        #[arg(long, default_value = "/var/lib/palisade")]
+        state_dir: PathBuf,
+        /// The CSI driver name.
+        #[arg(long, default_value = "driver.palisade.io")]
+        driver_name: String,
+        /// A node whose last heartbeat is older than this is down.
+        #[arg(long, default_value_t = 10)]
+        heartbeat_timeout_seconds: u64,
+        /// The pods' termination grace period, which the `wait` recovery policy waits out.
+        #[arg(long, default_value_t = 30)]
+        termination_grace_seconds: u64,
+        /// How long a call to a node's agent may take.
+        #[arg(long, default_value_t = 10)]
+        agent_timeout_seconds: u64,
+    },
+    /// One node of a cluster: CSI Identity + Node on a unix socket, the node agent API and the
+    /// replica server on TCP; registers and heartbeats with the controller.
+    Node {
+        /// The controller's control plane API.
+        #[arg(
+            long,
+            env = "PALISADE_CONTROLLER",
+            default_value = "http://127.0.0.1:9500"
+        )]
+        controller: String,
+        /// This node's id (default: the host name).
+        #[arg(long, env = "NODE_ID")]
+        node_id: Option<String>,
+        /// CSI endpoint (default: unix://<state-dir>/csi.sock).
+        #[arg(long, env = "CSI_ENDPOINT")]
+        endpoint: Option<String>,
+        /// The node's own state (and, by default, its socket and disk).
+        #[arg(long, default_value = "/var/lib/palisade")]
+        state_dir: PathBuf,
+        /// A disk for replicas: PATH or PATH:tag1,tag2. Repeat for several (default: <state-dir>/disk0).
+        #[arg(long = "disk")]
+        disks: Vec<DiskArg>,
+        /// Where the replica server listens (host:port).
+        #[arg(long, default_value = "127.0.0.1:9502")]
+        replica_listen: SocketAddr,
+        /// Where the node agent API listens (host:port).
+        #[arg(long, default_value = "127.0.0.1:9501")]
+        agent_listen: SocketAddr,
+        /// The host the controller and other nodes reach this node at (needed when a listen
+        /// address is 0.0.0.0 or ::).
+        #[arg(long, env = "NODE_IP")]
+        advertise_host: Option<String>,
+        /// This node's zone, reported as topology.kubernetes.io/zone.
+        #[arg(long)]
+        zone: Option<String>,
+        /// Node tags for nodeSelector, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        node_tags: Vec<String>,
+        /// The CSI driver name.
+        #[arg(long, default_value = "driver.palisade.io")]
+        driver_name: String,
+        /// Seconds between heartbeats.
+        #[arg(long, default_value_t = 2)]
+        heartbeat_seconds: u64,
+    },
+    /// The operator's view and levers: nodes, volumes, settings, force-detach.
+    Ctl(palisade::ctl::CtlArgs),
+}
+
+/// The disks to use: those given, else `<state-dir>/disk0`.
+fn disks_or_default(disks: Vec<DiskArg>, state_dir: &std::path::Path) -> Vec<DiskArg> {
+    if disks.is_empty() {
+        vec![DiskArg {
+            path: state_dir.join("disk0"),
+            tags: Vec::new(),
+        }]
+    } else {
+        disks
+    }
+}
+
+/// The CSI endpoint given, else the socket in the state directory.
+fn endpoint_or_default(endpoint: Option<String>, state_dir: &std::path::Path) -> String {
+    endpoint.unwrap_or_else(|| format!("unix://{}", state_dir.join("csi.sock").display()))
 }
 
 fn host_name() -> String {
@@ -89,16 +181,8 @@ fn main() -> ExitCode {
             driver_name,
             heartbeat_seconds,
         } => {
-            let disks = if disks.is_empty() {
-                vec![DiskArg {
-                    path: state_dir.join("disk0"),
-                    tags: Vec::new(),
-                }]
-            } else {
-                disks
-            };
-            let endpoint = endpoint
-                .unwrap_or_else(|| format!("unix://{}", state_dir.join("csi.sock").display()));
+            let disks = disks_or_default(disks, &state_dir);
+            let endpoint = endpoint_or_default(endpoint, &state_dir);
             let cfg = StandaloneConfig {
                 endpoint,
                 state_dir,
@@ -111,6 +195,69 @@ fn main() -> ExitCode {
             };
             runtime
                 .block_on(standalone::run(cfg))
+                .map_err(|e| e.to_string())
+        }
+        Command::Controller {
+            listen,
+            endpoint,
+            state_dir,
+            driver_name,
+            heartbeat_timeout_seconds,
+            termination_grace_seconds,
+            agent_timeout_seconds,
+        } => {
+            let cfg = ControllerProcessConfig {
+                listen,
+                endpoint: endpoint_or_default(endpoint, &state_dir),
+                state_dir,
+                driver_name,
+                heartbeat_timeout: Duration::from_secs(heartbeat_timeout_seconds.max(1)),
+                termination_grace: Duration::from_secs(termination_grace_seconds),
+                agent_timeout: Duration::from_secs(agent_timeout_seconds.max(1)),
+            };
+            runtime
+                .block_on(palisade::cluster::controller::run(cfg))
+                .map_err(|e| e.to_string())
+        }
+        Command::Node {
+            controller,
+            node_id,
+            endpoint,
+            state_dir,
+            disks,
+            replica_listen,
+            agent_listen,
+            advertise_host,
+            zone,
+            node_tags,
+            driver_name,
+            heartbeat_seconds,
+        } => {
+            let heartbeat_interval = Duration::from_secs(heartbeat_seconds.max(1));
+            let cfg = NodeProcessConfig {
+                controller,
+                node_id: node_id.unwrap_or_else(host_name),
+                endpoint: endpoint_or_default(endpoint, &state_dir),
+                disks: disks_or_default(disks, &state_dir),
+                state_dir,
+                zone,
+                node_tags,
+                replica_listen,
+                agent_listen,
+                advertise_host,
+                driver_name,
+                heartbeat_interval,
+                // A heartbeat that takes longer than the interval is as good as lost.
+                controller_timeout: heartbeat_interval.max(Duration::from_secs(5)),
+            };
+            runtime
+                .block_on(palisade::cluster::node::run(cfg))
+                .map_err(|e| e.to_string())
+        }
+        Command::Ctl(args) => {
+            let mut out = std::io::stdout().lock();
+            runtime
+                .block_on(palisade::ctl::run(args, &mut out))
                 .map_err(|e| e.to_string())
         }
     };

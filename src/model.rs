@@ -19,6 +19,10 @@ pub struct Node {
     pub id: String,
     /// host:port of the node's replica server ("" in standalone).
     pub address: String,
+    /// host:port of the node's agent API, which the controller calls to create, grow and
+    /// delete replicas ("" in standalone, where the agent is in the controller's process).
+    #[serde(default)]
+    pub agent_address: String,
     pub zone: Option<String>,
     pub tags: Vec<String>,
     /// Operator lever: false keeps new replicas off this node.

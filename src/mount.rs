@@ -682,6 +682,10 @@ fn remount_bind_read_only(source: &Path, target: &Path) -> Result<(), MountError
     })
 }
 
+/// How often an unmount that finds its target busy is tried again, and the pause between.
+const BUSY_RETRIES: u32 = 10;
+const BUSY_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Unmounts everything mounted at `target`, top first, until nothing is. Ok if nothing was
 /// mounted or the path does not exist. A busy mount is [`MountError::Busy`] and stays
 /// mounted: nothing is detached lazily. The path itself is left in place (see
@@ -690,13 +694,23 @@ pub fn unmount(target: &Path) -> Result<(), MountError> {
     let Some(resolved) = resolve(target)? else {
         return Ok(());
     };
-    for _ in 0..MAX_STACKED_MOUNTS {
+    let mut busy_retries = 0;
+    let mut attempts = 0;
+    while attempts < MAX_STACKED_MOUNTS {
+        attempts += 1;
         if !is_mount_point(&resolved)? {
             return Ok(());
         }
         tracing::info!(target = %resolved.display(), "unmounting");
         match nix::mount::umount2(&resolved, MntFlags::UMOUNT_NOFOLLOW) {
             Ok(()) => {}
+            // A device probe (udev, blkid) can hold a freshly used device for a moment:
+            // retry briefly before saying the mount is busy.
+            Err(Errno::EBUSY) if busy_retries < BUSY_RETRIES => {
+                busy_retries += 1;
+                attempts -= 1;
+                std::thread::sleep(BUSY_RETRY_PAUSE);
+            }
             Err(Errno::EBUSY) => {
                 return Err(MountError::Busy {
                     target: target.to_owned(),

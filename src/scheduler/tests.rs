@@ -28,6 +28,7 @@ fn node(id: &str, zone: Option<&str>, disks: Vec<Disk>) -> Node {
     Node {
         id: id.to_string(),
         address: format!("{id}:7000"),
+        agent_address: format!("{id}:7001"),
         zone: zone.map(str::to_string),
         tags: vec![],
         schedulable: true,

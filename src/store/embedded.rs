@@ -406,6 +406,7 @@ mod tests {
         Node {
             id: id.to_string(),
             address: format!("{id}.example:7000"),
+            agent_address: format!("{id}.example:7001"),
             zone: None,
             tags: vec![],
             schedulable: true,

@@ -30,31 +30,10 @@ pub struct Driver {
 
 impl Driver {
     /// Starts a driver with `disks` disk directories (tags as `name:tag,tag` suffixes).
+    /// Each disk is a private tmpfs (16 GiB limit; only written bytes use memory), so that
+    /// placement's free-space rules see the same disks whatever the host's disk holds.
     pub async fn start(disks: &[&str]) -> Driver {
-        let dir = tempfile::Builder::new()
-            .prefix("palisade-test-")
-            .tempdir()
-            .expect("tempdir");
-        let socket = dir.path().join("csi.sock");
-        let disks = disks
-            .iter()
-            .map(|d| match d.split_once(':') {
-                Some((name, tags)) => format!("{}:{tags}", dir.path().join(name).display()),
-                None => dir.path().join(d).display().to_string(),
-            })
-            .collect::<Vec<String>>();
-        let node_id = "node-1".to_string();
-        let (child, channel) = spawn(dir.path(), &socket, &disks, &node_id).await;
-        Driver {
-            socket,
-            disks,
-            node_id,
-            child: Some(child),
-            identity: IdentityClient::new(channel.clone()),
-            controller: ControllerClient::new(channel.clone()),
-            node: NodeClient::new(channel),
-            dir,
-        }
+        Driver::start_on_tmpfs(disks, 16 << 30).await
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -119,22 +98,10 @@ impl Drop for Driver {
 /// Unmounts every mount under `root` (deepest first) and detaches loop devices whose
 /// backing file is under it, so that a failed test leaves nothing behind.
 pub fn cleanup_under(root: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
     let root_s = root.display().to_string();
-    let mut points: Vec<String> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(|p| p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(&root_s))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for p in points {
-        let _ = Command::new("umount")
-            .arg(&p)
-            .stderr(Stdio::null())
-            .status();
-    }
+    // Volumes first, then the loop devices (which keep their tmpfs disks busy), then the
+    // disks themselves.
+    unmount_under(&root_s);
     if let Ok(entries) = std::fs::read_dir("/sys/block") {
         for e in entries.flatten() {
             let backing = e.path().join("loop/backing_file");
@@ -145,6 +112,26 @@ pub fn cleanup_under(root: &Path) {
                 }
             }
         }
+    }
+    unmount_under(&root_s);
+}
+
+/// Unmounts every mount point under `root`, deepest first; failures are left for a retry.
+fn unmount_under(root: &str) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(|p| p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(root))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = Command::new("umount")
+            .arg(&p)
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -288,7 +275,7 @@ impl Driver {
     /// Starts a driver whose disks are each a private tmpfs of `bytes` bytes, mounted before
     /// the driver starts, so that capacity figures are small, known and untouched by other
     /// tests. The mounts go away with the driver (`cleanup_under`). Loop devices over files on
-    /// a tmpfs keep it busy, so tests that stage volumes should use `start` instead.
+    /// a tmpfs keep it busy until they are detached; `cleanup_under` detaches them first.
     pub async fn start_on_tmpfs(disks: &[&str], bytes: u64) -> Driver {
         let dir = tempfile::Builder::new()
             .prefix("palisade-test-")

@@ -1,0 +1,134 @@
+//! `palisade controller`: the embedded store, the cluster secret, CSI Identity + Controller
+//! on a unix socket (for the sidecars), and the ControlPlane API on TCP (for the node agents
+//! and `palisade ctl`). Replicas are created on the nodes through their agents
+//! ([`RemoteAgent`]).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tracing::{info, warn};
+
+use super::process::{self, LocalReadiness, Server};
+use super::{create_state_dir, listen, ClusterError};
+use crate::api::agent::RemoteAgent;
+use crate::api::control::ControlPlaneService;
+use crate::api::v1::control_plane_server::ControlPlaneServer;
+use crate::controller::{Controller, ControllerConfig};
+use crate::csi::v1::{controller_server::ControllerServer, identity_server::IdentityServer};
+use crate::csi_server::{self, controller::ControllerService, identity};
+use crate::store::{embedded::EmbeddedStore, Store};
+use crate::token;
+
+/// The file in the state directory that holds the cluster secret.
+pub const SECRET_FILE: &str = "cluster.secret";
+/// The file in the state directory that holds the store.
+pub const STORE_FILE: &str = "palisade.redb";
+
+/// Everything `palisade controller` needs.
+#[derive(Debug, Clone)]
+pub struct ControllerProcessConfig {
+    /// Where the ControlPlane API listens.
+    pub listen: SocketAddr,
+    /// The CSI endpoint (`unix:///path`).
+    pub endpoint: String,
+    /// Where the store and the cluster secret live.
+    pub state_dir: PathBuf,
+    pub driver_name: String,
+    /// A node whose last heartbeat is older than this is down.
+    pub heartbeat_timeout: Duration,
+    /// The pods' termination grace period the `wait` recovery policy waits out.
+    pub termination_grace: Duration,
+    /// How long a call to a node's agent may take.
+    pub agent_timeout: Duration,
+}
+
+/// Runs until SIGINT or SIGTERM.
+pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
+    create_state_dir(&cfg.state_dir)?;
+    let socket = csi_server::socket_path(&cfg.endpoint)?;
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.state_dir.join(STORE_FILE))?);
+    let secret = Arc::new(token::load_or_create_secret(
+        &cfg.state_dir.join(SECRET_FILE),
+    )?);
+    let agent = Arc::new(RemoteAgent::new(store.clone(), cfg.agent_timeout));
+    let controller = Arc::new(Controller::new(
+        store.clone(),
+        agent,
+        ControllerConfig {
+            heartbeat_timeout_ms: millis(cfg.heartbeat_timeout),
+            termination_grace_ms: millis(cfg.termination_grace),
+        },
+    ));
+
+    let api_listener = listen("control plane API", cfg.listen).await?;
+    let api_address = api_listener
+        .local_addr()
+        .map_err(|source| ClusterError::Listen {
+            what: "control plane API",
+            address: cfg.listen,
+            source,
+        })?;
+    let csi_listener = csi_server::bind_socket(&socket)?;
+
+    // Interrupted creations and deletions need the nodes' agents, which may not be back yet:
+    // finish them in the background rather than hold up serving.
+    let reconcile = {
+        let controller = controller.clone();
+        tokio::spawn(async move {
+            if let Err(e) = controller.reconcile().await {
+                warn!(error = %e, "reconciling interrupted operations failed; the next call on each volume retries it");
+            }
+        })
+    };
+
+    info!(endpoint = %cfg.endpoint, api = %api_address, heartbeat_timeout_s = cfg.heartbeat_timeout.as_secs_f64(), "serving CSI identity and controller, and the control plane API");
+    let readiness = Arc::new(LocalReadiness {
+        store: Some(store.clone()),
+        disks: Vec::new(),
+    });
+    let csi = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(identity::IdentityService {
+            driver_name: cfg.driver_name.clone(),
+            controller: true,
+            readiness,
+        }))
+        .add_service(ControllerServer::new(ControllerService {
+            controller: controller.clone(),
+        }));
+    let api = tonic::transport::Server::builder().add_service(ControlPlaneServer::new(
+        ControlPlaneService {
+            controller: controller.clone(),
+            cluster_secret: secret,
+        },
+    ));
+    let result = process::serve_until_signal(|shutdown| {
+        vec![
+            Server::new(
+                "CSI",
+                csi.serve_with_incoming_shutdown(
+                    UnixListenerStream::new(csi_listener),
+                    shutdown.clone().wait(),
+                ),
+            ),
+            Server::new(
+                "control plane API",
+                api.serve_with_incoming_shutdown(
+                    TcpListenerStream::new(api_listener),
+                    shutdown.wait(),
+                ),
+            ),
+        ]
+    })
+    .await;
+    reconcile.abort();
+    let _ = std::fs::remove_file(&socket);
+    info!("stopped");
+    result.map_err(ClusterError::from)
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,69 @@
+//! Cluster mode on one or many machines: `palisade controller` (CSI Controller, the store,
+//! the ControlPlane API) and `palisade node` (CSI Node, the node agent, the replica server),
+//! plus the process plumbing they share with `palisade standalone`.
+
+pub mod controller;
+pub mod node;
+pub mod process;
+
+use std::path::PathBuf;
+
+/// Why `palisade controller` or `palisade node` could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Socket(#[from] crate::csi_server::SocketError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Replica(#[from] crate::replica::ReplicaError),
+    #[error(transparent)]
+    Node(#[from] crate::node::NodeError),
+    #[error(transparent)]
+    Secret(#[from] crate::token::SecretError),
+    #[error("create state directory {path:?}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listen on {address} for the {what}: {source}")]
+    Listen {
+        what: &'static str,
+        address: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Address(String),
+    #[error("controller address {address:?}: {source}")]
+    ControllerAddress {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error(transparent)]
+    Serve(#[from] process::ServeError),
+}
+
+/// Creates the state directory if it is missing.
+fn create_state_dir(path: &std::path::Path) -> Result<(), ClusterError> {
+    std::fs::create_dir_all(path).map_err(|source| ClusterError::StateDir {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Binds a TCP listener for one of the process's servers.
+async fn listen(
+    what: &'static str,
+    address: std::net::SocketAddr,
+) -> Result<tokio::net::TcpListener, ClusterError> {
+    tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|source| ClusterError::Listen {
+            what,
+            address,
+            source,
+        })
+}

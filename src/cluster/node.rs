@@ -1,0 +1,358 @@
+//! `palisade node`: one node of a cluster. It registers its disks with the controller and
+//! heartbeats it; serves its agent (create, grow, delete replicas on its disks) on TCP for
+//! the controller; serves CSI Identity + Node on a unix socket; and runs the replica server
+//! for the replicas on its disks once the controller's acknowledgement has brought the
+//! cluster secret that session tokens are verified with.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::Channel;
+use tonic::Code;
+use tracing::{debug, info, warn};
+
+use super::process::{self, DiskArg, LocalReadiness, ReadyDisk, Server, Shutdown};
+use super::{create_state_dir, listen, ClusterError};
+use crate::agent::LocalAgent;
+use crate::api::agent::AgentService;
+use crate::api::v1 as pb;
+use crate::api::v1::control_plane_client::ControlPlaneClient;
+use crate::api::v1::node_agent_server::NodeAgentServer;
+use crate::controller::MAX_VOLUMES_PER_NODE;
+use crate::csi::v1::{identity_server::IdentityServer, node_server::NodeServer};
+use crate::csi_server::{self, identity, node::NodeRpc};
+use crate::node::{NodeConfig, NodeService};
+use crate::replica_server::{ReplicaServer, ServerError};
+
+/// Everything `palisade node` needs.
+#[derive(Debug, Clone)]
+pub struct NodeProcessConfig {
+    /// The controller's ControlPlane address (`http://host:port`).
+    pub controller: String,
+    pub node_id: String,
+    /// The CSI endpoint (`unix:///path`).
+    pub endpoint: String,
+    pub state_dir: PathBuf,
+    pub disks: Vec<DiskArg>,
+    pub zone: Option<String>,
+    pub node_tags: Vec<String>,
+    /// Where the replica server listens.
+    pub replica_listen: SocketAddr,
+    /// Where the node agent API listens.
+    pub agent_listen: SocketAddr,
+    /// The host other processes reach this node at, when it listens on every address.
+    pub advertise_host: Option<String>,
+    pub driver_name: String,
+    /// Time between heartbeats.
+    pub heartbeat_interval: Duration,
+    /// How long a call to the controller may take.
+    pub controller_timeout: Duration,
+}
+
+/// The cluster secret as the controller last sent it (None until the first answer).
+type Secret = Option<Arc<Vec<u8>>>;
+
+/// Runs until SIGINT or SIGTERM.
+pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
+    create_state_dir(&cfg.state_dir)?;
+    let socket = csi_server::socket_path(&cfg.endpoint)?;
+    let disks = process::init_disks(&cfg.disks)?;
+    let agent = Arc::new(LocalAgent::new(
+        cfg.node_id.clone(),
+        process::disk_dirs(&disks).into_iter().collect(),
+    ));
+    let node = Arc::new(NodeService::new(NodeConfig {
+        node_id: cfg.node_id.clone(),
+        zone: cfg.zone.clone(),
+        disks: process::disk_dirs(&disks),
+        max_volumes: MAX_VOLUMES_PER_NODE,
+    }));
+    node.reconcile().await?;
+
+    let agent_listener = listen("node agent API", cfg.agent_listen).await?;
+    let agent_bound = agent_listener
+        .local_addr()
+        .map_err(|source| ClusterError::Listen {
+            what: "node agent API",
+            address: cfg.agent_listen,
+            source,
+        })?;
+    let agent_address = advertised(agent_bound, cfg.advertise_host.as_deref(), "--agent-listen")?;
+    // Until the replica server has bound its port, the configured address is reported.
+    let (replica_address_tx, replica_address) = watch::channel(advertised(
+        cfg.replica_listen,
+        cfg.advertise_host.as_deref(),
+        "--replica-listen",
+    )?);
+    let controller =
+        crate::api::channel(&cfg.controller, cfg.controller_timeout).map_err(|source| {
+            ClusterError::ControllerAddress {
+                address: cfg.controller.clone(),
+                source,
+            }
+        })?;
+    let csi_listener = csi_server::bind_socket(&socket)?;
+
+    let (secret_tx, secret_rx) = watch::channel::<Secret>(None);
+    let membership = tokio::spawn(
+        Membership {
+            client: ControlPlaneClient::new(controller),
+            cfg: cfg.clone(),
+            disks: disks.clone(),
+            agent_address: agent_address.clone(),
+            replica_address,
+            secret: secret_tx,
+        }
+        .run(),
+    );
+
+    info!(endpoint = %cfg.endpoint, node = %cfg.node_id, agent = %agent_address, controller = %cfg.controller, "serving CSI identity and node, and the node agent API");
+    let readiness = Arc::new(LocalReadiness {
+        store: None,
+        disks: cfg.disks.iter().map(|d| d.path.clone()).collect(),
+    });
+    let csi = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(identity::IdentityService {
+            driver_name: cfg.driver_name.clone(),
+            controller: false,
+            readiness,
+        }))
+        .add_service(NodeServer::new(NodeRpc { node }));
+    let agent_api = tonic::transport::Server::builder()
+        .add_service(NodeAgentServer::new(AgentService { agent }));
+    let replicas = ReplicaServerTask {
+        listen: cfg.replica_listen,
+        advertise_host: cfg.advertise_host.clone(),
+        disks: disks.iter().map(|d| d.arg.path.clone()).collect(),
+        secret: secret_rx,
+        address: replica_address_tx,
+    };
+    let result = process::serve_until_signal(|shutdown| {
+        vec![
+            Server::new(
+                "CSI",
+                csi.serve_with_incoming_shutdown(
+                    UnixListenerStream::new(csi_listener),
+                    shutdown.clone().wait(),
+                ),
+            ),
+            Server::new(
+                "node agent API",
+                agent_api.serve_with_incoming_shutdown(
+                    TcpListenerStream::new(agent_listener),
+                    shutdown.clone().wait(),
+                ),
+            ),
+            Server::new("replica server", replicas.run(shutdown)),
+        ]
+    })
+    .await;
+    membership.abort();
+    let _ = std::fs::remove_file(&socket);
+    info!("stopped");
+    result.map_err(ClusterError::from)
+}
+
+/// The address other processes reach a listener bound at `bound` at: `bound` itself, or
+/// the advertised host with its port. A listener on every address needs the host.
+fn advertised(bound: SocketAddr, host: Option<&str>, flag: &str) -> Result<String, ClusterError> {
+    match host {
+        Some(h) if h.contains(':') && !h.starts_with('[') => Ok(format!("[{h}]:{}", bound.port())),
+        Some(h) => Ok(format!("{h}:{}", bound.port())),
+        None if bound.ip().is_unspecified() => Err(ClusterError::Address(format!(
+            "{flag} {bound} listens on every address; give --advertise-host with the address the controller and the other nodes reach this node at"
+        ))),
+        None => Ok(bound.to_string()),
+    }
+}
+
+/// The node's membership of the cluster: registers, then heartbeats every interval;
+/// registers again when the controller no longer knows it. Passes the cluster secret of
+/// every acknowledgement on to the replica server.
+struct Membership {
+    client: ControlPlaneClient<Channel>,
+    cfg: NodeProcessConfig,
+    disks: Vec<ReadyDisk>,
+    agent_address: String,
+    replica_address: watch::Receiver<String>,
+    secret: watch::Sender<Secret>,
+}
+
+impl Membership {
+    async fn run(mut self) {
+        let mut registered = false;
+        // Whether the last exchange worked: failures are logged when they start and end,
+        // not at every heartbeat.
+        let mut answering = true;
+        loop {
+            match self.exchange(&mut registered).await {
+                Ok(()) if !answering => {
+                    info!(controller = %self.cfg.controller, "the controller answers again");
+                    answering = true;
+                }
+                Ok(()) => {}
+                Err(e) if answering => {
+                    warn!(controller = %self.cfg.controller, error = %e, "the exchange with the controller failed; retrying every heartbeat");
+                    answering = false;
+                }
+                Err(e) => debug!(error = %e, "the exchange with the controller failed again"),
+            }
+            tokio::time::sleep(self.cfg.heartbeat_interval).await;
+        }
+    }
+
+    /// One heartbeat, or a registration when not registered (or no longer).
+    async fn exchange(&mut self, registered: &mut bool) -> Result<(), String> {
+        let disks = process::read_disks(&self.disks)
+            .map_err(|e| format!("reading the disks for the report failed: {e}"))?;
+        let report = pb::NodeReport {
+            node_id: self.cfg.node_id.clone(),
+            zone: self.cfg.zone.clone().unwrap_or_default(),
+            tags: self.cfg.node_tags.clone(),
+            replica_address: self.replica_address.borrow().clone(),
+            agent_address: self.agent_address.clone(),
+            disks: disks
+                .into_iter()
+                .map(|d| pb::DiskReport {
+                    id: d.id,
+                    path: d.path.display().to_string(),
+                    tags: d.tags,
+                    storage_maximum: d.storage_maximum,
+                    storage_available: d.storage_available,
+                })
+                .collect(),
+        };
+        if *registered {
+            let request = pb::HeartbeatRequest {
+                node: Some(report.clone()),
+            };
+            match self.client.heartbeat(request).await {
+                Ok(ack) => {
+                    self.accept(ack.into_inner());
+                    return Ok(());
+                }
+                Err(s) if s.code() == Code::NotFound => {
+                    warn!(reason = %s.message(), "the controller does not know this node any more; registering again");
+                    *registered = false;
+                }
+                Err(s) => return Err(format!("heartbeat: {}", crate::api::describe(&s))),
+            }
+        }
+        let request = pb::RegisterNodeRequest {
+            node: Some(report),
+            replica_ids: process::replica_ids(&self.disks),
+        };
+        let ack = self
+            .client
+            .register_node(request)
+            .await
+            .map_err(|s| format!("registration: {}", crate::api::describe(&s)))?
+            .into_inner();
+        info!(controller = %self.cfg.controller, node = %self.cfg.node_id, "registered with the controller");
+        *registered = true;
+        self.accept(ack);
+        Ok(())
+    }
+
+    fn accept(&self, ack: pb::NodeAck) {
+        if ack.cluster_secret.is_empty() {
+            warn!("the controller's answer carries no cluster secret");
+            return;
+        }
+        let mut first = false;
+        let changed = self.secret.send_if_modified(|current| {
+            if current.as_ref().map(|s| s.as_slice()) == Some(ack.cluster_secret.as_slice()) {
+                return false;
+            }
+            first = current.is_none();
+            *current = Some(Arc::new(ack.cluster_secret));
+            true
+        });
+        if changed && first {
+            info!("received the cluster secret");
+        } else if changed {
+            warn!("the controller's cluster secret changed (was its state directory replaced?); the replica server restarts with the new one");
+        }
+    }
+}
+
+/// The replica server, started once the cluster secret is known and restarted when it
+/// changes.
+struct ReplicaServerTask {
+    listen: SocketAddr,
+    advertise_host: Option<String>,
+    disks: Vec<PathBuf>,
+    secret: watch::Receiver<Secret>,
+    /// The address reported to the controller, updated once the port is bound.
+    address: watch::Sender<String>,
+}
+
+impl ReplicaServerTask {
+    async fn run(mut self, shutdown: Shutdown) -> Result<(), ServerError> {
+        loop {
+            let secret = tokio::select! {
+                () = shutdown.clone().wait() => return Ok(()),
+                secret = self.secret.wait_for(Option::is_some) => match secret {
+                    Ok(s) => s.clone(),
+                    // The membership task is gone: the process is stopping.
+                    Err(_) => return Ok(()),
+                },
+            };
+            let Some(secret) = secret else { continue };
+            let server =
+                ReplicaServer::bind(self.listen, self.disks.clone(), secret.to_vec()).await?;
+            match server.local_addr() {
+                Ok(bound) => {
+                    if let Ok(address) =
+                        advertised(bound, self.advertise_host.as_deref(), "--replica-listen")
+                    {
+                        self.address.send_replace(address.clone());
+                        info!(address = %address, "replica server listening");
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot read the replica server's address"),
+            }
+            self.secret.mark_unchanged();
+            let mut secrets = self.secret.clone();
+            let stopping = shutdown.clone();
+            let mut stopped = false;
+            server
+                .serve(async {
+                    tokio::select! {
+                        () = stopping.wait() => stopped = true,
+                        _ = secrets.changed() => {}
+                    }
+                })
+                .await;
+            if stopped {
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertised_addresses() {
+        let any: SocketAddr = "0.0.0.0:9502".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:9502".parse().unwrap();
+        assert_eq!(advertised(local, None, "--x").unwrap(), "127.0.0.1:9502");
+        assert_eq!(
+            advertised(any, Some("10.0.0.7"), "--x").unwrap(),
+            "10.0.0.7:9502"
+        );
+        assert_eq!(
+            advertised(any, Some("fd00::7"), "--x").unwrap(),
+            "[fd00::7]:9502"
+        );
+        let e = advertised(any, None, "--replica-listen").unwrap_err();
+        assert!(e.to_string().contains("--advertise-host"), "{e}");
+    }
+}

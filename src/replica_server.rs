@@ -1,0 +1,802 @@
+//! The replica server: one per node, on TCP, serving the replicas on the node's disks to the
+//! engines of their volumes with the protocol of [`crate::wire`].
+//!
+//! A connection is one session on one replica. Its first frame must be Open, which the server
+//! accepts only with the attachment token for that volume and epoch, for a replica of that
+//! volume on one of its disks, and at an epoch no lower than the one the replica has stored;
+//! a higher epoch is persisted (fsync) before the session is accepted.
+//!
+//! Fencing: each replica has one in-memory state behind a read-write lock, shared by all its
+//! sessions. A request holds the read lock from its epoch check to the end of its disk I/O;
+//! an Open takes the write lock, so it waits for every request in flight, then persists and
+//! raises the epoch. Every later request of an older session is refused with Fenced: once a
+//! newer epoch has been accepted, no byte of an older session reaches the disk.
+//!
+//! Requests are pipelined: the server reads frames continuously and runs up to
+//! [`MAX_IN_FLIGHT`] requests of a session (and at most [`MAX_IN_FLIGHT_BYTES`] of their data)
+//! at once, on the blocking thread pool, answering each with its tag as it completes. A
+//! malformed frame ends its session (logged with the peer's address) and nothing else.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use nix::fcntl::FallocateFlags;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+use tokio::sync::{mpsc, watch, OwnedRwLockReadGuard, OwnedSemaphorePermit, RwLock, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::replica::{self, ReplicaError};
+use crate::token;
+use crate::wire::{self, Open, Request, Response, Tag};
+
+/// The most requests of one session executing at once; the server stops reading the
+/// session's frames while it has this many.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// The most bytes of data (written or to be read) of one session's requests in flight.
+pub const MAX_IN_FLIGHT_BYTES: usize = 2 * wire::MAX_IO_LEN;
+/// How long a shutdown waits for sessions to finish their requests before dropping them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long a new connection has to open its session before the server closes it.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The shortest cluster secret the server accepts.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// Answers are gathered into one write of up to this many bytes.
+const WRITE_BATCH: usize = 256 << 10;
+/// After refusing a session, the server reads (and drops) what the client still sends for
+/// up to this long, so that closing does not reset the connection before the refusal is read.
+const LINGER: Duration = Duration::from_secs(2);
+/// A Trim on a filesystem that cannot punch holes writes zeros, this many at a time.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listening socket could not be made.
+    #[error("cannot listen for replica sessions: {0}")]
+    Bind(#[source] io::Error),
+    /// The cluster secret is too short to authenticate anything.
+    #[error("the cluster secret is {0} bytes; at least {MIN_SECRET_LEN} are needed")]
+    SecretTooShort(usize),
+}
+
+/// A replica server bound to its address, ready to [`serve`](ReplicaServer::serve).
+pub struct ReplicaServer {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    disks: Vec<PathBuf>,
+    secret: Vec<u8>,
+    /// The replicas that have sessions, by replica id. An entry lives as long as a session
+    /// (or a request) holds it; the epoch itself is on disk, read again at every Open.
+    replicas: Mutex<HashMap<String, Weak<ServedReplica>>>,
+}
+
+/// A replica being served, shared by all its sessions.
+struct ServedReplica {
+    id: String,
+    disk: PathBuf,
+    state: Arc<RwLock<ReplicaState>>,
+}
+
+/// What the server knows of a replica; changed only by an Open, under the write lock.
+#[derive(Default)]
+struct ReplicaState {
+    /// The highest epoch accepted: sessions with a lower one are fenced.
+    epoch: u64,
+    /// The volume's size, as of the last Open.
+    size: u64,
+    /// The data file, opened by the first Open (and again if the replica was recreated).
+    file: Option<Arc<File>>,
+    /// Which incarnation of the replica `file` belongs to.
+    created_ms: u64,
+}
+
+/// An open session: the replica and the epoch it was opened with.
+struct Session {
+    replica: Arc<ServedReplica>,
+    epoch: u64,
+}
+
+/// One answer on its way to the client, with the permits of its request (released once it
+/// has been written, so a client that stops reading stops the server reading its requests).
+struct Answer {
+    tag: Tag,
+    response: Response,
+    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+}
+
+impl ReplicaServer {
+    /// Listens on `addr` for sessions on the replicas found on `disks`, verifying tokens with
+    /// the cluster `secret`.
+    pub async fn bind(
+        addr: impl ToSocketAddrs,
+        disks: Vec<PathBuf>,
+        secret: Vec<u8>,
+    ) -> Result<ReplicaServer, ServerError> {
+        if secret.len() < MIN_SECRET_LEN {
+            return Err(ServerError::SecretTooShort(secret.len()));
+        }
+        let listener = TcpListener::bind(addr).await.map_err(ServerError::Bind)?;
+        Ok(ReplicaServer {
+            listener,
+            shared: Arc::new(Shared {
+                disks,
+                secret,
+                replicas: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The address the server listens on (with the port chosen, if port 0 was asked for).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves sessions until `shutdown` completes; then stops accepting, lets every session
+    /// finish the requests it has read and send their answers (for up to [`SHUTDOWN_GRACE`]),
+    /// and closes them.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let (stop, stopped) = watch::channel(false);
+        let mut sessions = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let shared = Arc::clone(&self.shared);
+                        sessions.spawn(serve_connection(shared, stream, peer, stopped.clone()));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors, most likely: keep serving the sessions
+                        // there are, and try again shortly.
+                        tracing::warn!(error = %e, "cannot accept a replica session");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                Some(joined) = sessions.join_next(), if !sessions.is_empty() => {
+                    log_session_end(joined);
+                }
+            }
+        }
+        drop(self.listener);
+        stop.send_replace(true);
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while let Some(joined) = sessions.join_next().await {
+                log_session_end(joined);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                sessions = sessions.len(),
+                "replica sessions still busy after the shutdown grace; closing them"
+            );
+            sessions.shutdown().await;
+        }
+        tracing::info!("replica server stopped");
+    }
+}
+
+fn log_session_end(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = joined {
+        tracing::error!(error = %e, "a replica session task failed");
+    }
+}
+
+/// Serves one connection: its session, from Open to close.
+async fn serve_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut stopped: watch::Receiver<bool>,
+) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+    }
+    let (mut reader, writer) = stream.into_split();
+    let (answers, to_send) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_answers(writer, to_send, peer));
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let in_flight_bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES));
+    let mut session: Option<Session> = None;
+    let mut buf = BytesMut::with_capacity(64 << 10);
+    // Set when the server ends the session on its side, with an answer saying why.
+    let mut refused = false;
+    let open_deadline = tokio::time::Instant::now() + OPEN_TIMEOUT;
+    loop {
+        let (tag, request) = match wire::decode_request(&mut buf) {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                tokio::select! {
+                    read = reader.read_buf(&mut buf) => match read {
+                        Ok(0) if buf.is_empty() => break,
+                        Ok(0) => {
+                            tracing::warn!(%peer, bytes = buf.len(), "replica session closed inside a frame");
+                            break;
+                        }
+                        Ok(_) => continue,
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "replica session connection failed");
+                            break;
+                        }
+                    },
+                    _ = stopped.wait_for(|stop| *stop) => break,
+                    () = tokio::time::sleep_until(open_deadline), if session.is_none() => {
+                        tracing::warn!(%peer, "no Open within {OPEN_TIMEOUT:?}; closing the replica session");
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "malformed frame; closing the replica session");
+                answer(&answers, 0, Response::Protocol(e.to_string()), None);
+                refused = true;
+                break;
+            }
+        };
+        let Some(open_session) = &session else {
+            let Request::Open(open) = request else {
+                tracing::warn!(%peer, "a request before Open; closing the replica session");
+                answer(&answers, tag, Response::NotOpen, None);
+                refused = true;
+                break;
+            };
+            match open_replica(&shared, &open, peer).await {
+                Ok((opened, response)) => {
+                    session = Some(opened);
+                    answer(&answers, tag, response, None);
+                    continue;
+                }
+                Err(refusal) => {
+                    answer(&answers, tag, refusal, None);
+                    refused = true;
+                    break;
+                }
+            }
+        };
+        if let Request::Open(_) = request {
+            tracing::warn!(%peer, "a second Open; closing the replica session");
+            let message = "the session is open already".to_string();
+            answer(&answers, tag, Response::Invalid(message), None);
+            refused = true;
+            break;
+        }
+        // Waits (and stops reading) while the session has too much in flight.
+        let cost = data_len(&request).clamp(1, MAX_IN_FLIGHT_BYTES);
+        let cost = u32::try_from(cost).unwrap_or(u32::MAX);
+        let permits = tokio::join!(
+            Arc::clone(&in_flight).acquire_owned(),
+            Arc::clone(&in_flight_bytes).acquire_many_owned(cost)
+        );
+        let (Ok(count), Ok(bytes)) = permits else {
+            // The semaphores are never closed.
+            break;
+        };
+        let replica = Arc::clone(&open_session.replica);
+        let epoch = open_session.epoch;
+        let answers = answers.clone();
+        tokio::spawn(async move {
+            let response = execute(replica, epoch, request).await;
+            answer(&answers, tag, response, Some((count, bytes)));
+        });
+    }
+    // The writer ends once the requests in flight have sent their answers.
+    drop(answers);
+    if let Err(e) = writer.await {
+        tracing::error!(%peer, error = %e, "the replica session's writer failed");
+    }
+    if refused {
+        // The answer is sent and the write side shut: drain until the client closes too.
+        let mut scratch = BytesMut::with_capacity(64 << 10);
+        let _ = tokio::time::timeout(LINGER, async {
+            while let Ok(1..) = reader.read_buf(&mut scratch).await {
+                scratch.clear();
+            }
+        })
+        .await;
+    }
+}
+
+fn answer(
+    answers: &mpsc::UnboundedSender<Answer>,
+    tag: Tag,
+    response: Response,
+    permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+) {
+    // An error means the writer has gone (the client disconnected): nobody to answer.
+    let _ = answers.send(Answer {
+        tag,
+        response,
+        _permits: permits,
+    });
+}
+
+/// The bytes of data a request moves.
+fn data_len(request: &Request) -> usize {
+    match request {
+        Request::Read { len, .. } => usize::try_from(*len).unwrap_or(usize::MAX),
+        Request::Write { data, .. } => data.len(),
+        Request::Open(_) | Request::Flush | Request::Trim { .. } => 0,
+    }
+}
+
+/// Writes answers as they come, several to a write when they are queued together.
+async fn write_answers(
+    mut writer: OwnedWriteHalf,
+    mut to_send: mpsc::UnboundedReceiver<Answer>,
+    peer: SocketAddr,
+) {
+    let mut out = BytesMut::with_capacity(64 << 10);
+    let mut sent = Vec::new();
+    while let Some(first) = to_send.recv().await {
+        let mut next = Some(first);
+        while let Some(answer) = next {
+            if let Err(e) = wire::encode_response(answer.tag, &answer.response, &mut out) {
+                let response = Response::Io(format!("cannot encode the answer: {e}"));
+                // An Io answer always encodes.
+                let _ = wire::encode_response(answer.tag, &response, &mut out);
+            }
+            sent.push(answer);
+            next = match out.len() < WRITE_BATCH {
+                true => to_send.try_recv().ok(),
+                false => None,
+            };
+        }
+        if let Err(e) = writer.write_all(&out).await {
+            tracing::debug!(%peer, error = %e, "cannot answer on the replica session");
+            return;
+        }
+        out.clear();
+        // Releases the permits of the answered requests.
+        sent.clear();
+    }
+    if let Err(e) = writer.shutdown().await {
+        tracing::debug!(%peer, error = %e, "cannot close the replica session");
+    }
+}
+
+/// Handles an Open: verifies the token, finds the replica, applies the epoch rules. Returns
+/// the session and the Opened answer, or the refusal to send before closing.
+async fn open_replica(
+    shared: &Arc<Shared>,
+    open: &Open,
+    peer: SocketAddr,
+) -> Result<(Session, Response), Response> {
+    let refuse = |response: Response, why: &str| {
+        tracing::warn!(
+            %peer, volume = %open.volume_id, replica = %open.replica_id, epoch = open.epoch,
+            "replica session refused: {why}"
+        );
+        Err(response)
+    };
+    if !token::verify(&shared.secret, &open.volume_id, open.epoch, &open.token) {
+        return refuse(Response::BadToken, "wrong token");
+    }
+    let replica = match find_replica(shared, &open.replica_id).await {
+        Ok(Some(replica)) => replica,
+        Ok(None) => return refuse(Response::NotFound, "no such replica"),
+        Err(response) => return refuse(response, "cannot look the replica up"),
+    };
+    let state = Arc::clone(&replica.state).write_owned().await;
+    let disk = replica.disk.clone();
+    let open_copy = open.clone();
+    // The write lock goes into the blocking task, so that even if this session is dropped
+    // meanwhile, no request runs until the epoch is persisted and raised.
+    let accepted = tokio::task::spawn_blocking(move || accept(state, &disk, &open_copy)).await;
+    match accepted {
+        Ok(Ok(Accepted {
+            size,
+            epoch,
+            fenced,
+        })) => {
+            if let Some(previous) = fenced {
+                tracing::info!(
+                    %peer, volume = %open.volume_id, replica = %open.replica_id,
+                    "replica raised from epoch {previous} to {epoch}; older sessions are fenced"
+                );
+            }
+            tracing::info!(
+                %peer, volume = %open.volume_id, replica = %open.replica_id, epoch,
+                "replica session open"
+            );
+            let session = Session {
+                replica,
+                epoch: open.epoch,
+            };
+            Ok((session, Response::Opened { size, epoch }))
+        }
+        Ok(Err(refusal)) => refuse(refusal.clone(), &describe(&refusal)),
+        Err(e) => refuse(
+            Response::Io(format!("the open task failed: {e}")),
+            "task failed",
+        ),
+    }
+}
+
+fn describe(response: &Response) -> String {
+    match response {
+        Response::StaleEpoch { current } => format!("the replica has the higher epoch {current}"),
+        Response::NotFound => "no such replica".to_string(),
+        Response::Invalid(message) | Response::Io(message) => message.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// What an accepted Open found: the volume's size, the epoch now stored, and the epoch it
+/// replaced if it raised it.
+struct Accepted {
+    size: u64,
+    epoch: u64,
+    fenced: Option<u64>,
+}
+
+/// The epoch rules, under the replica's write lock: refuse a lower epoch, persist a higher
+/// one before accepting it, accept an equal one.
+fn accept(
+    mut state: tokio::sync::OwnedRwLockWriteGuard<ReplicaState>,
+    disk: &Path,
+    open: &Open,
+) -> Result<Accepted, Response> {
+    let id = &open.replica_id;
+    // The metadata on disk is the truth; it is read again at every Open.
+    let found = replica::open(disk, id).map_err(|e| replica_error(&e))?;
+    let Some(dir) = found else {
+        return Err(Response::NotFound);
+    };
+    if dir.volume_id != open.volume_id {
+        return Err(Response::Invalid(format!(
+            "replica {id:?} holds volume {:?}, not {:?}",
+            dir.volume_id, open.volume_id
+        )));
+    }
+    let current = dir.epoch.max(state.epoch);
+    if open.epoch < current {
+        return Err(Response::StaleEpoch { current });
+    }
+    let fenced = if open.epoch > dir.epoch {
+        replica::set_epoch(disk, id, open.epoch).map_err(|e| match e {
+            ReplicaError::EpochLowered { current, .. } => Response::StaleEpoch { current },
+            other => replica_error(&other),
+        })?;
+        Some(current)
+    } else {
+        None
+    };
+    if state.file.is_none() || state.created_ms != dir.created_ms {
+        let path = dir.data_path();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Response::Io(format!("cannot open {}: {e}", path.display())))?;
+        state.file = Some(Arc::new(file));
+        state.created_ms = dir.created_ms;
+    }
+    state.epoch = open.epoch;
+    state.size = dir.size;
+    Ok(Accepted {
+        size: dir.size,
+        epoch: open.epoch,
+        fenced,
+    })
+}
+
+fn replica_error(e: &ReplicaError) -> Response {
+    match e {
+        ReplicaError::InvalidId { .. } => Response::Invalid(e.to_string()),
+        ReplicaError::NotFound { .. } => Response::NotFound,
+        _ => Response::Io(e.to_string()),
+    }
+}
+
+/// The served replica `replica_id`: the one sessions share already, or the one found on the
+/// server's disks. None if no disk has it.
+async fn find_replica(
+    shared: &Arc<Shared>,
+    replica_id: &str,
+) -> Result<Option<Arc<ServedReplica>>, Response> {
+    if let Some(replica) = shared.served(replica_id) {
+        return Ok(Some(replica));
+    }
+    let disks = shared.disks.clone();
+    let id = replica_id.to_string();
+    let found = tokio::task::spawn_blocking(move || {
+        let mut failure = None;
+        for disk in disks {
+            match replica::open(&disk, &id) {
+                Ok(Some(_)) => return Ok(Some(disk)),
+                Ok(None) => {}
+                Err(e @ ReplicaError::InvalidId { .. }) => return Err(replica_error(&e)),
+                Err(e) => failure = Some(replica_error(&e)),
+            }
+        }
+        match failure {
+            Some(response) => Err(response),
+            None => Ok(None),
+        }
+    })
+    .await
+    .map_err(|e| Response::Io(format!("the lookup task failed: {e}")))??;
+    Ok(found.map(|disk| shared.serve(replica_id, disk)))
+}
+
+impl Shared {
+    fn served(&self, replica_id: &str) -> Option<Arc<ServedReplica>> {
+        let replicas = self.replicas.lock().unwrap_or_else(PoisonError::into_inner);
+        replicas.get(replica_id).and_then(Weak::upgrade)
+    }
+
+    /// The served replica `replica_id`, made (on `disk`) unless a session made it meanwhile.
+    fn serve(&self, replica_id: &str, disk: PathBuf) -> Arc<ServedReplica> {
+        let mut replicas = self.replicas.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(replica) = replicas.get(replica_id).and_then(Weak::upgrade) {
+            return replica;
+        }
+        replicas.retain(|_, replica| replica.strong_count() > 0);
+        let replica = Arc::new(ServedReplica {
+            id: replica_id.to_string(),
+            disk,
+            state: Arc::new(RwLock::new(ReplicaState::default())),
+        });
+        replicas.insert(replica_id.to_string(), Arc::downgrade(&replica));
+        replica
+    }
+}
+
+/// Runs one request of a session with epoch `epoch`: checks the epoch and does the I/O
+/// under the replica's read lock, held until the I/O is over.
+async fn execute(replica: Arc<ServedReplica>, epoch: u64, request: Request) -> Response {
+    let state = Arc::clone(&replica.state).read_owned().await;
+    if state.epoch > epoch {
+        return Response::Fenced {
+            current: state.epoch,
+        };
+    }
+    let id = replica.id.clone();
+    // The lock moves into the blocking task: it is released when the I/O is over, even if
+    // the session is dropped meanwhile.
+    match tokio::task::spawn_blocking(move || do_io(&state, request)).await {
+        Ok(response) => response,
+        Err(e) => Response::Io(format!("replica {id:?}: the I/O task failed: {e}")),
+    }
+}
+
+/// The disk I/O of one request.
+fn do_io(state: &OwnedRwLockReadGuard<ReplicaState>, request: Request) -> Response {
+    let Some(file) = &state.file else {
+        return Response::Io("the replica's data file is not open".to_string());
+    };
+    let size = state.size;
+    let result = match request {
+        Request::Read { offset, len } => {
+            if let Err(refusal) = check_range("read", offset, u64::from(len), size) {
+                return refusal;
+            }
+            let mut data = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+            file.read_exact_at(&mut data, offset)
+                .map(|()| Response::Data(Bytes::from(data)))
+        }
+        Request::Write { offset, fua, data } => {
+            let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
+            if let Err(refusal) = check_range("write", offset, len, size) {
+                return refusal;
+            }
+            file.write_all_at(&data, offset)
+                .and_then(|()| if fua { file.sync_data() } else { Ok(()) })
+                .map(|()| Response::Done)
+        }
+        Request::Flush => file.sync_data().map(|()| Response::Done),
+        Request::Trim { offset, len } => {
+            if let Err(refusal) = check_range("trim", offset, u64::from(len), size) {
+                return refusal;
+            }
+            punch_hole(file, offset, len).map(|()| Response::Done)
+        }
+        Request::Open(_) => return Response::Invalid("the session is open already".to_string()),
+    };
+    result.unwrap_or_else(|e| Response::Io(e.to_string()))
+}
+
+fn check_range(what: &str, offset: u64, len: u64, size: u64) -> Result<(), Response> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Response::Invalid(format!(
+            "{what} of {len} bytes at offset {offset} goes beyond the end of the volume \
+             ({size} bytes)"
+        ))),
+    }
+}
+
+/// Discards a range: a hole punched in the data file, or zeros written where the filesystem
+/// cannot punch holes.
+fn punch_hole(file: &File, offset: u64, len: u32) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let too_far = || io::Error::new(io::ErrorKind::InvalidInput, "offset out of range");
+    let start = i64::try_from(offset).map_err(|_| too_far())?;
+    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    match nix::fcntl::fallocate(file, flags, start, i64::from(len)) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP) => {
+            let zeros = vec![0u8; ZERO_CHUNK.min(usize::try_from(len).unwrap_or(ZERO_CHUNK))];
+            let end = offset.checked_add(u64::from(len)).ok_or_else(too_far)?;
+            let mut at = offset;
+            while at < end {
+                let n = usize::try_from(end - at).map_or(zeros.len(), |n| n.min(zeros.len()));
+                let chunk = zeros.get(..n).ok_or_else(too_far)?;
+                file.write_all_at(chunk, at)?;
+                at = at.checked_add(n as u64).ok_or_else(too_far)?;
+            }
+            Ok(())
+        }
+        Err(errno) => Err(io::Error::from(errno)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"a cluster secret of 32 bytes....";
+
+    fn shared(disk: &Path) -> Arc<Shared> {
+        Arc::new(Shared {
+            disks: vec![disk.to_path_buf()],
+            secret: SECRET.to_vec(),
+            replicas: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn open(epoch: u64) -> Open {
+        Open {
+            volume_id: "vol".into(),
+            replica_id: "r1".into(),
+            epoch,
+            token: token::attachment_token(SECRET, "vol", epoch),
+        }
+    }
+
+    fn peer() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9))
+    }
+
+    /// The fencing discipline without the network: a newer Open waits for the I/O in flight
+    /// (here, a held read lock stands for a slow write), and then every request of the older
+    /// session is refused.
+    #[tokio::test]
+    async fn a_newer_open_waits_for_io_in_flight_then_fences() {
+        let disk = tempfile::tempdir().unwrap();
+        replica::create(disk.path(), "r1", "vol", 1 << 20).unwrap();
+        let shared = shared(disk.path());
+        let (old, opened) = open_replica(&shared, &open(1), peer()).await.unwrap();
+        assert_eq!(
+            opened,
+            Response::Opened {
+                size: 1 << 20,
+                epoch: 1
+            }
+        );
+        let write = |data: &'static [u8]| Request::Write {
+            offset: 0,
+            fua: false,
+            data: Bytes::from_static(data),
+        };
+        let response = execute(Arc::clone(&old.replica), old.epoch, write(b"old")).await;
+        assert_eq!(response, Response::Done);
+
+        let in_flight = Arc::clone(&old.replica.state).read_owned().await;
+        let newer = {
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move { open_replica(&shared, &open(2), peer()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!newer.is_finished(), "the newer Open did not wait");
+        assert_eq!(replica::open(disk.path(), "r1").unwrap().unwrap().epoch, 1);
+        drop(in_flight);
+        let (new, _) = newer.await.unwrap().unwrap();
+        assert!(Arc::ptr_eq(&new.replica, &old.replica));
+        assert_eq!(replica::open(disk.path(), "r1").unwrap().unwrap().epoch, 2);
+
+        for request in [
+            write(b"OLD"),
+            Request::Read { offset: 0, len: 3 },
+            Request::Flush,
+            Request::Trim { offset: 0, len: 3 },
+        ] {
+            let response = execute(Arc::clone(&old.replica), old.epoch, request).await;
+            assert_eq!(response, Response::Fenced { current: 2 });
+        }
+        let response = execute(
+            Arc::clone(&new.replica),
+            new.epoch,
+            Request::Read { offset: 0, len: 3 },
+        )
+        .await;
+        assert_eq!(response, Response::Data(Bytes::from_static(b"old")));
+        // A later Open of the old epoch is refused; the same epoch is accepted again.
+        let refused = open_replica(&shared, &open(1), peer()).await.err();
+        assert_eq!(refused, Some(Response::StaleEpoch { current: 2 }));
+        assert!(open_replica(&shared, &open(2), peer()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_recreated_replica_is_served_from_its_new_file() {
+        let disk = tempfile::tempdir().unwrap();
+        replica::create(disk.path(), "r1", "vol", 1 << 20).unwrap();
+        let shared = shared(disk.path());
+        let (session, _) = open_replica(&shared, &open(1), peer()).await.unwrap();
+        let write = Request::Write {
+            offset: 0,
+            fua: true,
+            data: Bytes::from_static(b"first"),
+        };
+        assert_eq!(
+            execute(Arc::clone(&session.replica), 1, write).await,
+            Response::Done
+        );
+        replica::delete(disk.path(), "r1").unwrap();
+        replica::create(disk.path(), "r1", "vol", 2 << 20).unwrap();
+        // The served replica is still alive (the session holds it): the next Open sees the
+        // new incarnation, at epoch 0 on disk, but the epoch in memory is not forgotten.
+        let refused = open_replica(&shared, &open(0), peer()).await.err();
+        assert_eq!(refused, Some(Response::StaleEpoch { current: 1 }));
+        let (again, opened) = open_replica(&shared, &open(1), peer()).await.unwrap();
+        assert_eq!(
+            opened,
+            Response::Opened {
+                size: 2 << 20,
+                epoch: 1
+            }
+        );
+        let read = Request::Read { offset: 0, len: 5 };
+        let response = execute(Arc::clone(&again.replica), 1, read).await;
+        assert_eq!(response, Response::Data(Bytes::from(vec![0; 5])));
+    }
+
+    /// A connection that never opens its session is closed after [`OPEN_TIMEOUT`].
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_open_is_closed() {
+        let disk = tempfile::tempdir().unwrap();
+        let server = ReplicaServer::bind(
+            "127.0.0.1:0",
+            vec![disk.path().to_path_buf()],
+            SECRET.to_vec(),
+        )
+        .await
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let serving = tokio::spawn(server.serve(std::future::pending()));
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        // Half a frame, then nothing.
+        stream.write_all(b"\x00\x00").await.unwrap();
+        let started = tokio::time::Instant::now();
+        let mut rest = vec![];
+        assert_eq!(stream.read_to_end(&mut rest).await.unwrap(), 0);
+        assert!(started.elapsed() >= OPEN_TIMEOUT);
+        serving.abort();
+    }
+
+    #[test]
+    fn ranges_are_checked_without_overflow() {
+        assert!(check_range("read", 0, 10, 10).is_ok());
+        assert!(check_range("read", 10, 0, 10).is_ok());
+        assert!(check_range("read", 10, 1, 10).is_err());
+        assert!(check_range("read", u64::MAX, 1, u64::MAX).is_err());
+        assert!(check_range("read", u64::MAX, 0, u64::MAX).is_ok());
+    }
+}

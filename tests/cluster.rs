@@ -1,0 +1,672 @@
+//! Cluster mode end to end on loopback: the real `palisade controller`, three real
+//! `palisade node` processes (each with its own disk, sockets and ports) and `palisade ctl`,
+//! driven over the controller's CSI socket and checked through `ctl --json` and on disk.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use palisade::csi::v1 as pb;
+use palisade::replica::{DATA_FILE, REPLICAS_DIR};
+use pb::controller_client::ControllerClient;
+use pb::identity_client::IdentityClient;
+use pb::node_client::NodeClient;
+use serde_json::Value;
+use tonic::transport::Channel;
+
+const MIB: u64 = 1 << 20;
+/// The controller's heartbeat timeout in these tests (nodes heartbeat every second).
+const HEARTBEAT_TIMEOUT_S: u64 = 3;
+
+/// A free loopback port: bound once, then released for the process to bind.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+fn log_level() -> String {
+    std::env::var("PALISADE_TEST_LOG").unwrap_or_else(|_| "warn".into())
+}
+
+/// One node process, where it keeps things, and how it was started.
+struct NodeProc {
+    id: String,
+    disk: PathBuf,
+    socket: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+/// A controller and its nodes, killed on drop.
+struct Cluster {
+    dir: tempfile::TempDir,
+    api: String,
+    controller_socket: PathBuf,
+    controller_args: Vec<String>,
+    controller: Option<Child>,
+    nodes: Vec<NodeProc>,
+}
+
+fn spawn(args: &[String]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(args)
+        .env("RUST_LOG", log_level())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn palisade")
+}
+
+impl Cluster {
+    async fn start(node_count: usize) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("palisade-cluster-")
+            .tempdir()
+            .expect("tempdir");
+        let api = format!("127.0.0.1:{}", free_port());
+        let controller_socket = dir.path().join("controller/csi.sock");
+        let controller_args: Vec<String> = vec![
+            "controller".into(),
+            "--listen".into(),
+            api.clone(),
+            "--endpoint".into(),
+            format!("unix://{}", controller_socket.display()),
+            "--state-dir".into(),
+            dir.path().join("controller").display().to_string(),
+            "--heartbeat-timeout-seconds".into(),
+            HEARTBEAT_TIMEOUT_S.to_string(),
+            "--agent-timeout-seconds".into(),
+            "5".into(),
+        ];
+        let mut cluster = Cluster {
+            controller: Some(spawn(&controller_args)),
+            controller_args,
+            dir,
+            api: format!("http://{api}"),
+            controller_socket,
+            nodes: Vec::new(),
+        };
+        cluster
+            .wait_for_csi(&cluster.controller_socket.clone())
+            .await;
+        for i in 1..=node_count {
+            let id = format!("n{i}");
+            let home = cluster.dir.path().join(&id);
+            let (disk, socket) = (home.join("disk"), home.join("csi.sock"));
+            let args: Vec<String> = vec![
+                "node".into(),
+                "--controller".into(),
+                cluster.api.clone(),
+                "--node-id".into(),
+                id.clone(),
+                "--endpoint".into(),
+                format!("unix://{}", socket.display()),
+                "--state-dir".into(),
+                home.display().to_string(),
+                "--disk".into(),
+                disk.display().to_string(),
+                "--replica-listen".into(),
+                format!("127.0.0.1:{}", free_port()),
+                "--agent-listen".into(),
+                format!("127.0.0.1:{}", free_port()),
+                "--heartbeat-seconds".into(),
+                "1".into(),
+            ];
+            cluster.nodes.push(NodeProc {
+                id,
+                disk,
+                socket: socket.clone(),
+                child: Some(spawn(&args)),
+                args,
+            });
+            cluster.wait_for_csi(&socket).await;
+        }
+        cluster
+    }
+
+    /// Starts a killed node again with the same arguments.
+    async fn restart_node(&mut self, id: &str) {
+        self.kill9(id);
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .expect("a node of the cluster");
+        node.child = Some(spawn(&node.args));
+        let socket = node.socket.clone();
+        self.wait_for_csi(&socket).await;
+    }
+
+    /// kill -9 of the controller, then the same controller again on the same state.
+    async fn restart_controller(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.controller = Some(spawn(&self.controller_args));
+        let socket = self.controller_socket.clone();
+        self.wait_for_csi(&socket).await;
+    }
+
+    /// Waits until the CSI socket answers Probe with ready.
+    async fn wait_for_csi(&mut self, socket: &Path) -> Channel {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(channel) = palisade::csi_server::connect(socket).await {
+                let mut id = IdentityClient::new(channel.clone());
+                if let Ok(r) = id.probe(pb::ProbeRequest {}).await {
+                    if r.into_inner().ready == Some(true) {
+                        return channel;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline && self.all_running(),
+                "{socket:?} did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn all_running(&mut self) -> bool {
+        let running =
+            |c: &mut Option<Child>| c.as_mut().is_none_or(|c| matches!(c.try_wait(), Ok(None)));
+        running(&mut self.controller) && self.nodes.iter_mut().all(|n| running(&mut n.child))
+    }
+
+    fn node(&self, id: &str) -> &NodeProc {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .expect("a node of the cluster")
+    }
+
+    /// Runs `palisade ctl --controller <api> ARGS`.
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_palisade"))
+            .arg("ctl")
+            .args(["--controller", &self.api])
+            .args(args)
+            .output()
+            .expect("run palisade ctl")
+    }
+
+    /// Runs ctl, which must succeed, and returns its standard output.
+    #[track_caller]
+    fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "ctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// Runs ctl with `--json` and parses what it prints.
+    #[track_caller]
+    fn ctl_json(&self, args: &[&str]) -> Value {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let text = self.ctl_ok(&args);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("ctl {args:?}: {e}: {text}"))
+    }
+
+    /// Polls `ctl nodes --json` until `ok` holds for the node list.
+    async fn wait_nodes(&self, what: &str, ok: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(HEARTBEAT_TIMEOUT_S + 20);
+        loop {
+            let nodes = self.ctl_json(&["nodes"]);
+            let list = nodes.as_array().expect("a node list").clone();
+            if ok(&list) {
+                return list;
+            }
+            assert!(Instant::now() < deadline, "never saw {what}: {nodes:#}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// SIGKILL: the node gets no chance to say goodbye.
+    fn kill9(&mut self, id: &str) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .expect("a node of the cluster");
+        if let Some(mut c) = node.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    async fn controller_client(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(
+            palisade::csi_server::connect(&self.controller_socket)
+                .await
+                .expect("connect to the controller's CSI socket"),
+        )
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self
+            .nodes
+            .iter_mut()
+            .filter_map(|n| n.child.as_mut())
+            .chain(self.controller.as_mut())
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn up(node: &Value) -> bool {
+    node["up"] == Value::Bool(true) && node["health"] == "up"
+}
+
+fn block_cap() -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_type: Some(pb::volume_capability::AccessType::Block(
+            pb::volume_capability::BlockVolume {},
+        )),
+        access_mode: Some(pb::volume_capability::AccessMode {
+            mode: pb::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+fn create_request(name: &str, bytes: u64, replicas: &str) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        name: name.to_string(),
+        capacity_range: Some(pb::CapacityRange {
+            required_bytes: bytes as i64,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![block_cap()],
+        parameters: [("numberOfReplicas".to_string(), replicas.to_string())].into(),
+        ..Default::default()
+    }
+}
+
+/// The replica directories on a disk, with the size of each one's data file.
+fn replicas_on(disk: &Path) -> Vec<(String, u64)> {
+    let Ok(entries) = std::fs::read_dir(disk.join(REPLICAS_DIR)) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(String, u64)> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .map(|e| {
+            let size = std::fs::metadata(e.path().join(DATA_FILE)).map_or(0, |m| m.len());
+            (e.file_name().to_string_lossy().into_owned(), size)
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+fn replica_nodes(volume: &Value) -> BTreeSet<String> {
+    volume["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .map(|r| r["node_id"].as_str().expect("node_id").to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_place_replicas_survive_a_dead_node_and_obey_ctl() {
+    let mut cluster = Cluster::start(3).await;
+    let all = ["n1", "n2", "n3"];
+
+    // Every node registers, heartbeats and is up; its replica server accepts connections.
+    let nodes = cluster
+        .wait_nodes("3 nodes up", |n| n.len() == 3 && n.iter().all(up))
+        .await;
+    for n in &nodes {
+        assert_eq!(n["disks"].as_array().map(Vec::len), Some(1), "{n:#}");
+        assert!(n["storage_maximum"].as_u64() > Some(0), "{n:#}");
+        let replica_address = n["replica_address"].as_str().expect("replica address");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(replica_address)
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "replica server of {} at {replica_address} never listened",
+                n["id"]
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let table = cluster.ctl_ok(&["nodes"]);
+    assert!(table.starts_with("ID"), "{table}");
+    assert_eq!(
+        table.lines().filter(|l| l.contains(" up (")).count(),
+        3,
+        "{table}"
+    );
+
+    // Each node's CSI socket serves Identity (no controller service) and Node.
+    let node_channel = palisade::csi_server::connect(&cluster.node("n2").socket)
+        .await
+        .expect("connect to n2");
+    let info = NodeClient::new(node_channel.clone())
+        .node_get_info(pb::NodeGetInfoRequest {})
+        .await
+        .expect("node_get_info")
+        .into_inner();
+    assert_eq!(info.node_id, "n2");
+    let caps = IdentityClient::new(node_channel)
+        .get_plugin_capabilities(pb::GetPluginCapabilitiesRequest {})
+        .await
+        .expect("get_plugin_capabilities")
+        .into_inner();
+    assert!(!format!("{caps:?}").contains("ControllerService") && !caps.capabilities.is_empty());
+
+    // The nodes' disks are directories on the host's filesystem, whose free space is not
+    // ours to know: the actual-space check must not depend on it.
+    cluster.ctl_ok(&[
+        "settings",
+        "set",
+        "storage-minimal-available-percentage",
+        "0",
+    ]);
+
+    // A 3-replica volume: one replica on each node, each a data file of the volume's size.
+    let mut csi = cluster.controller_client().await;
+    let size = 16 * MIB;
+    csi.create_volume(create_request("v-three", size, "3"))
+        .await
+        .expect("create_volume v-three");
+    let v = cluster.ctl_json(&["volume", "v-three"]);
+    assert_eq!(v["state"], "ready", "{v:#}");
+    assert_eq!(v["size"].as_u64(), Some(size));
+    assert_eq!(replica_nodes(&v), all.map(String::from).into(), "{v:#}");
+    assert!(v["degraded_reason"].is_null(), "{v:#}");
+    for r in v["replicas"].as_array().expect("replicas") {
+        assert_eq!(r["state"], "ready", "{r:#}");
+        assert_eq!(r["node_up"], true, "{r:#}");
+    }
+    for id in all {
+        let found = replicas_on(&cluster.node(id).disk);
+        assert_eq!(found.len(), 1, "{id}: {found:?}");
+        assert!(found[0].0.starts_with("v-three-r-"), "{id}: {found:?}");
+        assert_eq!(found[0].1, size, "{id}: {found:?}");
+    }
+    let listed = cluster.ctl_ok(&["volumes"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("v-three") && l.contains("n1:ready")),
+        "{listed}"
+    );
+    let scheduled = cluster.ctl_json(&["nodes"]);
+    for n in scheduled.as_array().expect("nodes") {
+        assert_eq!(n["storage_scheduled"].as_u64(), Some(size), "{n:#}");
+    }
+
+    // DeleteVolume removes all three.
+    csi.delete_volume(pb::DeleteVolumeRequest {
+        volume_id: "v-three".into(),
+        secrets: Default::default(),
+    })
+    .await
+    .expect("delete_volume v-three");
+    assert_eq!(cluster.ctl_json(&["volumes"]), serde_json::json!([]));
+    for id in all {
+        assert_eq!(replicas_on(&cluster.node(id).disk), vec![], "{id}");
+    }
+
+    // Settings: a round trip, and a bad value refused naming the setting.
+    assert_eq!(
+        cluster
+            .ctl_ok(&["settings", "set", "default-replica-count", "2"])
+            .trim(),
+        "default-replica-count = 2"
+    );
+    assert_eq!(
+        cluster
+            .ctl_ok(&["settings", "get", "default-replica-count"])
+            .trim(),
+        "2"
+    );
+    let refused = cluster.ctl(&["settings", "set", "default-replica-count", "21"]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("default-replica-count") && why.contains("InvalidArgument"),
+        "{why}"
+    );
+    let refused = cluster.ctl(&["settings", "set", "no-such-setting", "1"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no-such-setting"));
+    let got = cluster.ctl_json(&["settings", "get", "default-replica-count"]);
+    assert_eq!(got["value"], "2", "a refused value must change nothing");
+    let listed = cluster.ctl_json(&["settings"]);
+    assert!(
+        listed
+            .as_array()
+            .expect("settings")
+            .iter()
+            .any(|s| s["name"] == "volume-attachment-recovery-policy" && s["value"] == "wait"),
+        "{listed:#}"
+    );
+    cluster.ctl_ok(&["settings", "set", "default-replica-count", "3"]);
+
+    // kill -9 a node: it is down once its heartbeat has expired; the others stay up.
+    let killed_at = Instant::now();
+    cluster.kill9("n3");
+    cluster
+        .wait_nodes("n3 down, n1 and n2 up", |n| {
+            n.iter().all(|n| up(n) == (n["id"] != "n3"))
+        })
+        .await;
+    let down_after = killed_at.elapsed();
+    assert!(
+        down_after >= Duration::from_secs(HEARTBEAT_TIMEOUT_S - 1),
+        "n3 went down after {down_after:?}, before its heartbeat could expire"
+    );
+    let table = cluster.ctl_ok(&["nodes"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("n3") && l.contains("down (")),
+        "{table}"
+    );
+
+    // A 3-replica volume while a node is down: degraded, 2 replicas, the reason stated.
+    csi.create_volume(create_request("v-degraded", size, "3"))
+        .await
+        .expect("create_volume v-degraded");
+    let v = cluster.ctl_json(&["volume", "v-degraded"]);
+    assert_eq!(v["state"], "ready", "{v:#}");
+    assert_eq!(
+        replica_nodes(&v),
+        ["n1", "n2"].map(String::from).into(),
+        "{v:#}"
+    );
+    let reason = v["degraded_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("only 2 of the 3") && reason.contains("not ready"),
+        "the reason should count the replicas and say a node is not ready: {v:#}"
+    );
+    let status = csi
+        .controller_get_volume(pb::ControllerGetVolumeRequest {
+            volume_id: "v-degraded".into(),
+        })
+        .await
+        .expect("controller_get_volume")
+        .into_inner()
+        .status
+        .expect("status");
+    let condition = status.volume_condition.expect("volume condition");
+    assert!(condition.abnormal, "{condition:?}");
+    assert!(condition.message.contains(reason), "{condition:?}");
+    assert_eq!(replicas_on(&cluster.node("n1").disk).len(), 1);
+    assert_eq!(replicas_on(&cluster.node("n2").disk).len(), 1);
+    assert_eq!(replicas_on(&cluster.node("n3").disk), vec![]);
+    let listed = cluster.ctl_ok(&["volumes"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("v-degraded") && l.contains("2/3")),
+        "{listed}"
+    );
+
+    // ControllerPublish to a node that is up works, and ctl shows the attachment.
+    let publish = |node: &str| pb::ControllerPublishVolumeRequest {
+        volume_id: "v-degraded".into(),
+        node_id: node.to_string(),
+        volume_capability: Some(block_cap()),
+        readonly: false,
+        ..Default::default()
+    };
+    let published = csi
+        .controller_publish_volume(publish("n1"))
+        .await
+        .expect("controller_publish_volume to n1")
+        .into_inner();
+    assert_eq!(
+        published
+            .publish_context
+            .get("palisade.io/epoch")
+            .map(String::as_str),
+        Some("1")
+    );
+    let v = cluster.ctl_json(&["volume", "v-degraded"]);
+    assert_eq!(v["attachment"]["node_id"], "n1", "{v:#}");
+    assert_eq!(v["attachment"]["epoch"], 1, "{v:#}");
+    // n1 is up: another node cannot take the volume.
+    let err = csi
+        .controller_publish_volume(publish("n2"))
+        .await
+        .expect_err("publish to n2 while n1 holds the volume");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("n1"), "{err:?}");
+
+    // ctl volume detach --force clears the attachment; the epoch stays for fencing.
+    let refused = cluster.ctl(&["volume", "detach", "v-degraded"]);
+    assert!(!refused.status.success(), "detach without --force");
+    let detached = cluster.ctl_json(&["volume", "detach", "--force", "v-degraded"]);
+    assert_eq!(detached["released"]["node_id"], "n1", "{detached:#}");
+    let v = cluster.ctl_json(&["volume", "v-degraded"]);
+    assert!(v["attachment"].is_null(), "{v:#}");
+    assert_eq!(v["epoch"], 1, "{v:#}");
+    let status = csi
+        .controller_get_volume(pb::ControllerGetVolumeRequest {
+            volume_id: "v-degraded".into(),
+        })
+        .await
+        .expect("controller_get_volume")
+        .into_inner()
+        .status
+        .expect("status");
+    assert!(status.published_node_ids.is_empty(), "{status:?}");
+    let again = cluster.ctl_ok(&["volume", "detach", "--force", "v-degraded"]);
+    assert!(again.contains("was not attached"), "{again}");
+    // The next attachment gets a higher epoch.
+    let published = csi
+        .controller_publish_volume(publish("n2"))
+        .await
+        .expect("controller_publish_volume to n2")
+        .into_inner();
+    assert_eq!(
+        published
+            .publish_context
+            .get("palisade.io/epoch")
+            .map(String::as_str),
+        Some("2")
+    );
+    csi.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+        volume_id: "v-degraded".into(),
+        node_id: "n2".into(),
+        secrets: Default::default(),
+    })
+    .await
+    .expect("controller_unpublish_volume");
+
+    // A volume whose replicas are all on live nodes deletes cleanly.
+    csi.delete_volume(pb::DeleteVolumeRequest {
+        volume_id: "v-degraded".into(),
+        secrets: Default::default(),
+    })
+    .await
+    .expect("delete_volume v-degraded");
+    assert_eq!(replicas_on(&cluster.node("n1").disk), vec![]);
+    assert_eq!(replicas_on(&cluster.node("n2").disk), vec![]);
+
+    // An unknown volume is NOT_FOUND through ctl, with a clear message.
+    let missing = cluster.ctl(&["volume", "no-such-volume"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("does not exist"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_processes_pick_up_where_they_were() {
+    let mut cluster = Cluster::start(2).await;
+    cluster
+        .wait_nodes("2 nodes up", |n| n.len() == 2 && n.iter().all(up))
+        .await;
+    cluster.ctl_ok(&[
+        "settings",
+        "set",
+        "storage-minimal-available-percentage",
+        "0",
+    ]);
+    let secret_file = cluster.dir.path().join("controller/cluster.secret");
+    let secret = std::fs::read(&secret_file).expect("the cluster secret");
+    assert_eq!(secret.len(), 32);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&secret_file)
+        .expect("stat the secret")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let mut csi = cluster.controller_client().await;
+    csi.create_volume(create_request("v-kept", 8 * MIB, "2"))
+        .await
+        .expect("create_volume v-kept");
+
+    // The controller dies and comes back on the same state: same secret, same nodes (they
+    // keep heartbeating), same volumes, and it reaches the nodes' agents again.
+    cluster.restart_controller().await;
+    assert_eq!(std::fs::read(&secret_file).expect("the secret"), secret);
+    cluster
+        .wait_nodes("2 nodes up after the controller's restart", |n| {
+            n.len() == 2 && n.iter().all(up)
+        })
+        .await;
+    let v = cluster.ctl_json(&["volume", "v-kept"]);
+    assert_eq!(
+        replica_nodes(&v),
+        ["n1", "n2"].map(String::from).into(),
+        "{v:#}"
+    );
+
+    // A node dies and comes back with the same address: it registers again, and is still up
+    // once the last heartbeat of its previous life has long expired.
+    cluster.restart_node("n1").await;
+    tokio::time::sleep(Duration::from_secs(HEARTBEAT_TIMEOUT_S + 1)).await;
+    cluster
+        .wait_nodes("n1 up after its restart", |n| {
+            n.len() == 2 && n.iter().all(up)
+        })
+        .await;
+    let mut csi = cluster.controller_client().await;
+    csi.delete_volume(pb::DeleteVolumeRequest {
+        volume_id: "v-kept".into(),
+        secrets: Default::default(),
+    })
+    .await
+    .expect("delete_volume v-kept after the restarts");
+    for id in ["n1", "n2"] {
+        assert_eq!(replicas_on(&cluster.node(id).disk), vec![], "{id}");
+    }
+}
