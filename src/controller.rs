@@ -179,6 +179,14 @@ pub enum PublishError {
         pinned: String,
         node: String,
     },
+    #[error(
+        "volume {volume:?} cannot move away from down node {node:?}: {why}; nothing was moved"
+    )]
+    Unfenceable {
+        volume: String,
+        node: String,
+        why: String,
+    },
     #[error("node {node:?} already has {count} volumes attached, its maximum")]
     NodeFull { node: String, count: u64 },
     #[error("volume {0:?} is not ready (it is being created or deleted)")]
@@ -189,6 +197,31 @@ pub enum PublishError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnpublishError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("volume {volume:?} stays published on down node {node:?} until its members can be fenced: {why}")]
+    Unfenceable {
+        volume: String,
+        node: String,
+        why: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemberError {
+    #[error("volume {0:?} does not exist")]
+    VolumeNotFound(String),
+    #[error("replica {replica:?} is not a replica of volume {volume:?}")]
+    ReplicaNotFound { volume: String, replica: String },
+    #[error("volume {volume:?}: epoch {epoch} of node {node:?} is superseded ({current})")]
+    Superseded {
+        volume: String,
+        node: String,
+        epoch: u64,
+        current: String,
+    },
+    #[error("volume {volume:?}: replica {replica:?} is its last member; removing it would leave no copy of the data")]
+    LastMember { volume: String, replica: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -221,6 +254,8 @@ pub enum ListError {
 
 /// The published context handed to the node with ControllerPublish.
 pub const CONTEXT_EPOCH: &str = "palisade.io/epoch";
+/// The attachment token an engine opens its replica sessions with (cluster mode).
+pub const CONTEXT_TOKEN: &str = "palisade.io/token";
 
 /// One page of ListVolumes.
 #[derive(Debug)]
@@ -249,6 +284,18 @@ pub struct Controller {
     /// (the only writer of replicas), so that placement does not read every replica. None
     /// until first needed, and again after a store error left it unsure.
     scheduled: std::sync::Mutex<Option<ScheduledSpace>>,
+    /// The cluster secret that attachment tokens are derived from, and the way to fence
+    /// replicas; both unset in standalone, where no replica is served over the network.
+    fencing: Option<Fencing>,
+}
+
+/// What the controller fences with.
+#[derive(Clone)]
+pub struct Fencing {
+    pub secret: Arc<Vec<u8>>,
+    pub fencer: Arc<dyn crate::fence::Fencer>,
+    /// How long an engine's lease lasts without renewal.
+    pub lease_ms: u64,
 }
 
 impl Controller {
@@ -259,7 +306,87 @@ impl Controller {
             locks: KeyLocks::default(),
             config,
             scheduled: std::sync::Mutex::new(None),
+            fencing: None,
         }
+    }
+
+    /// Enables attachment tokens and fencing (cluster mode).
+    pub fn with_fencing(mut self, fencing: Fencing) -> Self {
+        self.fencing = Some(fencing);
+        self
+    }
+
+    /// The publish context for an attachment: its epoch and, in cluster mode, the token its
+    /// engine opens replica sessions with.
+    fn publish_context(&self, volume_id: &str, a: &Attachment) -> HashMap<String, String> {
+        let mut ctx = HashMap::from([(CONTEXT_EPOCH.to_string(), a.epoch.to_string())]);
+        if let Some(f) = &self.fencing {
+            ctx.insert(
+                CONTEXT_TOKEN.to_string(),
+                crate::token::attachment_token(&f.secret, volume_id, a.epoch),
+            );
+        }
+        ctx
+    }
+
+    /// Fences every member of a volume with `epoch`: each reachable one persists it (so the
+    /// sessions of older epochs are refused from then on); each unreachable one is marked
+    /// failed, so that it never serves as a member again without a rebuild. Returns how many
+    /// were fenced. Without fencing (standalone) there is nothing to fence.
+    async fn fence_members(&self, volume_id: &str, epoch: u64) -> Result<FenceOutcome, StoreError> {
+        let Some(fencing) = self.fencing.clone() else {
+            return Ok(FenceOutcome {
+                fenced: 0,
+                members: 0,
+                failures: vec![],
+            });
+        };
+        let token = crate::token::attachment_token(&fencing.secret, volume_id, epoch);
+        let nodes = self.list_nodes().await?;
+        let members: Vec<Versioned<Replica>> = self
+            .volume_replicas(volume_id)
+            .await?
+            .into_iter()
+            .filter(|r| r.value.state == ReplicaState::Ready)
+            .collect();
+        let attempts = members.iter().map(|r| {
+            let address = nodes
+                .iter()
+                .find(|n| n.id == r.value.node_id)
+                .map(|n| n.address.clone())
+                .unwrap_or_default();
+            let (fencer, token) = (fencing.fencer.clone(), token.clone());
+            let (volume, replica) = (volume_id.to_string(), r.value.id.clone());
+            async move {
+                if address.is_empty() {
+                    return Err("its node has no replica server address".to_string());
+                }
+                fencer
+                    .fence(&address, &volume, &replica, epoch, &token)
+                    .await
+            }
+        });
+        let results = futures::future::join_all(attempts).await;
+        let mut outcome = FenceOutcome {
+            fenced: 0,
+            members: members.len(),
+            failures: vec![],
+        };
+        for (replica, result) in members.iter().zip(results) {
+            match result {
+                Ok(()) => outcome.fenced += 1,
+                Err(why) => {
+                    warn!(volume = %volume_id, replica = %replica.value.id, epoch, error = %why, "could not fence a member: marking it failed");
+                    let mut failed = (*replica.value).clone();
+                    failed.state = ReplicaState::Failed;
+                    self.put_replica(failed, Some(replica)).await?;
+                    outcome
+                        .failures
+                        .push(format!("{}: {why}", replica.value.id));
+                }
+            }
+        }
+        Ok(outcome)
     }
 
     /// Applies `f` to the scheduled-space aggregate, if it is loaded.
@@ -405,15 +532,19 @@ impl Controller {
         let placement = self.place(&volume, &[], req, settings).await?;
         let mut volume = volume;
         volume.degraded_reason = placement.degraded_reason.clone();
-        // The volume is served from a local replica (strict-local always; every volume until
-        // the network engine lands), so it is reachable exactly from its replicas' nodes.
+        // In standalone a volume is served from a local replica, so it is reachable exactly
+        // from its replicas' nodes; so is a strict-local one anywhere. In a cluster the engine
+        // reaches its members over the network from any node.
         let mut replica_nodes: Vec<&String> = placement.replicas.iter().map(|(n, _)| n).collect();
         replica_nodes.sort();
         replica_nodes.dedup();
-        volume.accessible_topology = replica_nodes
-            .into_iter()
-            .map(|n| BTreeMap::from([(TOPOLOGY_NODE_KEY.to_string(), n.clone())]))
-            .collect();
+        let networked = self.fencing.is_some();
+        if !networked || volume.params.data_locality == DataLocality::StrictLocal {
+            volume.accessible_topology = replica_nodes
+                .into_iter()
+                .map(|n| BTreeMap::from([(TOPOLOGY_NODE_KEY.to_string(), n.clone())]))
+                .collect();
+        }
         let nodes = self.list_nodes().await?;
         for (n, (node_id, disk_id)) in placement.replicas.iter().enumerate() {
             let replica_id = format!("{id}-r-{n}");
@@ -732,7 +863,7 @@ impl Controller {
             self.config.termination_grace_ms,
         );
         let attachment = match decision {
-            PublishDecision::AlreadyPublished(a) => return Ok(publish_context(&a)),
+            PublishDecision::AlreadyPublished(a) => return Ok(self.publish_context(volume_id, &a)),
             PublishDecision::Attach(a) => {
                 self.check_node_room(node_id).await?;
                 a
@@ -740,7 +871,32 @@ impl Controller {
             PublishDecision::TakeOver { from, to } => {
                 warn!(volume = %volume_id, from = %from.node_id, to = %to.node_id, epoch = to.epoch, "taking over the attachment of a down node");
                 self.check_node_room(node_id).await?;
-                to
+                // Fence, then attach: the epoch is raised in the store first (epochs only
+                // grow, so this is harmless if the take-over stops here), then persisted on
+                // every reachable member, which refuses the old engine from then on.
+                let mut bumped = (**volume).clone();
+                bumped.epoch = to.epoch;
+                let version = self
+                    .store
+                    .volumes()
+                    .put(volume_id, bumped.clone(), Some(current.version))
+                    .await?;
+                let outcome = self.fence_members(volume_id, to.epoch).await?;
+                if self.fencing.is_some() && outcome.fenced == 0 {
+                    return Err(PublishError::Unfenceable {
+                        volume: volume_id.to_string(),
+                        node: from.node_id,
+                        why: outcome.describe(),
+                    });
+                }
+                info!(volume = %volume_id, epoch = to.epoch, fenced = outcome.fenced, of = outcome.members, "members fenced");
+                let mut updated = bumped;
+                updated.attachment = Some(to.clone());
+                self.store
+                    .volumes()
+                    .put(volume_id, updated, Some(version))
+                    .await?;
+                return Ok(self.publish_context(volume_id, &to));
             }
             PublishDecision::Incompatible(a) => {
                 return Err(PublishError::Incompatible {
@@ -781,7 +937,7 @@ impl Controller {
             .put(volume_id, updated, Some(current.version))
             .await?;
         info!(volume = %volume_id, node = %node_id, epoch = attachment.epoch, "volume published");
-        Ok(publish_context(&attachment))
+        Ok(self.publish_context(volume_id, &attachment))
     }
 
     async fn check_node_room(&self, node_id: &str) -> Result<(), PublishError> {
@@ -818,6 +974,27 @@ impl Controller {
                 return Ok(());
             }
             let mut updated = (*current.value).clone();
+            // A holder that is down may still have an engine writing: fence it first.
+            if let Some(a) = &current.value.attachment {
+                let holder = self.store.nodes().get(&a.node_id).await?.map(|n| n.value);
+                let down = matches!(
+                    self.health(holder.as_deref(), now_ms()),
+                    Health::Down { .. }
+                );
+                if down && self.fencing.is_some() {
+                    let epoch = current.value.epoch + 1;
+                    let outcome = self.fence_members(volume_id, epoch).await?;
+                    if outcome.fenced == 0 && outcome.members > 0 {
+                        return Err(UnpublishError::Unfenceable {
+                            volume: volume_id.to_string(),
+                            node: a.node_id.clone(),
+                            why: outcome.describe(),
+                        });
+                    }
+                    warn!(volume = %volume_id, node = %a.node_id, epoch, fenced = outcome.fenced, "unpublished from a down node after fencing");
+                    updated.epoch = epoch;
+                }
+            }
             updated.attachment = None;
             match self
                 .store
@@ -838,6 +1015,74 @@ impl Controller {
             key: volume_id.to_string(),
             expected: None,
         }))
+    }
+
+    /// An engine's report that a member failed: marks it failed, so that it is no longer a
+    /// member, provided the engine's attachment is still current (a fenced engine cannot
+    /// change membership). The engine acknowledges no write the member missed before this
+    /// returns.
+    pub async fn remove_member(
+        &self,
+        volume_id: &str,
+        replica_id: &str,
+        node_id: &str,
+        epoch: u64,
+        reason: &str,
+    ) -> Result<(), MemberError> {
+        let _guard = self.locks.lock(volume_id).await;
+        let volume = self
+            .store
+            .volumes()
+            .get(volume_id)
+            .await?
+            .ok_or_else(|| MemberError::VolumeNotFound(volume_id.to_string()))?;
+        check_attachment(&volume.value, node_id, epoch)?;
+        let replicas = self.volume_replicas(volume_id).await?;
+        let Some(replica) = replicas.iter().find(|r| r.value.id == replica_id) else {
+            return Err(MemberError::ReplicaNotFound {
+                volume: volume_id.to_string(),
+                replica: replica_id.to_string(),
+            });
+        };
+        if replica.value.state == ReplicaState::Failed {
+            return Ok(());
+        }
+        let others = replicas
+            .iter()
+            .filter(|r| r.value.id != replica_id && r.value.state == ReplicaState::Ready)
+            .count();
+        if others == 0 {
+            return Err(MemberError::LastMember {
+                volume: volume_id.to_string(),
+                replica: replica_id.to_string(),
+            });
+        }
+        let mut failed = (*replica.value).clone();
+        failed.state = ReplicaState::Failed;
+        self.put_replica(failed, Some(replica)).await?;
+        warn!(volume = %volume_id, replica = %replica_id, node = %node_id, epoch, reason, "member removed by its engine");
+        Ok(())
+    }
+
+    /// An engine's lease renewal: Ok with the lease length while its attachment is current.
+    pub async fn renew_lease(
+        &self,
+        volume_id: &str,
+        node_id: &str,
+        epoch: u64,
+    ) -> Result<u64, MemberError> {
+        let volume = self
+            .store
+            .volumes()
+            .get(volume_id)
+            .await?
+            .ok_or_else(|| MemberError::VolumeNotFound(volume_id.to_string()))?;
+        check_attachment(&volume.value, node_id, epoch)?;
+        Ok(self
+            .fencing
+            .as_ref()
+            .map(|f| f.lease_ms)
+            .unwrap_or(DEFAULT_LEASE_MS))
     }
 
     /// ListVolumes, in volume id order, paged by an opaque token.
@@ -1045,6 +1290,25 @@ fn node_in_segment(id: &str, zone: Option<&str>, segment: &HashMap<String, Strin
     })
 }
 
+/// How long an engine's lease lasts when the controller was not told otherwise.
+pub const DEFAULT_LEASE_MS: u64 = 15_000;
+
+/// Succeeds when `node` holds the volume's attachment at `epoch`.
+fn check_attachment(volume: &Volume, node: &str, epoch: u64) -> Result<(), MemberError> {
+    match &volume.attachment {
+        Some(a) if a.node_id == node && a.epoch == epoch => Ok(()),
+        other => Err(MemberError::Superseded {
+            volume: volume.id.clone(),
+            node: node.to_string(),
+            epoch,
+            current: match other {
+                Some(a) => format!("attached to {} at epoch {}", a.node_id, a.epoch),
+                None => format!("not attached; epoch {}", volume.epoch),
+            },
+        }),
+    }
+}
+
 /// The node a strict-local volume is pinned to.
 pub fn strict_local_node(volume: &Volume) -> Option<&str> {
     if volume.params.data_locality != DataLocality::StrictLocal {
@@ -1057,8 +1321,25 @@ pub fn strict_local_node(volume: &Volume) -> Option<&str> {
         .map(String::as_str)
 }
 
-fn publish_context(a: &Attachment) -> HashMap<String, String> {
-    HashMap::from([(CONTEXT_EPOCH.to_string(), a.epoch.to_string())])
+/// The result of fencing a volume's members.
+struct FenceOutcome {
+    fenced: usize,
+    members: usize,
+    failures: Vec<String>,
+}
+
+impl FenceOutcome {
+    fn describe(&self) -> String {
+        if self.members == 0 {
+            "the volume has no member replica left".to_string()
+        } else {
+            format!(
+                "none of its {} members could be fenced ({})",
+                self.members,
+                self.failures.join("; ")
+            )
+        }
+    }
 }
 
 /// Access modes Palisade can serve: one node at a time (the engine runs on one node).
@@ -1520,7 +1801,11 @@ mod tests {
             storage_minimal_available_percentage: 0,
             ..Settings::default()
         };
-        store.settings().put(SETTINGS_KEY, settings, None).await.unwrap();
+        store
+            .settings()
+            .put(SETTINGS_KEY, settings, None)
+            .await
+            .unwrap();
         let c = Controller::new(store, agent, ControllerConfig::default());
         c.heartbeat(Node {
             id: "n1".into(),

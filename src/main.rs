@@ -120,6 +120,10 @@ enum Command {
         /// Seconds between heartbeats.
         #[arg(long, default_value_t = 2)]
         heartbeat_seconds: u64,
+        /// Seconds an engine keeps serving without renewing its attachment lease with the
+        /// controller; then it stops serving I/O.
+        #[arg(long, default_value_t = 15)]
+        lease_seconds: u64,
     },
     /// The operator's view and levers: nodes, volumes, settings, force-detach.
     Ctl(palisade::ctl::CtlArgs),
@@ -232,9 +236,17 @@ fn main() -> ExitCode {
             node_tags,
             driver_name,
             heartbeat_seconds,
+            lease_seconds,
         } => {
             let heartbeat_interval = Duration::from_secs(heartbeat_seconds.max(1));
+            let lease = Duration::from_secs(lease_seconds.max(2));
+            let engine = palisade::engine::EngineConfig {
+                lease,
+                renew_interval: lease / 3,
+                ..Default::default()
+            };
             let cfg = NodeProcessConfig {
+                engine,
                 controller,
                 node_id: node_id.unwrap_or_else(host_name),
                 endpoint: endpoint_or_default(endpoint, &state_dir),

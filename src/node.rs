@@ -11,6 +11,7 @@ use crate::blockdev::{self, BlockError};
 use crate::locks::KeyLocks;
 use crate::model::{AccessMode, AccessType, Capability};
 use crate::mount::{self, MountError};
+use crate::node_engine::ClusterLink;
 use crate::replica::{self, ReplicaDir, ReplicaError};
 
 /// The node this process serves.
@@ -64,6 +65,8 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Engine(#[from] crate::node_engine::EngineLinkError),
     #[error("node task failed: {0}")]
     Task(String),
 }
@@ -83,6 +86,9 @@ pub struct VolumeStats {
 pub struct NodeService {
     config: NodeConfig,
     locks: KeyLocks,
+    /// Cluster mode: volumes are served by an engine over their member replicas.
+    /// Standalone: by a loop device over the local replica file.
+    cluster: Option<ClusterLink>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -106,6 +112,21 @@ impl NodeService {
         NodeService {
             config,
             locks: KeyLocks::default(),
+            cluster: None,
+        }
+    }
+
+    /// Serves volumes through engines over their members (cluster mode).
+    pub fn with_cluster(mut self, link: ClusterLink) -> Self {
+        self.cluster = Some(link);
+        self
+    }
+
+    /// The file the volume's loop device is (or would be) over.
+    async fn backing_file(&self, volume_id: &str) -> Result<PathBuf, NodeError> {
+        match &self.cluster {
+            Some(link) => Ok(link.backing_file(volume_id)),
+            None => Ok(self.local_replica(volume_id).await?.data_path()),
         }
     }
 
@@ -120,19 +141,27 @@ impl NodeService {
         staging: &Path,
         cap: &Capability,
         mkfs_params: Vec<String>,
+        publish_context: &std::collections::HashMap<String, String>,
     ) -> Result<(), NodeError> {
         let _g = self.locks.lock(volume_id).await;
-        let replica = self.local_replica(volume_id).await?;
+        let backing = match &self.cluster {
+            Some(link) => link.start(volume_id, publish_context).await?,
+            None => self.local_replica(volume_id).await?.data_path(),
+        };
         let (volume, staging, cap) = (volume_id.to_string(), staging.to_path_buf(), cap.clone());
-        blocking(move || stage_blocking(&volume, &replica, &staging, &cap, &mkfs_params)).await
+        blocking(move || stage_blocking(&volume, &backing, &staging, &cap, &mkfs_params)).await
     }
 
     /// NodeUnstageVolume: unmounts, detaches the device, removes the staging path.
     pub async fn unstage(&self, volume_id: &str, staging: &Path) -> Result<(), NodeError> {
         let _g = self.locks.lock(volume_id).await;
-        let replica = self.local_replica(volume_id).await.ok();
+        let backing = self.backing_file(volume_id).await.ok();
         let (volume, staging) = (volume_id.to_string(), staging.to_path_buf());
-        blocking(move || unstage_blocking(&volume, replica.as_ref(), &staging)).await
+        blocking(move || unstage_blocking(&volume, backing.as_deref(), &staging)).await?;
+        if let Some(link) = &self.cluster {
+            link.stop(volume_id).await;
+        }
+        Ok(())
     }
 
     /// NodePublishVolume: bind-mounts the staged volume at the target.
@@ -145,14 +174,14 @@ impl NodeService {
         readonly: bool,
     ) -> Result<(), NodeError> {
         let _g = self.locks.lock(volume_id).await;
-        let replica = self.local_replica(volume_id).await?;
+        let backing = self.backing_file(volume_id).await?;
         let (volume, staging, target, cap) = (
             volume_id.to_string(),
             staging.to_path_buf(),
             target.to_path_buf(),
             cap.clone(),
         );
-        blocking(move || publish_blocking(&volume, &replica, &staging, &target, &cap, readonly))
+        blocking(move || publish_blocking(&volume, &backing, &staging, &target, &cap, readonly))
             .await
     }
 
@@ -170,17 +199,18 @@ impl NodeService {
     /// NodeGetVolumeStats for a staged or published path.
     pub async fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats, NodeError> {
         let disks = self.config.disks.clone();
+        let engine_file = self.cluster.as_ref().map(|l| l.backing_file(volume_id));
         let (volume, path) = (volume_id.to_string(), path.to_path_buf());
-        blocking(move || stats_blocking(&volume, &disks, &path)).await
+        blocking(move || stats_blocking(&volume, &disks, engine_file.as_deref(), &path)).await
     }
 
     /// NodeExpandVolume: refreshes the device size and grows the filesystem mounted at
     /// `path` (if any). Returns the device's size.
     pub async fn expand(&self, volume_id: &str, path: &Path) -> Result<u64, NodeError> {
         let _g = self.locks.lock(volume_id).await;
-        let replica = self.local_replica(volume_id).await?;
+        let backing = self.backing_file(volume_id).await?;
         let (volume, path) = (volume_id.to_string(), path.to_path_buf());
-        blocking(move || expand_blocking(&volume, &replica, &path)).await
+        blocking(move || expand_blocking(&volume, &backing, &path)).await
     }
 
     /// The replica of `volume_id` on this node's disks (the lowest replica id when there
@@ -232,12 +262,12 @@ impl NodeService {
 
 fn stage_blocking(
     volume: &str,
-    replica: &ReplicaDir,
+    backing: &Path,
     staging: &Path,
     cap: &Capability,
     mkfs_params: &[String],
 ) -> Result<(), NodeError> {
-    let dev = blockdev::attach_loop(&replica.data_path())?;
+    let dev = blockdev::attach_loop(backing)?;
     let AccessType::Mount {
         fs_type,
         mount_flags,
@@ -373,14 +403,9 @@ fn is_replica_file_of(backing: &Path, volume: &str, disks: &[(String, PathBuf)])
         .any(|(_, d)| backing == replica::replica_dir(d, replica_id).join(replica::DATA_FILE))
 }
 
-fn unstage_blocking(
-    volume: &str,
-    replica: Option<&ReplicaDir>,
-    staging: &Path,
-) -> Result<(), NodeError> {
+fn unstage_blocking(volume: &str, backing: Option<&Path>, staging: &Path) -> Result<(), NodeError> {
     mount::unmount(staging)?;
-    if let Some(dev) = replica.and_then(|r| blockdev::find_loop_for(&r.data_path()).ok().flatten())
-    {
+    if let Some(dev) = backing.and_then(|b| blockdev::find_loop_for(b).ok().flatten()) {
         let users: Vec<PathBuf> = mount::read_mountinfo()?
             .into_iter()
             .filter(|m| Path::new(&m.source) == dev)
@@ -405,7 +430,7 @@ fn unstage_blocking(
 
 fn publish_blocking(
     volume: &str,
-    replica: &ReplicaDir,
+    backing: &Path,
     staging: &Path,
     target: &Path,
     cap: &Capability,
@@ -415,7 +440,7 @@ fn publish_blocking(
         volume: volume.to_string(),
         path: staging.to_path_buf(),
     };
-    let dev = blockdev::find_loop_for(&replica.data_path())?.ok_or_else(not_staged)?;
+    let dev = blockdev::find_loop_for(backing)?.ok_or_else(not_staged)?;
     let numbers = device_numbers(&dev)?;
     let (source, is_block) = match &cap.access_type {
         AccessType::Block => (dev.clone(), true),
@@ -497,6 +522,7 @@ fn publish_blocking(
 fn stats_blocking(
     volume: &str,
     disks: &[(String, PathBuf)],
+    engine_file: Option<&Path>,
     path: &Path,
 ) -> Result<VolumeStats, NodeError> {
     let not_here = || NodeError::NotMounted {
@@ -507,7 +533,7 @@ fn stats_blocking(
     // the mount and the replica file behind the loop device.
     let numbers = loop_behind(path)?.ok_or_else(not_here)?;
     let (backing, deleted) = loop_backing(numbers).ok_or_else(not_here)?;
-    if !is_replica_file_of(&backing, volume, disks) {
+    if !is_replica_file_of(&backing, volume, disks) && engine_file != Some(backing.as_path()) {
         return Err(not_here());
     }
     let abnormal = deleted.then(|| {
@@ -533,12 +559,12 @@ fn stats_blocking(
     })
 }
 
-fn expand_blocking(volume: &str, replica: &ReplicaDir, path: &Path) -> Result<u64, NodeError> {
+fn expand_blocking(volume: &str, backing: &Path, path: &Path) -> Result<u64, NodeError> {
     let not_here = || NodeError::NotMounted {
         volume: volume.to_string(),
         path: path.to_path_buf(),
     };
-    let dev = blockdev::find_loop_for(&replica.data_path())?.ok_or_else(not_here)?;
+    let dev = blockdev::find_loop_for(backing)?.ok_or_else(not_here)?;
     if loop_behind(path)? != Some(device_numbers(&dev)?) {
         return Err(not_here());
     }

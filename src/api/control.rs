@@ -312,6 +312,43 @@ impl ControlPlane for ControlPlaneService {
         }))
     }
 
+    async fn remove_member(
+        &self,
+        request: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
+        let r = request.into_inner();
+        for (value, field) in [
+            (&r.volume_id, "volume_id"),
+            (&r.replica_id, "replica_id"),
+            (&r.node_id, "node_id"),
+        ] {
+            if value.is_empty() {
+                return Err(Status::invalid_argument(format!("{field} is required")));
+            }
+        }
+        self.controller
+            .remove_member(&r.volume_id, &r.replica_id, &r.node_id, r.epoch, &r.reason)
+            .await?;
+        Ok(Response::new(pb::RemoveMemberResponse {}))
+    }
+
+    async fn renew_lease(
+        &self,
+        request: Request<pb::RenewLeaseRequest>,
+    ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
+        let r = request.into_inner();
+        if r.volume_id.is_empty() || r.node_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "volume_id and node_id are required",
+            ));
+        }
+        let lease_ms = self
+            .controller
+            .renew_lease(&r.volume_id, &r.node_id, r.epoch)
+            .await?;
+        Ok(Response::new(pb::RenewLeaseResponse { lease_ms }))
+    }
+
     #[instrument(skip_all, fields(volume = %request.get_ref().volume))]
     async fn force_detach(
         &self,

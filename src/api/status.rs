@@ -5,7 +5,7 @@
 use tonic::{Code, Status};
 
 use crate::agent::AgentError;
-use crate::controller::{ForceDetachError, RegisterError, SettingUpdateError};
+use crate::controller::{ForceDetachError, MemberError, RegisterError, SettingUpdateError};
 use crate::csi_server::status::status;
 use crate::settings::SettingError;
 
@@ -27,6 +27,20 @@ impl From<SettingUpdateError> for Status {
                 e @ (SettingError::UnknownSetting { .. } | SettingError::BadValue { .. }),
             ) => status(Code::InvalidArgument, &e),
             SettingUpdateError::Store(s) => Status::from(s),
+        }
+    }
+}
+
+impl From<MemberError> for Status {
+    fn from(e: MemberError) -> Status {
+        match e {
+            e @ (MemberError::VolumeNotFound(_) | MemberError::ReplicaNotFound { .. }) => {
+                status(Code::NotFound, &e)
+            }
+            e @ (MemberError::Superseded { .. } | MemberError::LastMember { .. }) => {
+                status(Code::FailedPrecondition, &e)
+            }
+            MemberError::Store(s) => Status::from(s),
         }
     }
 }

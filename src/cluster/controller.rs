@@ -16,11 +16,15 @@ use super::{create_state_dir, listen, ClusterError};
 use crate::api::agent::RemoteAgent;
 use crate::api::control::ControlPlaneService;
 use crate::api::v1::control_plane_server::ControlPlaneServer;
-use crate::controller::{Controller, ControllerConfig};
+use crate::controller::{Controller, ControllerConfig, Fencing, DEFAULT_LEASE_MS};
 use crate::csi::v1::{controller_server::ControllerServer, identity_server::IdentityServer};
 use crate::csi_server::{self, controller::ControllerService, identity};
+use crate::fence::ReplicaFencer;
 use crate::store::{embedded::EmbeddedStore, Store};
 use crate::token;
+
+/// How long fencing waits for one replica before counting it unreachable.
+const FENCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The file in the state directory that holds the cluster secret.
 pub const SECRET_FILE: &str = "cluster.secret";
@@ -54,14 +58,23 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
         &cfg.state_dir.join(SECRET_FILE),
     )?);
     let agent = Arc::new(RemoteAgent::new(store.clone(), cfg.agent_timeout));
-    let controller = Arc::new(Controller::new(
-        store.clone(),
-        agent,
-        ControllerConfig {
-            heartbeat_timeout_ms: millis(cfg.heartbeat_timeout),
-            termination_grace_ms: millis(cfg.termination_grace),
-        },
-    ));
+    let controller = Arc::new(
+        Controller::new(
+            store.clone(),
+            agent,
+            ControllerConfig {
+                heartbeat_timeout_ms: millis(cfg.heartbeat_timeout),
+                termination_grace_ms: millis(cfg.termination_grace),
+            },
+        )
+        .with_fencing(Fencing {
+            secret: secret.clone(),
+            fencer: Arc::new(ReplicaFencer {
+                timeout: FENCE_TIMEOUT,
+            }),
+            lease_ms: DEFAULT_LEASE_MS,
+        }),
+    );
 
     let api_listener = listen("control plane API", cfg.listen).await?;
     let api_address = api_listener

@@ -26,6 +26,7 @@ use crate::controller::MAX_VOLUMES_PER_NODE;
 use crate::csi::v1::{identity_server::IdentityServer, node_server::NodeServer};
 use crate::csi_server::{self, identity, node::NodeRpc};
 use crate::node::{NodeConfig, NodeService};
+use crate::node_engine::ClusterLink;
 use crate::replica_server::{ReplicaServer, ServerError};
 
 /// Everything `palisade node` needs.
@@ -51,6 +52,8 @@ pub struct NodeProcessConfig {
     pub heartbeat_interval: Duration,
     /// How long a call to the controller may take.
     pub controller_timeout: Duration,
+    /// The engines' tunables (lease length among them).
+    pub engine: crate::engine::EngineConfig,
 }
 
 /// The cluster secret as the controller last sent it (None until the first answer).
@@ -65,12 +68,27 @@ pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
         cfg.node_id.clone(),
         process::disk_dirs(&disks).into_iter().collect(),
     ));
-    let node = Arc::new(NodeService::new(NodeConfig {
-        node_id: cfg.node_id.clone(),
-        zone: cfg.zone.clone(),
-        disks: process::disk_dirs(&disks),
-        max_volumes: MAX_VOLUMES_PER_NODE,
-    }));
+    let controller =
+        crate::api::channel(&cfg.controller, cfg.controller_timeout).map_err(|source| {
+            ClusterError::ControllerAddress {
+                address: cfg.controller.clone(),
+                source,
+            }
+        })?;
+    let node = Arc::new(
+        NodeService::new(NodeConfig {
+            node_id: cfg.node_id.clone(),
+            zone: cfg.zone.clone(),
+            disks: process::disk_dirs(&disks),
+            max_volumes: MAX_VOLUMES_PER_NODE,
+        })
+        .with_cluster(ClusterLink::new(
+            ControlPlaneClient::new(controller.clone()),
+            cfg.node_id.clone(),
+            cfg.state_dir.clone(),
+            cfg.engine.clone(),
+        )),
+    );
     node.reconcile().await?;
 
     let agent_listener = listen("node agent API", cfg.agent_listen).await?;
@@ -88,13 +106,6 @@ pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
         cfg.advertise_host.as_deref(),
         "--replica-listen",
     )?);
-    let controller =
-        crate::api::channel(&cfg.controller, cfg.controller_timeout).map_err(|source| {
-            ClusterError::ControllerAddress {
-                address: cfg.controller.clone(),
-                source,
-            }
-        })?;
     let csi_listener = csi_server::bind_socket(&socket)?;
 
     let (secret_tx, secret_rx) = watch::channel::<Secret>(None);

@@ -11,6 +11,7 @@ use crate::csi::v1 as pb;
 use crate::csi::v1::node_server::Node;
 use crate::model::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
 use crate::node::{NodeError, NodeService};
+use crate::node_engine::EngineLinkError;
 
 pub struct NodeRpc {
     pub node: Arc<NodeService>,
@@ -27,6 +28,13 @@ fn node_status(e: NodeError) -> Status {
         NodeError::SingleWriter { .. } => Code::FailedPrecondition,
         NodeError::Replica(_) | NodeError::Block(_) | NodeError::Mount(_) => Code::Internal,
         NodeError::Io { .. } | NodeError::Task(_) => Code::Internal,
+        NodeError::Engine(e) => match e {
+            EngineLinkError::NotPublished { .. } => Code::FailedPrecondition,
+            EngineLinkError::Controller { .. } | EngineLinkError::NoMembers { .. } => {
+                Code::Unavailable
+            }
+            EngineLinkError::Start { .. } => Code::Internal,
+        },
     };
     super::status::status(code, &e)
 }
@@ -90,7 +98,13 @@ impl Node for NodeRpc {
         let cap = node_capability(id, req.volume_capability.as_ref(), &req.volume_context)?;
         convert::volume_id(id, "volume_id")?;
         self.node
-            .stage(id, staging, &cap, mkfs_params(&req.volume_context))
+            .stage(
+                id,
+                staging,
+                &cap,
+                mkfs_params(&req.volume_context),
+                &req.publish_context,
+            )
             .await
             .map_err(node_status)?;
         Ok(Response::new(pb::NodeStageVolumeResponse {}))

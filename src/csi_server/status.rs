@@ -82,7 +82,8 @@ impl From<PublishError> for Status {
             PublishError::Incompatible { .. } => Code::AlreadyExists,
             PublishError::HeldElsewhere { .. }
             | PublishError::HeldByDownNode { .. }
-            | PublishError::StrictLocal { .. } => Code::FailedPrecondition,
+            | PublishError::StrictLocal { .. }
+            | PublishError::Unfenceable { .. } => Code::FailedPrecondition,
             PublishError::NodeFull { .. } => Code::ResourceExhausted,
             PublishError::NotReady(_) => Code::Aborted,
             PublishError::Store(s) => store(s),
@@ -95,6 +96,8 @@ impl From<UnpublishError> for Status {
     fn from(e: UnpublishError) -> Status {
         let code = match &e {
             UnpublishError::Store(s) => store(s),
+            // The members may be reachable again later: a retry can succeed.
+            UnpublishError::Unfenceable { .. } => Code::Unavailable,
         };
         status(code, &e)
     }

@@ -1,0 +1,821 @@
+//! The engine: one per attached volume, on the attached node. It keeps the volume's member
+//! replicas identical and exports the volume as an NBD server on a unix socket
+//! ([`Engine::serve_unix`]); its I/O methods ([`Engine::read`], [`Engine::write`], …) serve
+//! other front ends too.
+//!
+//! The rules, which every other part of Palisade relies on:
+//!
+//! - **Every member holds every acknowledged write.** A write (trim, write-zeroes) goes to
+//!   every member in parallel and is acknowledged when each member that is still a member has
+//!   it. A member that fails (any error but `Fenced`) is removed from the volume's membership
+//!   through [`Membership::remove_member`] — persisted in the store — *before* the write is
+//!   acknowledged. If the removal fails the write is not acknowledged (EIO) and the member
+//!   stays; the next write that fails on it tries the removal again.
+//! - **The last member is never removed.** Members are removed only to acknowledge a write
+//!   that another member took; a write that no member took fails with EIO and changes
+//!   nothing, so membership never empties and the volume never loses its only copy of an
+//!   acknowledged write. (Removals are serialised, so two writes that failed on different
+//!   members cannot remove one member each and leave none.)
+//! - **Fenced means superseded.** A member that answers `Fenced` has seen a newer attachment:
+//!   the engine stops for good — every later request fails with EPERM and nothing more is
+//!   written anywhere.
+//! - **No lease, no I/O.** The engine holds an attachment lease of [`EngineConfig::lease`],
+//!   renewed through [`Membership::renew_lease`]. Once it lapses the engine stops for good,
+//!   like a fenced one (a new attachment brings a new engine).
+//! - **Overlapping mutations are serialised** in arrival order by byte-range locks, so every
+//!   member applies them in the same order; reads take no lock.
+//! - Reads go to a local member when there is one, else to the remote members in turn; a
+//!   member that fails a read is removed (as above, never the last) and the next is tried.
+//! - Flush reaches every member (each syncs its data to disk) and is acknowledged when all
+//!   have; FUA writes are FUA on every member.
+
+mod file_replica;
+mod range_lock;
+mod server;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::task::Poll;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::nbd;
+use crate::replica_io::{ReplicaIo, ReplicaIoError};
+
+pub use file_replica::{FileIo, FileReplica};
+use range_lock::{RangeLock, RangeLocks};
+
+/// The largest write of zeroes sent to members at once for a `NO_HOLE` write-zeroes.
+const ZERO_CHUNK: u32 = 1 << 20;
+
+/// One member replica, as the engine holds it.
+pub type Member = Arc<dyn ReplicaIo>;
+
+/// The engine's link to the attachment authority (the controller): it persists membership
+/// changes and renews the engine's attachment lease.
+#[async_trait]
+pub trait Membership: Send + Sync + 'static {
+    /// Removes `replica_id` from the volume's membership, durably (in the store, checked
+    /// against this engine's attachment epoch), with `reason` kept for operators. Returns Ok
+    /// only once the removal is persisted; removing a replica that is no longer a member is
+    /// Ok. The engine acknowledges writes the replica missed only after this returned Ok.
+    async fn remove_member(&self, replica_id: &str, reason: &str) -> Result<(), String>;
+
+    /// Renews this engine's attachment lease for [`EngineConfig::lease`] from the moment of
+    /// the call. Must fail once the attachment has moved on (a newer epoch exists).
+    async fn renew_lease(&self) -> Result<(), String>;
+}
+
+/// Tunables of an engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// How long a renewal keeps the lease; the engine stops serving when the lease lapses.
+    pub lease: Duration,
+    /// How often the lease is renewed (a few renewals fit in one lease).
+    pub renew_interval: Duration,
+    /// How long a call to [`Membership::remove_member`] may take before the I/O that
+    /// needed it fails.
+    pub membership_timeout: Duration,
+    /// Requests in flight per NBD connection before the engine stops reading from it.
+    pub max_in_flight_requests: usize,
+    /// Payload bytes (reads and writes) in flight per NBD connection.
+    pub max_in_flight_bytes: usize,
+    /// How long a client may take to finish the NBD handshake.
+    pub handshake_timeout: Duration,
+    /// How long a shutdown waits for in-flight requests before it drops the connections.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            lease: Duration::from_secs(15),
+            renew_interval: Duration::from_secs(5),
+            membership_timeout: Duration::from_secs(10),
+            max_in_flight_requests: 128,
+            max_in_flight_bytes: 64 << 20,
+            handshake_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Whether the engine serves I/O. Once it stops, it never serves again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineState {
+    /// Serving I/O.
+    Serving,
+    /// A member reported a newer attachment: this engine has been superseded.
+    Fenced,
+    /// The attachment lease lapsed without renewal.
+    LeaseExpired,
+}
+
+const SERVING: u8 = 0;
+const FENCED: u8 = 1;
+const LEASE_EXPIRED: u8 = 2;
+
+/// Counters since the engine started.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Reads served.
+    pub reads: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Writes acknowledged.
+    pub writes: u64,
+    /// Bytes written (acknowledged).
+    pub written_bytes: u64,
+    /// Flushes acknowledged.
+    pub flushes: u64,
+    /// Trims acknowledged.
+    pub trims: u64,
+    /// Write-zeroes acknowledged.
+    pub write_zeroes: u64,
+    /// Requests that failed.
+    pub errors: u64,
+    /// Members removed from the volume.
+    pub member_removals: u64,
+    /// Successful lease renewals.
+    pub lease_renewals: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    reads: AtomicU64,
+    read_bytes: AtomicU64,
+    writes: AtomicU64,
+    written_bytes: AtomicU64,
+    flushes: AtomicU64,
+    trims: AtomicU64,
+    write_zeroes: AtomicU64,
+    errors: AtomicU64,
+    member_removals: AtomicU64,
+    lease_renewals: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// Why the engine could not serve a request (or start).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The engine cannot be built as asked.
+    #[error("volume {volume}: {why}")]
+    Config { volume: String, why: String },
+    /// The request lies outside the volume or is empty.
+    #[error("{len} bytes at offset {offset} are not within the volume's {size} bytes")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    /// A member reported a newer attachment: this engine no longer serves.
+    #[error("volume {volume}: this engine has been fenced by a newer attachment")]
+    Fenced { volume: String },
+    /// The attachment lease lapsed: this engine no longer serves.
+    #[error("volume {volume}: the attachment lease expired")]
+    LeaseExpired { volume: String },
+    /// No member could do the I/O, and so none was removed.
+    #[error("volume {volume}: {what} failed on every member: {errors}")]
+    Unavailable {
+        volume: String,
+        what: &'static str,
+        errors: String,
+    },
+    /// A member failed and its removal could not be persisted, so the I/O it missed cannot
+    /// be acknowledged.
+    #[error("volume {volume}: could not remove failed member {replica}: {why}")]
+    RemovalFailed {
+        volume: String,
+        replica: String,
+        why: String,
+    },
+    /// The NBD socket could not be set up.
+    #[error("volume {volume}: NBD socket {path}: {source}")]
+    Socket {
+        volume: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl EngineError {
+    /// The NBD error code that reports this error to a client.
+    pub fn errno(&self) -> nbd::Errno {
+        match self {
+            EngineError::OutOfRange { .. } | EngineError::Config { .. } => nbd::Errno::Inval,
+            EngineError::Fenced { .. } | EngineError::LeaseExpired { .. } => nbd::Errno::Perm,
+            EngineError::Unavailable { .. }
+            | EngineError::RemovalFailed { .. }
+            | EngineError::Socket { .. } => nbd::Errno::Io,
+        }
+    }
+}
+
+type IoFuture<T> = Pin<Box<dyn Future<Output = Result<T, ReplicaIoError>> + Send>>;
+
+/// Polls every future to completion, concurrently, in the calling task.
+async fn join_all<T>(mut futures: Vec<IoFuture<T>>) -> Vec<Result<T, ReplicaIoError>> {
+    let mut results: Vec<Option<Result<T, ReplicaIoError>>> =
+        futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, slot) in futures.iter_mut().zip(results.iter_mut()) {
+            if slot.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(v) => *slot = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    results.into_iter().flatten().collect()
+}
+
+struct Inner {
+    volume_id: String,
+    size: u64,
+    config: EngineConfig,
+    /// The current members; replaced whole (never edited in place) when one is removed.
+    /// Members are only ever removed, so any member now was in every earlier snapshot.
+    members: RwLock<Arc<Vec<Member>>>,
+    membership: Arc<dyn Membership>,
+    /// Serialises membership changes.
+    removal: tokio::sync::Mutex<()>,
+    state: AtomicU8,
+    /// The origin of `lease_deadline`.
+    clock: Instant,
+    /// Nanoseconds after `clock` when the lease lapses.
+    lease_deadline: AtomicU64,
+    range_locks: Arc<RangeLocks>,
+    /// Spreads reads over remote members when there is no local one.
+    read_turn: AtomicUsize,
+    counters: Counters,
+}
+
+/// The engine of one attached volume. Cloning gives another handle to the same engine.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// An engine for volume `volume_id` of `size` bytes over `members`, with the default
+    /// [`EngineConfig`]. The lease starts now.
+    pub fn new(
+        volume_id: impl Into<String>,
+        size: u64,
+        members: Vec<Member>,
+        membership: Arc<dyn Membership>,
+    ) -> Result<Engine, EngineError> {
+        Engine::with_config(
+            volume_id,
+            size,
+            members,
+            membership,
+            EngineConfig::default(),
+        )
+    }
+
+    /// An engine with explicit tunables.
+    pub fn with_config(
+        volume_id: impl Into<String>,
+        size: u64,
+        members: Vec<Member>,
+        membership: Arc<dyn Membership>,
+        config: EngineConfig,
+    ) -> Result<Engine, EngineError> {
+        let volume_id = volume_id.into();
+        let refuse = |why: String| EngineError::Config {
+            volume: volume_id.clone(),
+            why,
+        };
+        if size == 0 {
+            return Err(refuse("a volume of 0 bytes cannot be served".into()));
+        }
+        if members.is_empty() {
+            return Err(refuse("an engine needs at least one member".into()));
+        }
+        for (i, m) in members.iter().enumerate() {
+            if members[..i].iter().any(|other| other.id() == m.id()) {
+                return Err(refuse(format!("member {} is listed twice", m.id())));
+            }
+        }
+        if config.max_in_flight_requests == 0
+            || config.max_in_flight_bytes < nbd::MAX_PAYLOAD as usize
+        {
+            return Err(refuse(format!(
+                "in-flight limits must allow one request of {} bytes",
+                nbd::MAX_PAYLOAD
+            )));
+        }
+        let lease = nanos(config.lease);
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                volume_id,
+                size,
+                members: RwLock::new(Arc::new(members)),
+                membership,
+                removal: tokio::sync::Mutex::new(()),
+                state: AtomicU8::new(SERVING),
+                clock: Instant::now(),
+                lease_deadline: AtomicU64::new(lease),
+                range_locks: Arc::default(),
+                read_turn: AtomicUsize::new(0),
+                counters: Counters::default(),
+                config,
+            }),
+        })
+    }
+
+    /// The volume's id (also the NBD export name).
+    pub fn volume_id(&self) -> &str {
+        &self.inner.volume_id
+    }
+
+    /// The volume's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    /// The engine's tunables.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// The ids of the current members.
+    pub fn member_ids(&self) -> Vec<String> {
+        self.snapshot().iter().map(|m| m.id().to_string()).collect()
+    }
+
+    /// Whether the engine serves I/O.
+    pub fn state(&self) -> EngineState {
+        match self.inner.state.load(Ordering::Acquire) {
+            SERVING if self.now() >= self.inner.lease_deadline.load(Ordering::Acquire) => {
+                self.expire();
+                self.state()
+            }
+            SERVING => EngineState::Serving,
+            FENCED => EngineState::Fenced,
+            _ => EngineState::LeaseExpired,
+        }
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        EngineStats {
+            reads: get(&c.reads),
+            read_bytes: get(&c.read_bytes),
+            writes: get(&c.writes),
+            written_bytes: get(&c.written_bytes),
+            flushes: get(&c.flushes),
+            trims: get(&c.trims),
+            write_zeroes: get(&c.write_zeroes),
+            errors: get(&c.errors),
+            member_removals: get(&c.member_removals),
+            lease_renewals: get(&c.lease_renewals),
+        }
+    }
+
+    /// Reads `len` bytes at `offset`, from a local member when there is one.
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, EngineError> {
+        let result = self.read_inner(offset, len).await;
+        self.count(&result, |c| {
+            bump(&c.reads, 1);
+            bump(&c.read_bytes, u64::from(len));
+        });
+        result
+    }
+
+    /// Writes `data` at `offset` on every member (FUA on each with `fua`).
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        self.check_range(offset, data.len() as u64)?;
+        let lock = self.lock_range(offset, data.len() as u64);
+        self.write_locked(lock, offset, data, fua).await
+    }
+
+    /// Makes every acknowledged write durable on every member.
+    pub async fn flush(&self) -> Result<(), EngineError> {
+        let result = self
+            .fan_out("flush", |m| Box::pin(async move { m.flush().await }))
+            .await;
+        self.count(&result, |c| bump(&c.flushes, 1));
+        result
+    }
+
+    /// Discards `len` bytes at `offset` on every member (they read back as zeroes).
+    pub async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), EngineError> {
+        self.check_range(offset, u64::from(len))?;
+        let lock = self.lock_range(offset, u64::from(len));
+        self.trim_locked(lock, offset, len, fua).await
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes on every member: by trimming, or with
+    /// `no_hole` by writing zeroes (the range stays allocated).
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+        fua: bool,
+    ) -> Result<(), EngineError> {
+        self.check_range(offset, u64::from(len))?;
+        let lock = self.lock_range(offset, u64::from(len));
+        self.write_zeroes_locked(lock, offset, len, no_hole, fua)
+            .await
+    }
+
+    /// Renews the lease every [`EngineConfig::renew_interval`] until `shutdown` completes or
+    /// the engine stops serving. [`Engine::serve_unix`] runs it; another front end must.
+    pub async fn keep_lease(&self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut ticker = tokio::time::interval(self.inner.config.renew_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = ticker.tick() => {}
+            }
+            if self.state() != EngineState::Serving {
+                return;
+            }
+            let sent = self.now();
+            let deadline = self.inner.lease_deadline.load(Ordering::Acquire);
+            let left = Duration::from_nanos(deadline.saturating_sub(sent));
+            match tokio::time::timeout(left, self.inner.membership.renew_lease()).await {
+                Ok(Ok(())) => {
+                    // A renewal that arrives after the lease lapsed does not revive it.
+                    if self.state() != EngineState::Serving {
+                        return;
+                    }
+                    let renewed = sent.saturating_add(nanos(self.inner.config.lease));
+                    self.inner
+                        .lease_deadline
+                        .fetch_max(renewed, Ordering::AcqRel);
+                    bump(&self.inner.counters.lease_renewals, 1);
+                }
+                Ok(Err(why)) => {
+                    warn!(volume = %self.inner.volume_id, %why, "attachment lease renewal failed")
+                }
+                Err(_) => warn!(
+                    volume = %self.inner.volume_id,
+                    "attachment lease renewal did not answer before the lease ran out"
+                ),
+            }
+        }
+    }
+
+    // ---- internals ----
+
+    fn snapshot(&self) -> Arc<Vec<Member>> {
+        let members = self
+            .inner
+            .members
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(&members)
+    }
+
+    fn now(&self) -> u64 {
+        nanos(self.inner.clock.elapsed())
+    }
+
+    fn expire(&self) {
+        let was = self.inner.state.compare_exchange(
+            SERVING,
+            LEASE_EXPIRED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        if was.is_ok() {
+            error!(
+                volume = %self.inner.volume_id,
+                "attachment lease expired without renewal: the engine stops serving I/O"
+            );
+        }
+    }
+
+    /// Records that a member fenced this engine, and returns the error to report.
+    fn fenced(&self, cause: &ReplicaIoError) -> EngineError {
+        let was =
+            self.inner
+                .state
+                .compare_exchange(SERVING, FENCED, Ordering::AcqRel, Ordering::Acquire);
+        if was.is_ok() {
+            error!(
+                volume = %self.inner.volume_id,
+                %cause,
+                "fenced by a newer attachment: the engine stops serving I/O"
+            );
+        }
+        EngineError::Fenced {
+            volume: self.inner.volume_id.clone(),
+        }
+    }
+
+    fn check_serving(&self) -> Result<(), EngineError> {
+        let volume = || self.inner.volume_id.clone();
+        match self.state() {
+            EngineState::Serving => Ok(()),
+            EngineState::Fenced => Err(EngineError::Fenced { volume: volume() }),
+            EngineState::LeaseExpired => Err(EngineError::LeaseExpired { volume: volume() }),
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        match offset.checked_add(len) {
+            Some(end) if len > 0 && end <= self.inner.size => Ok(()),
+            _ => Err(EngineError::OutOfRange {
+                offset,
+                len,
+                size: self.inner.size,
+            }),
+        }
+    }
+
+    fn count<T>(&self, result: &Result<T, EngineError>, ok: impl FnOnce(&Counters)) {
+        match result {
+            Ok(_) => ok(&self.inner.counters),
+            Err(_) => bump(&self.inner.counters.errors, 1),
+        }
+    }
+
+    /// Queues a range lock; taken synchronously so that the NBD reader orders overlapping
+    /// requests as they arrived on the wire.
+    pub(crate) fn lock_range(&self, offset: u64, len: u64) -> RangeLock {
+        self.inner.range_locks.enqueue(offset, len)
+    }
+
+    pub(crate) async fn write_locked(
+        &self,
+        lock: RangeLock,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<(), EngineError> {
+        lock.wait().await;
+        let len = data.len() as u64;
+        let result = self
+            .fan_out("write", move |m| {
+                let data = data.clone();
+                Box::pin(async move { m.write(offset, data, fua).await })
+            })
+            .await;
+        drop(lock);
+        self.count(&result, |c| {
+            bump(&c.writes, 1);
+            bump(&c.written_bytes, len);
+        });
+        result
+    }
+
+    pub(crate) async fn trim_locked(
+        &self,
+        lock: RangeLock,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    ) -> Result<(), EngineError> {
+        lock.wait().await;
+        let result = self.trim_members(offset, len, fua).await;
+        drop(lock);
+        self.count(&result, |c| bump(&c.trims, 1));
+        result
+    }
+
+    pub(crate) async fn write_zeroes_locked(
+        &self,
+        lock: RangeLock,
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+        fua: bool,
+    ) -> Result<(), EngineError> {
+        lock.wait().await;
+        let result = if no_hole {
+            self.write_zero_chunks(offset, len, fua).await
+        } else {
+            // A member's trim reads back as zeroes (the ReplicaIo contract).
+            self.trim_members(offset, len, fua).await
+        };
+        drop(lock);
+        self.count(&result, |c| bump(&c.write_zeroes, 1));
+        result
+    }
+
+    async fn trim_members(&self, offset: u64, len: u32, fua: bool) -> Result<(), EngineError> {
+        self.fan_out("trim", move |m| {
+            Box::pin(async move { m.trim(offset, len).await })
+        })
+        .await?;
+        if fua {
+            self.fan_out("flush", |m| Box::pin(async move { m.flush().await }))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn write_zero_chunks(&self, offset: u64, len: u32, fua: bool) -> Result<(), EngineError> {
+        let zeroes = Bytes::from(vec![0u8; ZERO_CHUNK.min(len) as usize]);
+        let mut done = 0u32;
+        while done < len {
+            let n = (len - done).min(ZERO_CHUNK);
+            let chunk = zeroes.slice(..n as usize);
+            let at = offset.saturating_add(u64::from(done));
+            self.fan_out("write zeroes", move |m| {
+                let chunk = chunk.clone();
+                Box::pin(async move { m.write(at, chunk, fua).await })
+            })
+            .await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    async fn read_inner(&self, offset: u64, len: u32) -> Result<Bytes, EngineError> {
+        self.check_serving()?;
+        self.check_range(offset, u64::from(len))?;
+        let members = self.snapshot();
+        let mut failed: Vec<(Member, ReplicaIoError)> = Vec::new();
+        for member in self.read_order(&members) {
+            let error = match member.read(offset, len).await {
+                Ok(data) if data.len() == len as usize => {
+                    if !failed.is_empty() {
+                        if let Err(e) = self.remove_failed("read", failed).await {
+                            warn!(volume = %self.inner.volume_id, error = %e,
+                                "a member failed a read and stays a member");
+                        }
+                    }
+                    // A fenced or expired engine returns no data: it may be stale.
+                    self.check_serving()?;
+                    return Ok(data);
+                }
+                Ok(data) => ReplicaIoError::Io {
+                    replica: member.id().to_string(),
+                    why: format!("returned {} bytes for a read of {len}", data.len()),
+                },
+                Err(e @ ReplicaIoError::Fenced { .. }) => return Err(self.fenced(&e)),
+                Err(e) => e,
+            };
+            warn!(volume = %self.inner.volume_id, replica = member.id(), %error,
+                "read failed on a member; trying another");
+            failed.push((Arc::clone(member), error));
+        }
+        Err(self.unavailable("read", &failed))
+    }
+
+    /// Local members first, then the others starting from a rotating position.
+    fn read_order<'a>(&self, members: &'a [Member]) -> Vec<&'a Member> {
+        let mut order: Vec<&Member> = members.iter().filter(|m| m.is_local()).collect();
+        let remote: Vec<&Member> = members.iter().filter(|m| !m.is_local()).collect();
+        if !remote.is_empty() {
+            let turn = self.inner.read_turn.fetch_add(1, Ordering::Relaxed) % remote.len();
+            order.extend(remote[turn..].iter().chain(&remote[..turn]));
+        }
+        order
+    }
+
+    /// Runs `op` on every current member in parallel. Succeeds when every member that is
+    /// still a member has done it: members that failed are removed first.
+    async fn fan_out(
+        &self,
+        what: &'static str,
+        op: impl Fn(Member) -> IoFuture<()>,
+    ) -> Result<(), EngineError> {
+        self.check_serving()?;
+        let members = self.snapshot();
+        let results = join_all(members.iter().map(|m| op(Arc::clone(m))).collect()).await;
+        let mut failed = Vec::new();
+        for (member, result) in members.iter().zip(results) {
+            match result {
+                Ok(()) => {}
+                Err(e @ ReplicaIoError::Fenced { .. }) => return Err(self.fenced(&e)),
+                Err(e) => failed.push((Arc::clone(member), e)),
+            }
+        }
+        if !failed.is_empty() {
+            self.remove_failed(what, failed).await?;
+        }
+        // Acknowledge only while still serving.
+        self.check_serving()
+    }
+
+    /// Removes from the membership the members that failed `what`, provided at least one
+    /// member remains (the remaining ones did `what`: members are only ever removed, so
+    /// every current member was in the snapshot that `what` went to). Ok once every failed
+    /// member is out of the membership, durably.
+    async fn remove_failed(
+        &self,
+        what: &'static str,
+        failed: Vec<(Member, ReplicaIoError)>,
+    ) -> Result<(), EngineError> {
+        let _serial = self.inner.removal.lock().await;
+        let current = self.snapshot();
+        let doomed: Vec<&(Member, ReplicaIoError)> = failed
+            .iter()
+            .filter(|(m, _)| current.iter().any(|c| c.id() == m.id()))
+            .collect();
+        if doomed.len() >= current.len() {
+            return Err(self.unavailable(what, &failed));
+        }
+        for (member, cause) in doomed {
+            self.check_serving()?;
+            let replica = member.id();
+            let reason = format!("{what} failed: {cause}");
+            warn!(volume = %self.inner.volume_id, replica, %reason,
+                "removing a failed member from the volume");
+            let removal = tokio::time::timeout(
+                self.inner.config.membership_timeout,
+                self.inner.membership.remove_member(replica, &reason),
+            )
+            .await;
+            let why = match removal {
+                Ok(Ok(())) => {
+                    self.drop_member(replica);
+                    continue;
+                }
+                Ok(Err(why)) => why,
+                Err(_) => format!(
+                    "no answer within {:?}",
+                    self.inner.config.membership_timeout
+                ),
+            };
+            error!(volume = %self.inner.volume_id, replica, %why,
+                "could not remove a failed member: the I/O it missed is not acknowledged");
+            return Err(EngineError::RemovalFailed {
+                volume: self.inner.volume_id.clone(),
+                replica: replica.to_string(),
+                why,
+            });
+        }
+        Ok(())
+    }
+
+    fn drop_member(&self, replica: &str) {
+        let mut members = self
+            .inner
+            .members
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let kept: Vec<Member> = members
+            .iter()
+            .filter(|m| m.id() != replica)
+            .cloned()
+            .collect();
+        *members = Arc::new(kept);
+        let left = members.len();
+        drop(members);
+        bump(&self.inner.counters.member_removals, 1);
+        info!(volume = %self.inner.volume_id, replica, members_left = left,
+            "member removed from the volume");
+    }
+
+    fn unavailable(&self, what: &'static str, failed: &[(Member, ReplicaIoError)]) -> EngineError {
+        let errors = failed
+            .iter()
+            .map(|(_, e)| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
+        EngineError::Unavailable {
+            volume: self.inner.volume_id.clone(),
+            what,
+            errors,
+        }
+    }
+
+    /// What the NBD server exports.
+    fn export(&self) -> nbd::Export {
+        nbd::Export {
+            name: self.inner.volume_id.clone(),
+            size: self.inner.size,
+            flags: nbd::FLAG_SEND_FLUSH
+                | nbd::FLAG_SEND_FUA
+                | nbd::FLAG_SEND_TRIM
+                | nbd::FLAG_SEND_WRITE_ZEROES
+                // A flush goes to every member and syncs each one's whole data file, so it
+                // covers writes completed on any connection.
+                | nbd::FLAG_CAN_MULTI_CONN,
+            block_size: nbd::BlockSize::default(),
+        }
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,583 @@
+//! The engine's rules, tested through its I/O methods with in-memory members and a
+//! recording membership (the NBD path is tested end to end in `tests/engine_nbd.rs`).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::*;
+
+const SIZE: u64 = 1 << 20;
+
+/// An in-memory member with failure injection.
+struct MemReplica {
+    id: String,
+    local: bool,
+    data: Mutex<Vec<u8>>,
+    reads: AtomicU64,
+    writes: AtomicU64,
+    fua_writes: AtomicU64,
+    flushes: AtomicU64,
+    trims: AtomicU64,
+    /// Writes succeed while fewer than this many were accepted.
+    fail_writes_after: AtomicU64,
+    /// Writes at this offset fail (u64::MAX: none).
+    fail_writes_at: AtomicU64,
+    fail_reads: AtomicBool,
+    fail_flushes: AtomicBool,
+    /// Every request is answered Fenced.
+    fenced: AtomicBool,
+    /// Writes sleep a pseudo-random time up to this many microseconds.
+    jitter_us: u64,
+}
+
+impl MemReplica {
+    fn new(id: &str, local: bool) -> Arc<MemReplica> {
+        Self::with_jitter(id, local, 0)
+    }
+
+    fn with_jitter(id: &str, local: bool, jitter_us: u64) -> Arc<MemReplica> {
+        Arc::new(MemReplica {
+            id: id.into(),
+            local,
+            data: Mutex::new(vec![0; SIZE as usize]),
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            fua_writes: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            trims: AtomicU64::new(0),
+            fail_writes_after: AtomicU64::new(u64::MAX),
+            fail_writes_at: AtomicU64::new(u64::MAX),
+            fail_reads: AtomicBool::new(false),
+            fail_flushes: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
+            jitter_us,
+        })
+    }
+
+    fn bytes(&self, offset: u64, len: usize) -> Vec<u8> {
+        self.data.lock().unwrap()[offset as usize..offset as usize + len].to_vec()
+    }
+
+    fn all(&self) -> Vec<u8> {
+        self.data.lock().unwrap().clone()
+    }
+
+    fn io_error(&self, why: &str) -> ReplicaIoError {
+        ReplicaIoError::Io {
+            replica: self.id.clone(),
+            why: why.into(),
+        }
+    }
+
+    fn check_fenced(&self) -> Result<(), ReplicaIoError> {
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err(ReplicaIoError::Fenced {
+                replica: self.id.clone(),
+                ours: 1,
+                current: 2,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ReplicaIo for MemReplica {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn is_local(&self) -> bool {
+        self.local
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ReplicaIoError> {
+        self.check_fenced()?;
+        if self.fail_reads.load(Ordering::SeqCst) {
+            return Err(self.io_error("bad sector"));
+        }
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        Ok(Bytes::from(self.bytes(offset, len as usize)))
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ReplicaIoError> {
+        self.check_fenced()?;
+        if self.jitter_us > 0 {
+            // Different on every member, so that without range locks the members would
+            // apply overlapping writes in different orders.
+            let salt = self
+                .id
+                .bytes()
+                .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+            let seed =
+                (offset ^ salt ^ u64::from(data[0]) << 20).wrapping_mul(6_364_136_223_846_793_005);
+            tokio::time::sleep(Duration::from_micros((seed >> 40) % self.jitter_us)).await;
+        }
+        if offset == self.fail_writes_at.load(Ordering::SeqCst)
+            || self.writes.load(Ordering::SeqCst) >= self.fail_writes_after.load(Ordering::SeqCst)
+        {
+            return Err(self.io_error("disk gone"));
+        }
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        if fua {
+            self.fua_writes.fetch_add(1, Ordering::SeqCst);
+        }
+        self.data.lock().unwrap()[offset as usize..offset as usize + data.len()]
+            .copy_from_slice(&data);
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), ReplicaIoError> {
+        self.check_fenced()?;
+        if self.fail_flushes.load(Ordering::SeqCst) {
+            return Err(self.io_error("fsync failed"));
+        }
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, len: u32) -> Result<(), ReplicaIoError> {
+        self.check_fenced()?;
+        self.trims.fetch_add(1, Ordering::SeqCst);
+        self.data.lock().unwrap()[offset as usize..(offset + u64::from(len)) as usize].fill(0);
+        Ok(())
+    }
+}
+
+/// Records removals; can refuse them, hold them at a gate, and stop renewing the lease.
+#[derive(Default)]
+struct TestMembership {
+    removals: Mutex<Vec<String>>,
+    refuse_removals: AtomicBool,
+    /// When set, a removal waits for a permit.
+    gate: Option<tokio::sync::Semaphore>,
+    refuse_renewals: AtomicBool,
+    renewals: AtomicU64,
+}
+
+impl TestMembership {
+    fn removed(&self) -> Vec<String> {
+        self.removals.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl Membership for TestMembership {
+    async fn remove_member(&self, replica_id: &str, _reason: &str) -> Result<(), String> {
+        if let Some(gate) = &self.gate {
+            gate.acquire().await.map_err(|e| e.to_string())?.forget();
+        }
+        if self.refuse_removals.load(Ordering::SeqCst) {
+            return Err("store unavailable".into());
+        }
+        self.removals.lock().unwrap().push(replica_id.to_string());
+        Ok(())
+    }
+
+    async fn renew_lease(&self) -> Result<(), String> {
+        if self.refuse_renewals.load(Ordering::SeqCst) {
+            return Err("controller unreachable".into());
+        }
+        self.renewals.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn engine(replicas: &[Arc<MemReplica>], membership: Arc<TestMembership>) -> Engine {
+    engine_with(replicas, membership, EngineConfig::default())
+}
+
+fn engine_with(
+    replicas: &[Arc<MemReplica>],
+    membership: Arc<TestMembership>,
+    config: EngineConfig,
+) -> Engine {
+    let members: Vec<Member> = replicas.iter().map(|r| Arc::clone(r) as Member).collect();
+    Engine::with_config("vol-1", SIZE, members, membership, config).unwrap()
+}
+
+fn three() -> Vec<Arc<MemReplica>> {
+    vec![
+        MemReplica::new("a", true),
+        MemReplica::new("b", false),
+        MemReplica::new("c", false),
+    ]
+}
+
+fn block(byte: u8) -> Bytes {
+    Bytes::from(vec![byte; 4096])
+}
+
+#[tokio::test]
+async fn writes_reach_every_member_and_read_back() {
+    let r = three();
+    let e = engine(&r, Arc::default());
+    e.write(4096, block(1), false).await.unwrap();
+    e.write(10, Bytes::from_static(b"hello"), true)
+        .await
+        .unwrap();
+    assert_eq!(&e.read(10, 5).await.unwrap()[..], b"hello");
+    for m in &r {
+        assert_eq!(m.bytes(4096, 4096), vec![1; 4096]);
+        assert_eq!(
+            m.fua_writes.load(Ordering::SeqCst),
+            1,
+            "FUA reaches {}",
+            m.id
+        );
+    }
+    e.flush().await.unwrap();
+    assert!(r.iter().all(|m| m.flushes.load(Ordering::SeqCst) == 1));
+    let stats = e.stats();
+    assert_eq!((stats.writes, stats.written_bytes), (2, 4101));
+    assert_eq!((stats.reads, stats.flushes, stats.errors), (1, 1, 0));
+}
+
+#[tokio::test]
+async fn a_failed_member_is_removed_before_the_write_is_acknowledged() {
+    let r = three();
+    r[1].fail_writes_after.store(1, Ordering::SeqCst);
+    let membership = Arc::new(TestMembership {
+        gate: Some(tokio::sync::Semaphore::new(0)),
+        ..Default::default()
+    });
+    let e = engine(&r, Arc::clone(&membership));
+    e.write(0, block(1), false).await.unwrap();
+
+    let write = tokio::spawn({
+        let e = e.clone();
+        async move { e.write(4096, block(2), false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        !write.is_finished(),
+        "acknowledged before b's removal was persisted"
+    );
+    assert!(membership.removed().is_empty());
+    membership.gate.as_ref().unwrap().add_permits(1);
+    write.await.unwrap().unwrap();
+    assert_eq!(membership.removed(), vec!["b"]);
+    assert_eq!(e.member_ids(), vec!["a", "c"]);
+    assert_eq!(e.stats().member_removals, 1);
+
+    // Later writes go to the remaining members only, and need no removal.
+    e.write(8192, block(3), false).await.unwrap();
+    assert_eq!(r[1].writes.load(Ordering::SeqCst), 1);
+    for m in [&r[0], &r[2]] {
+        assert_eq!(
+            m.bytes(0, 12288),
+            [vec![1; 4096], vec![2; 4096], vec![3; 4096]].concat()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_refused_removal_fails_the_write_and_is_retried_by_the_next() {
+    let r = three();
+    r[2].fail_writes_after.store(0, Ordering::SeqCst);
+    let membership = Arc::new(TestMembership::default());
+    membership.refuse_removals.store(true, Ordering::SeqCst);
+    let e = engine(&r, Arc::clone(&membership));
+    let err = e.write(0, block(1), false).await.unwrap_err();
+    assert!(matches!(err, EngineError::RemovalFailed { ref replica, .. } if replica == "c"));
+    assert_eq!(err.errno(), nbd::Errno::Io);
+    assert_eq!(e.member_ids(), vec!["a", "b", "c"]);
+    assert_eq!(e.state(), EngineState::Serving);
+
+    membership.refuse_removals.store(false, Ordering::SeqCst);
+    e.write(0, block(2), false).await.unwrap();
+    assert_eq!(membership.removed(), vec!["c"]);
+    assert_eq!(e.member_ids(), vec!["a", "b"]);
+}
+
+#[tokio::test]
+async fn a_write_no_member_took_fails_and_removes_nobody() {
+    let r = three();
+    for m in &r {
+        m.fail_writes_after.store(0, Ordering::SeqCst);
+    }
+    let membership = Arc::new(TestMembership::default());
+    let e = engine(&r, Arc::clone(&membership));
+    let err = e.write(0, block(1), false).await.unwrap_err();
+    assert!(matches!(err, EngineError::Unavailable { .. }), "{err}");
+    assert!(membership.removed().is_empty());
+    assert_eq!(e.member_ids().len(), 3);
+
+    // One member, failing: never removed, the volume keeps serving once it recovers.
+    let one = vec![MemReplica::new("solo", true)];
+    one[0].fail_writes_after.store(0, Ordering::SeqCst);
+    let membership = Arc::new(TestMembership::default());
+    let e = engine(&one, Arc::clone(&membership));
+    assert!(e.write(0, block(1), false).await.is_err());
+    assert_eq!(e.member_ids(), vec!["solo"]);
+    one[0].fail_writes_after.store(u64::MAX, Ordering::SeqCst);
+    e.write(0, block(1), false).await.unwrap();
+    assert!(membership.removed().is_empty());
+}
+
+#[tokio::test]
+async fn two_writes_failing_on_different_members_cannot_empty_the_volume() {
+    let r = vec![MemReplica::new("a", true), MemReplica::new("b", false)];
+    r[0].fail_writes_at.store(0, Ordering::SeqCst);
+    r[1].fail_writes_at.store(4096, Ordering::SeqCst);
+    let membership = Arc::new(TestMembership {
+        gate: Some(tokio::sync::Semaphore::new(0)),
+        ..Default::default()
+    });
+    let e = engine(&r, Arc::clone(&membership));
+    let w1 = tokio::spawn({
+        let e = e.clone();
+        async move { e.write(0, block(1), false).await }
+    });
+    let w2 = tokio::spawn({
+        let e = e.clone();
+        async move { e.write(4096, block(2), false).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    membership.gate.as_ref().unwrap().add_permits(2);
+    let (w1, w2) = (w1.await.unwrap(), w2.await.unwrap());
+    assert_eq!(
+        w1.is_ok() as u8 + w2.is_ok() as u8,
+        1,
+        "exactly one write is acknowledged: {w1:?} {w2:?}"
+    );
+    assert_eq!(membership.removed().len(), 1);
+    let left = e.member_ids();
+    assert_eq!(left.len(), 1);
+    // The member left holds the acknowledged write.
+    let survivor = r.iter().find(|m| m.id == left[0]).unwrap();
+    if w1.is_ok() {
+        assert_eq!(survivor.id, "b");
+        assert_eq!(survivor.bytes(0, 4096), vec![1; 4096]);
+    } else {
+        assert_eq!(survivor.id, "a");
+        assert_eq!(survivor.bytes(4096, 4096), vec![2; 4096]);
+    }
+}
+
+#[tokio::test]
+async fn fenced_stops_the_engine_for_good() {
+    let r = three();
+    let e = engine(&r, Arc::default());
+    e.write(0, block(1), false).await.unwrap();
+    r[2].fenced.store(true, Ordering::SeqCst);
+    let err = e.write(0, block(2), false).await.unwrap_err();
+    assert!(matches!(err, EngineError::Fenced { .. }));
+    assert_eq!(err.errno(), nbd::Errno::Perm);
+    assert_eq!(e.state(), EngineState::Fenced);
+    r[2].fenced.store(false, Ordering::SeqCst);
+    let writes: Vec<u64> = r.iter().map(|m| m.writes.load(Ordering::SeqCst)).collect();
+    assert!(matches!(
+        e.write(8192, block(3), false).await,
+        Err(EngineError::Fenced { .. })
+    ));
+    assert!(matches!(
+        e.read(0, 10).await,
+        Err(EngineError::Fenced { .. })
+    ));
+    assert!(matches!(e.flush().await, Err(EngineError::Fenced { .. })));
+    assert!(e.trim(0, 10, false).await.is_err());
+    let after: Vec<u64> = r.iter().map(|m| m.writes.load(Ordering::SeqCst)).collect();
+    assert_eq!(writes, after, "a fenced engine writes nothing more");
+    assert_eq!(e.member_ids().len(), 3, "a fenced engine removes nobody");
+}
+
+#[tokio::test]
+async fn a_fenced_read_stops_the_engine() {
+    let r = three();
+    let e = engine(&r, Arc::default());
+    r[0].fenced.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        e.read(0, 1).await,
+        Err(EngineError::Fenced { .. })
+    ));
+    assert_eq!(e.state(), EngineState::Fenced);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_lease_is_renewed_and_an_engine_that_cannot_renew_stops() {
+    let r = three();
+    let membership = Arc::new(TestMembership::default());
+    let config = EngineConfig {
+        lease: Duration::from_secs(3),
+        renew_interval: Duration::from_secs(1),
+        ..EngineConfig::default()
+    };
+    let e = engine_with(&r, Arc::clone(&membership), config);
+    let keeper = tokio::spawn({
+        let e = e.clone();
+        async move { e.keep_lease(std::future::pending()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(10_500)).await;
+    assert_eq!(e.state(), EngineState::Serving);
+    assert!(membership.renewals.load(Ordering::SeqCst) >= 9);
+    e.write(0, block(1), false).await.unwrap();
+
+    membership.refuse_renewals.store(true, Ordering::SeqCst);
+    // The last renewal, at 10 s, holds the lease until 13 s.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(e.state(), EngineState::Serving, "within the lease");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(e.state(), EngineState::LeaseExpired);
+    let writes = r[0].writes.load(Ordering::SeqCst);
+    let err = e.write(0, block(2), false).await.unwrap_err();
+    assert!(matches!(err, EngineError::LeaseExpired { .. }));
+    assert_eq!(err.errno(), nbd::Errno::Perm);
+    assert!(e.read(0, 1).await.is_err());
+    assert_eq!(r[0].writes.load(Ordering::SeqCst), writes);
+    // Renewals that work again do not revive it, and the keeper has stopped.
+    membership.refuse_renewals.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(keeper.is_finished());
+    assert_eq!(e.state(), EngineState::LeaseExpired);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_lease_keeper_the_lease_lapses() {
+    let r = three();
+    let config = EngineConfig {
+        lease: Duration::from_secs(2),
+        ..EngineConfig::default()
+    };
+    let e = engine_with(&r, Arc::default(), config);
+    e.write(0, block(1), false).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(matches!(
+        e.write(0, block(1), false).await,
+        Err(EngineError::LeaseExpired { .. })
+    ));
+}
+
+#[tokio::test]
+async fn reads_prefer_the_local_member_and_spread_over_remote_ones() {
+    let r = three();
+    let e = engine(&r, Arc::default());
+    for _ in 0..10 {
+        e.read(0, 512).await.unwrap();
+    }
+    assert_eq!(r[0].reads.load(Ordering::SeqCst), 10);
+    assert_eq!(r[1].reads.load(Ordering::SeqCst), 0);
+
+    let remote = vec![MemReplica::new("x", false), MemReplica::new("y", false)];
+    let e = engine(&remote, Arc::default());
+    for _ in 0..10 {
+        e.read(0, 512).await.unwrap();
+    }
+    assert_eq!(remote[0].reads.load(Ordering::SeqCst), 5);
+    assert_eq!(remote[1].reads.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test]
+async fn a_member_that_fails_a_read_is_removed_and_another_serves_it() {
+    let r = three();
+    let membership = Arc::new(TestMembership::default());
+    let e = engine(&r, Arc::clone(&membership));
+    e.write(0, block(7), false).await.unwrap();
+    r[0].fail_reads.store(true, Ordering::SeqCst);
+    assert_eq!(e.read(0, 4096).await.unwrap(), block(7));
+    assert_eq!(membership.removed(), vec!["a"]);
+    assert_eq!(e.member_ids(), vec!["b", "c"]);
+
+    // Every member failing: the read fails, the last members stay.
+    r[1].fail_reads.store(true, Ordering::SeqCst);
+    r[2].fail_reads.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        e.read(0, 1).await,
+        Err(EngineError::Unavailable { .. })
+    ));
+    assert_eq!(e.member_ids(), vec!["b", "c"]);
+}
+
+#[tokio::test]
+async fn a_member_that_fails_a_flush_is_removed() {
+    let r = three();
+    r[1].fail_flushes.store(true, Ordering::SeqCst);
+    let membership = Arc::new(TestMembership::default());
+    let e = engine(&r, Arc::clone(&membership));
+    e.flush().await.unwrap();
+    assert_eq!(membership.removed(), vec!["b"]);
+    assert_eq!(r[0].flushes.load(Ordering::SeqCst), 1);
+    assert_eq!(r[2].flushes.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn trim_and_write_zeroes_reach_every_member() {
+    let r = three();
+    let e = engine(&r, Arc::default());
+    e.write(0, Bytes::from(vec![9; 3 << 20 >> 2]), false)
+        .await
+        .unwrap();
+    e.trim(0, 4096, false).await.unwrap();
+    e.write_zeroes(4096, 4096, false, true).await.unwrap();
+    let trims = r[0].trims.load(Ordering::SeqCst);
+    assert_eq!(trims, 2, "write-zeroes without NO_HOLE trims");
+    assert!(
+        r.iter().all(|m| m.flushes.load(Ordering::SeqCst) == 1),
+        "FUA trim flushes"
+    );
+    // NO_HOLE writes real zeroes, in chunks, with FUA on each.
+    e.write_zeroes(8192, (1 << 20) / 2 + 1, true, true)
+        .await
+        .unwrap();
+    for m in &r {
+        assert_eq!(m.trims.load(Ordering::SeqCst), 2);
+        assert_eq!(m.fua_writes.load(Ordering::SeqCst), 1);
+        assert!(m.bytes(0, 8192 + (1 << 19) + 1).iter().all(|b| *b == 0));
+        assert_eq!(m.bytes(8192 + (1 << 19) + 1, 1), vec![9]);
+    }
+    let stats = e.stats();
+    assert_eq!((stats.trims, stats.write_zeroes), (1, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overlapping_concurrent_writes_leave_the_members_identical() {
+    let r = vec![
+        MemReplica::with_jitter("a", true, 3000),
+        MemReplica::with_jitter("b", false, 3000),
+        MemReplica::with_jitter("c", false, 3000),
+    ];
+    let e = engine(&r, Arc::default());
+    let mut tasks = Vec::new();
+    for i in 0..400u64 {
+        let e = e.clone();
+        // Overlapping, unaligned ranges over a few blocks.
+        let offset = (i * 1531) % 16384;
+        let len = 512 + (i * 977) % 8192;
+        tasks.push(tokio::spawn(async move {
+            e.write(
+                offset,
+                Bytes::from(vec![(i % 251) as u8 + 1; len as usize]),
+                false,
+            )
+            .await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let a = r[0].all();
+    assert!(a.iter().any(|b| *b != 0));
+    assert!(r[1].all() == a && r[2].all() == a, "members diverged");
+}
+
+#[tokio::test]
+async fn bad_ranges_and_bad_configurations_are_refused() {
+    let r = three();
+    let e = engine(&r, Arc::default());
+    for err in [
+        e.read(SIZE, 1).await.unwrap_err(),
+        e.read(0, 0).await.unwrap_err(),
+        e.write(u64::MAX, block(1), false).await.unwrap_err(),
+        e.trim(SIZE - 1, 2, false).await.unwrap_err(),
+        e.write_zeroes(SIZE, 1, true, false).await.unwrap_err(),
+    ] {
+        assert!(matches!(err, EngineError::OutOfRange { .. }), "{err}");
+        assert_eq!(err.errno(), nbd::Errno::Inval);
+    }
+    let membership: Arc<dyn Membership> = Arc::new(TestMembership::default());
+    let member = |id: &str| MemReplica::new(id, true) as Member;
+    assert!(Engine::new("v", SIZE, vec![], Arc::clone(&membership)).is_err());
+    assert!(Engine::new("v", 0, vec![member("a")], Arc::clone(&membership)).is_err());
+    assert!(Engine::new("v", SIZE, vec![member("a"), member("a")], membership).is_err());
+}

@@ -1,0 +1,391 @@
+//! The cluster-mode data path of a staged volume on its node: an engine over the volume's
+//! member replicas (sessions opened with the attachment's epoch and token) serving NBD on a
+//! unix socket, and nbdfuse exposing that export as one file, over which node.rs sets up the
+//! loop device, filesystem and mounts exactly as for a local replica file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{oneshot, Mutex};
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::api::v1 as pb;
+use crate::api::v1::control_plane_client::ControlPlaneClient;
+use crate::controller::{CONTEXT_EPOCH, CONTEXT_TOKEN};
+use crate::engine::{Engine, EngineConfig, Member, Membership};
+use crate::replica_client::ReplicaClient;
+
+/// The file nbdfuse exposes inside its mount point.
+const FUSE_FILE: &str = "nbd";
+/// How long the engine's socket and nbdfuse's file may take to appear.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the cluster data path could not be set up or torn down.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineLinkError {
+    #[error("volume {volume:?} was not published to this node: publish_context lacks {key:?} (ControllerPublishVolume must come first)")]
+    NotPublished { volume: String, key: &'static str },
+    #[error("volume {volume:?}: the controller did not answer: {why}")]
+    Controller { volume: String, why: String },
+    #[error("volume {volume:?}: no member replica could be opened ({why})")]
+    NoMembers { volume: String, why: String },
+    #[error("volume {volume:?}: {what}: {why}")]
+    Start {
+        volume: String,
+        what: &'static str,
+        why: String,
+    },
+}
+
+/// The node's link to the controller and where its engines keep their sockets.
+#[derive(Clone)]
+pub struct ClusterLink {
+    pub control: ControlPlaneClient<Channel>,
+    pub node_id: String,
+    pub state_dir: PathBuf,
+    pub engine: EngineConfig,
+    pub call_timeout: Duration,
+    runtimes: Arc<Mutex<HashMap<String, Runtime>>>,
+}
+
+struct Runtime {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    fuse: tokio::process::Child,
+    fuse_dir: PathBuf,
+}
+
+/// The engine's membership and lease, kept by the controller.
+struct ControlMembership {
+    control: ControlPlaneClient<Channel>,
+    volume_id: String,
+    node_id: String,
+    epoch: u64,
+    timeout: Duration,
+}
+
+#[async_trait]
+impl Membership for ControlMembership {
+    async fn remove_member(&self, replica_id: &str, reason: &str) -> Result<(), String> {
+        let mut control = self.control.clone();
+        let call = control.remove_member(pb::RemoveMemberRequest {
+            volume_id: self.volume_id.clone(),
+            replica_id: replica_id.to_string(),
+            node_id: self.node_id.clone(),
+            epoch: self.epoch,
+            reason: reason.to_string(),
+        });
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => Err(status.message().to_string()),
+            Err(_) => Err(format!(
+                "the controller did not answer within {:?}",
+                self.timeout
+            )),
+        }
+    }
+
+    async fn renew_lease(&self) -> Result<(), String> {
+        let mut control = self.control.clone();
+        let call = control.renew_lease(pb::RenewLeaseRequest {
+            volume_id: self.volume_id.clone(),
+            node_id: self.node_id.clone(),
+            epoch: self.epoch,
+        });
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => Err(status.message().to_string()),
+            Err(_) => Err(format!(
+                "the controller did not answer within {:?}",
+                self.timeout
+            )),
+        }
+    }
+}
+
+impl ClusterLink {
+    pub fn new(
+        control: ControlPlaneClient<Channel>,
+        node_id: String,
+        state_dir: PathBuf,
+        engine: EngineConfig,
+    ) -> Self {
+        ClusterLink {
+            control,
+            node_id,
+            state_dir,
+            engine,
+            call_timeout: Duration::from_secs(10),
+            runtimes: Arc::default(),
+        }
+    }
+
+    /// The file a staged volume's loop device is over.
+    pub fn backing_file(&self, volume_id: &str) -> PathBuf {
+        self.fuse_dir(volume_id).join(FUSE_FILE)
+    }
+
+    fn fuse_dir(&self, volume_id: &str) -> PathBuf {
+        self.state_dir.join("fuse").join(volume_id)
+    }
+
+    fn socket(&self, volume_id: &str) -> PathBuf {
+        self.state_dir
+            .join("engines")
+            .join(format!("{volume_id}.sock"))
+    }
+
+    /// Starts the volume's engine and nbdfuse (once; a second call finds them running) and
+    /// returns the file to put the loop device over.
+    pub async fn start(
+        &self,
+        volume_id: &str,
+        ctx: &HashMap<String, String>,
+    ) -> Result<PathBuf, EngineLinkError> {
+        let mut runtimes = self.runtimes.lock().await;
+        if let Some(r) = runtimes.get_mut(volume_id) {
+            if !r.task.is_finished() && matches!(r.fuse.try_wait(), Ok(None)) {
+                return Ok(self.backing_file(volume_id));
+            }
+        }
+        if let Some(old) = runtimes.remove(volume_id) {
+            self.stop_runtime(volume_id, old).await;
+        }
+        let context = |key: &'static str| {
+            ctx.get(key).cloned().ok_or(EngineLinkError::NotPublished {
+                volume: volume_id.to_string(),
+                key,
+            })
+        };
+        let epoch: u64 =
+            context(CONTEXT_EPOCH)?
+                .parse()
+                .map_err(|_| EngineLinkError::NotPublished {
+                    volume: volume_id.to_string(),
+                    key: CONTEXT_EPOCH,
+                })?;
+        let token = context(CONTEXT_TOKEN)?;
+        let controller_error = |why: String| EngineLinkError::Controller {
+            volume: volume_id.to_string(),
+            why,
+        };
+        let mut control = self.control.clone();
+        let status = tokio::time::timeout(
+            self.call_timeout,
+            control.get_volume(pb::GetVolumeRequest {
+                volume: volume_id.to_string(),
+            }),
+        )
+        .await
+        .map_err(|_| controller_error("timed out".to_string()))?
+        .map_err(|s| controller_error(s.message().to_string()))?
+        .into_inner();
+        let membership = Arc::new(ControlMembership {
+            control: self.control.clone(),
+            volume_id: volume_id.to_string(),
+            node_id: self.node_id.clone(),
+            epoch,
+            timeout: self.call_timeout,
+        });
+        let members = self
+            .open_members(volume_id, &status, epoch, &token, &membership)
+            .await?;
+        let engine = Engine::with_config(
+            volume_id,
+            status.size,
+            members,
+            membership,
+            self.engine.clone(),
+        )
+        .map_err(|e| EngineLinkError::Start {
+            volume: volume_id.to_string(),
+            what: "engine",
+            why: e.to_string(),
+        })?;
+        let socket = self.socket(volume_id);
+        if let Some(parent) = socket.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| self.start_error(volume_id, "engine socket directory", e))?;
+        }
+        let (stop, stopped) = oneshot::channel::<()>();
+        let serving = engine.clone();
+        let socket_path = socket.clone();
+        let volume = volume_id.to_string();
+        let task = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            if let Err(e) = serving.serve_unix(&socket_path, shutdown).await {
+                warn!(volume = %volume, error = %e, "engine stopped with an error");
+            }
+        });
+        wait_for(&socket, |p| p.exists())
+            .await
+            .map_err(|why| EngineLinkError::Start {
+                volume: volume_id.to_string(),
+                what: "engine socket",
+                why,
+            })?;
+        let fuse_dir = self.fuse_dir(volume_id);
+        // A mount left by a process that died is stale: clear it first.
+        let _ = crate::mount::unmount(&fuse_dir);
+        std::fs::create_dir_all(&fuse_dir)
+            .map_err(|e| self.start_error(volume_id, "fuse directory", e))?;
+        let fuse = tokio::process::Command::new("nbdfuse")
+            .arg(&fuse_dir)
+            .arg("--unix")
+            .arg(&socket)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| self.start_error(volume_id, "nbdfuse", e))?;
+        let file = self.backing_file(volume_id);
+        let size = status.size;
+        let exposed = wait_for(&file, |p| {
+            std::fs::metadata(p).is_ok_and(|m| m.len() == size)
+        })
+        .await;
+        let mut runtime = Runtime {
+            stop: Some(stop),
+            task,
+            fuse,
+            fuse_dir,
+        };
+        if let Err(why) = exposed {
+            self.stop_runtime(volume_id, runtime).await;
+            return Err(EngineLinkError::Start {
+                volume: volume_id.to_string(),
+                what: "nbdfuse file",
+                why,
+            });
+        }
+        if let Ok(Some(exit)) = runtime.fuse.try_wait() {
+            self.stop_runtime(volume_id, runtime).await;
+            return Err(EngineLinkError::Start {
+                volume: volume_id.to_string(),
+                what: "nbdfuse",
+                why: format!("exited: {exit}"),
+            });
+        }
+        info!(volume = %volume_id, epoch, members = ?engine.member_ids(), file = %file.display(), "engine serving");
+        runtimes.insert(volume_id.to_string(), runtime);
+        Ok(file)
+    }
+
+    fn start_error(&self, volume: &str, what: &'static str, e: std::io::Error) -> EngineLinkError {
+        EngineLinkError::Start {
+            volume: volume.to_string(),
+            what,
+            why: e.to_string(),
+        }
+    }
+
+    /// Opens a session on every ready member; a member that cannot be opened is removed
+    /// from the membership first (so that no write it misses is ever acknowledged).
+    async fn open_members(
+        &self,
+        volume_id: &str,
+        status: &pb::VolumeStatus,
+        epoch: u64,
+        token: &str,
+        membership: &Arc<ControlMembership>,
+    ) -> Result<Vec<Member>, EngineLinkError> {
+        let mut members: Vec<Member> = Vec::new();
+        let mut failures = Vec::new();
+        for r in status.replicas.iter().filter(|r| r.state == "ready") {
+            let local = r.node_id == self.node_id;
+            let opened = tokio::time::timeout(
+                self.call_timeout,
+                ReplicaClient::connect(
+                    r.node_address.as_str(),
+                    volume_id,
+                    &r.id,
+                    epoch,
+                    token,
+                    local,
+                ),
+            )
+            .await;
+            match opened {
+                Ok(Ok(client)) => members.push(Arc::new(client)),
+                Ok(Err(e)) => failures.push((r.id.clone(), e.to_string())),
+                Err(_) => failures.push((r.id.clone(), "no answer".to_string())),
+            }
+        }
+        if members.is_empty() {
+            return Err(EngineLinkError::NoMembers {
+                volume: volume_id.to_string(),
+                why: failures
+                    .iter()
+                    .map(|(id, why)| format!("{id}: {why}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            });
+        }
+        for (id, why) in failures {
+            membership
+                .remove_member(&id, &format!("unreachable when the engine started: {why}"))
+                .await
+                .map_err(|e| EngineLinkError::Controller {
+                    volume: volume_id.to_string(),
+                    why: format!("removing unreachable member {id}: {e}"),
+                })?;
+        }
+        Ok(members)
+    }
+
+    /// Stops the volume's nbdfuse and engine; Ok when none runs.
+    pub async fn stop(&self, volume_id: &str) {
+        let runtime = self.runtimes.lock().await.remove(volume_id);
+        match runtime {
+            Some(r) => self.stop_runtime(volume_id, r).await,
+            // Nothing known (e.g. after a restart): clear a stale FUSE mount if any.
+            None => {
+                let _ = crate::mount::unmount(&self.fuse_dir(volume_id));
+            }
+        }
+    }
+
+    async fn stop_runtime(&self, volume_id: &str, mut r: Runtime) {
+        if let Err(e) = crate::mount::unmount(&r.fuse_dir) {
+            warn!(volume = %volume_id, error = %e, "unmounting the nbdfuse mount failed");
+        }
+        if tokio::time::timeout(Duration::from_secs(5), r.fuse.wait())
+            .await
+            .is_err()
+        {
+            let _ = r.fuse.kill().await;
+        }
+        if let Some(stop) = r.stop.take() {
+            let _ = stop.send(());
+        }
+        if tokio::time::timeout(Duration::from_secs(15), &mut r.task)
+            .await
+            .is_err()
+        {
+            r.task.abort();
+        }
+        let _ = std::fs::remove_dir(&r.fuse_dir);
+        info!(volume = %volume_id, "engine stopped");
+    }
+}
+
+/// Polls until `ready(path)` holds, up to START_TIMEOUT.
+async fn wait_for(path: &Path, ready: impl Fn(&Path) -> bool) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    while !ready(path) {
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "{} did not appear within {:?}",
+                path.display(),
+                START_TIMEOUT
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
