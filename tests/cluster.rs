@@ -18,6 +18,8 @@ use tonic::transport::Channel;
 const MIB: u64 = 1 << 20;
 /// The controller's heartbeat timeout in these tests (nodes heartbeat every second).
 const HEARTBEAT_TIMEOUT_S: u64 = 3;
+/// The pods' termination grace that the `wait` recovery policy waits out, in these tests.
+const TERMINATION_GRACE_S: u64 = 4;
 
 /// A free loopback port: bound once, then released for the process to bind.
 fn free_port() -> u16 {
@@ -79,6 +81,8 @@ impl Cluster {
             HEARTBEAT_TIMEOUT_S.to_string(),
             "--agent-timeout-seconds".into(),
             "5".into(),
+            "--termination-grace-seconds".into(),
+            TERMINATION_GRACE_S.to_string(),
         ];
         let mut cluster = Cluster {
             controller: Some(spawn(&controller_args)),
@@ -925,4 +929,136 @@ async fn failover_scenario(cluster: &mut Cluster) {
         !target2.join("late-from-n1").exists(),
         "the fenced node's file is visible on the new node"
     );
+}
+
+/// The recovery policies with a frozen attached node: `never` refuses until the attachment
+/// is released by hand, `wait` takes over once the node has been down for the termination
+/// grace, not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_policies_never_and_wait_with_a_frozen_node() {
+    let mut cluster = Cluster::start(3).await;
+    let result = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(policies_scenario(
+        &mut cluster,
+    )))
+    .await;
+    for c in cluster
+        .nodes
+        .iter_mut()
+        .filter_map(|n| n.child.as_mut())
+        .chain(cluster.controller.as_mut())
+    {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn policies_scenario(cluster: &mut Cluster) {
+    cluster.ctl_ok(&[
+        "settings",
+        "set",
+        "storage-minimal-available-percentage",
+        "0",
+    ]);
+    cluster
+        .wait_nodes("3 nodes up", |n| n.len() == 3 && n.iter().all(up))
+        .await;
+    let mut csi = cluster.controller_client().await;
+    let mut ids = Vec::new();
+    for policy in ["never", "wait"] {
+        let mut request = create_request(&format!("pol-{policy}"), 16 * MIB, "3");
+        request
+            .parameters
+            .insert("volumeAttachmentRecoveryPolicy".into(), policy.into());
+        let id = csi
+            .create_volume(request)
+            .await
+            .expect("CreateVolume")
+            .into_inner()
+            .volume
+            .expect("volume")
+            .volume_id;
+        csi.controller_publish_volume(pb::ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "n1".into(),
+            volume_capability: Some(block_cap()),
+            ..Default::default()
+        })
+        .await
+        .expect("publish on n1");
+        ids.push(id);
+    }
+    let publish_n2 = |id: &str| pb::ControllerPublishVolumeRequest {
+        volume_id: id.to_string(),
+        node_id: "n2".into(),
+        volume_capability: Some(block_cap()),
+        ..Default::default()
+    };
+    let n1_pid =
+        nix::unistd::Pid::from_raw(cluster.node("n1").child.as_ref().expect("n1 runs").id() as i32);
+    nix::sys::signal::kill(n1_pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP n1");
+    let frozen = Instant::now();
+    cluster
+        .wait_nodes("n1 down", |n| n.iter().any(|x| x["id"] == "n1" && !up(x)))
+        .await;
+
+    // Down, but not for the grace yet: `wait` refuses and says when it will allow it.
+    let early = csi.controller_publish_volume(publish_n2(&ids[1])).await;
+    match early {
+        Err(s) => {
+            assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+            assert!(s.message().contains("wait"), "{}", s.message());
+            assert!(s.message().contains("n1"), "{}", s.message());
+        }
+        Ok(_) => panic!("`wait` took over before the termination grace had passed"),
+    }
+    // After the grace it takes over.
+    let took_over = loop {
+        match csi.controller_publish_volume(publish_n2(&ids[1])).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                assert!(
+                    frozen.elapsed()
+                        < Duration::from_secs(HEARTBEAT_TIMEOUT_S + TERMINATION_GRACE_S + 20),
+                    "`wait` never took over: {}",
+                    s.message()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("publish with `wait`: {s:?}"),
+        }
+    };
+    assert_eq!(
+        took_over
+            .publish_context
+            .get("palisade.io/epoch")
+            .map(String::as_str),
+        Some("2")
+    );
+    assert!(
+        frozen.elapsed() >= Duration::from_secs(TERMINATION_GRACE_S),
+        "`wait` took over after {:?}, before the grace",
+        frozen.elapsed()
+    );
+
+    // `never` still refuses, however long the node has been down...
+    let s = csi
+        .controller_publish_volume(publish_n2(&ids[0]))
+        .await
+        .expect_err("`never` must not take over");
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+    assert!(s.message().contains("never"), "{}", s.message());
+    // ...until the operator releases the attachment.
+    cluster.ctl_ok(&["volume", "detach", "--force", &ids[0]]);
+    csi.controller_publish_volume(publish_n2(&ids[0]))
+        .await
+        .expect("publish after a forced detach");
+    let status = cluster.ctl_json(&["volume", &ids[0]]);
+    assert_eq!(status["attachment"]["node_id"], "n2", "{status:#}");
 }
