@@ -2,6 +2,7 @@
 //! settings) and levers (settings, force-detach), through the controller's ControlPlane API,
 //! printed as aligned tables or, with `--json`, as JSON.
 
+use crate::scheduler::human;
 use std::io::{self, Write};
 use std::time::Duration;
 
@@ -472,27 +473,6 @@ fn age(ms: u64) -> String {
         60..3600 => format!("{}m{:02}s", s / 60, s % 60),
         _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
     }
-}
-
-/// Bytes for people: "512 B", "16 MiB", "1.5 GiB".
-fn human(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 5] = [
-        ("PiB", 1 << 50),
-        ("TiB", 1 << 40),
-        ("GiB", 1 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-    ];
-    for (unit, size) in UNITS {
-        if bytes >= size {
-            return if bytes.is_multiple_of(size) {
-                format!("{} {unit}", bytes / size)
-            } else {
-                format!("{:.1} {unit}", bytes as f64 / size as f64)
-            };
-        }
-    }
-    format!("{bytes} B")
 }
 
 fn dash(s: &str) -> String {

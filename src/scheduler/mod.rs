@@ -33,7 +33,7 @@ mod view;
 mod tests;
 
 pub use capacity::{capacity, Capacity};
-pub use space::{DiskSpace, SpacePolicy};
+pub use space::{human, DiskSpace, SpacePolicy};
 pub use view::{ClusterView, DiskView, NodeView, ScheduledSpace};
 
 use crate::model::Replica;
@@ -42,7 +42,6 @@ use crate::settings::{self, Settings};
 
 use filter::Filter;
 use select::{Candidates, Policy, Softness, Used};
-use space::human;
 
 /// What to place: new replicas for one volume.
 #[derive(Debug, Clone, Copy)]
