@@ -7,7 +7,7 @@
 //! engine's ratio to nbdkit. `benches/engine.sh` runs it.
 //!
 //! `cargo bench --bench engine` runs it in full (ENGINE_BENCH_RUNTIME seconds per job, 10 by
-//! default; ENGINE_BENCH_SIZE bytes per file, 1 GiB; files under ENGINE_BENCH_DIR, by
+//! default; ENGINE_BENCH_SIZE bytes per file, 512 MiB; files under ENGINE_BENCH_DIR, by
 //! default `target/engine-bench`; ENGINE_BENCH_ONLY, a substring of "JOB / SERVER", runs only
 //! the matching jobs). Without `--bench` (as `cargo test --all-targets` runs it)
 //! it only runs one short job against a one-member engine as a smoke test.
@@ -258,7 +258,7 @@ async fn full() -> Result<(), String> {
         }
     }
     let runtime = env_u64("ENGINE_BENCH_RUNTIME", 10);
-    let size = env_u64("ENGINE_BENCH_SIZE", 1 << 30) / MIB * MIB;
+    let size = env_u64("ENGINE_BENCH_SIZE", 512 << 20) / MIB * MIB;
     let dir = PathBuf::from(
         std::env::var("ENGINE_BENCH_DIR").unwrap_or_else(|_| "target/engine-bench".into()),
     );
@@ -270,11 +270,10 @@ async fn full() -> Result<(), String> {
         dir.display()
     );
 
+    // Every server gets files of its own, filled the same way and then put through the same
+    // jobs, so that no server inherits another's page-cache state.
     let reference = dir.join("nbdkit.img");
-    let files: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("r{i}.img"))).collect();
-    for f in std::iter::once(&reference).chain(&files) {
-        fill(f, size).map_err(|e| format!("{}: {e}", f.display()))?;
-    }
+    fill(&reference, size).map_err(|e| format!("{}: {e}", reference.display()))?;
 
     let nbdkit_socket = dir.join("nbdkit.sock");
     let _ = std::fs::remove_file(&nbdkit_socket);
@@ -293,6 +292,12 @@ async fn full() -> Result<(), String> {
     ];
     for (i, (members, io, label)) in engine_targets.into_iter().enumerate() {
         let socket = dir.join(format!("engine{i}.sock"));
+        let files: Vec<PathBuf> = (0..members)
+            .map(|m| dir.join(format!("engine{i}-r{m}.img")))
+            .collect();
+        for f in &files {
+            fill(f, size).map_err(|e| format!("{}: {e}", f.display()))?;
+        }
         let mut rx = stop_rx.clone();
         let stop = async move {
             let _ = rx.wait_for(|s| *s).await;

@@ -5,7 +5,7 @@
 # with 1, 2 and 3 file members, all on the same disk, side by side.
 #
 # Usage, from anywhere:  benches/engine.sh [SECONDS_PER_JOB]   (default 10)
-# Environment: ENGINE_BENCH_SIZE (bytes per file, default 1 GiB), ENGINE_BENCH_DIR (where
+# Environment: ENGINE_BENCH_SIZE (bytes per file, default 512 MiB; 11 files), ENGINE_BENCH_DIR (where
 # the files and sockets go, default target/engine-bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
