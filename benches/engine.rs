@@ -202,6 +202,70 @@ async fn start_engine(
     Ok(task)
 }
 
+/// Starts an engine whose `members` members are real replicas behind real replica servers
+/// on loopback (one server per member, as on separate nodes), opened with an attachment
+/// token: the network data path of a cluster volume.
+async fn start_network_engine(
+    dir: &Path,
+    index: usize,
+    members: usize,
+    size: u64,
+    socket: &Path,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let secret = vec![7u8; 32];
+    let volume = format!("net-{index}");
+    let token = palisade::token::attachment_token(&secret, &volume, 1);
+    let mut list: Vec<Member> = Vec::new();
+    for m in 0..members {
+        let disk = dir.join(format!("net{index}-disk{m}"));
+        let _ = std::fs::remove_dir_all(&disk);
+        std::fs::create_dir_all(&disk).map_err(|e| format!("{}: {e}", disk.display()))?;
+        let replica_id = format!("{volume}-r-{m}");
+        let r = palisade::replica::create(&disk, &replica_id, &volume, size)
+            .map_err(|e| e.to_string())?;
+        fill(&r.data_path(), size).map_err(|e| e.to_string())?;
+        let server = palisade::replica_server::ReplicaServer::bind(
+            "127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| e.to_string())?,
+            vec![disk.clone()],
+            secret.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let addr = server.local_addr().map_err(|e| e.to_string())?;
+        let mut rx = stop.clone();
+        tokio::spawn(server.serve(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }));
+        let client = palisade::replica_client::ReplicaClient::connect(
+            addr,
+            &volume,
+            &replica_id,
+            1,
+            &token,
+            m == 0,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        list.push(Arc::new(client));
+    }
+    let engine = Engine::new(volume, size, list, Arc::new(Steady)).map_err(|e| e.to_string())?;
+    let socket_owned = socket.to_path_buf();
+    let mut rx = stop;
+    let task = tokio::spawn(async move {
+        let stop = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        if let Err(e) = engine.serve_unix(&socket_owned, stop).await {
+            eprintln!("engine: {e}");
+        }
+    });
+    wait_for_socket(socket).await?;
+    Ok(task)
+}
+
 fn start_nbdkit(file: &Path, socket: &Path) -> Result<Child, String> {
     Command::new("nbdkit")
         .args(["--foreground", "--exit-with-parent", "--unix"])
@@ -305,6 +369,14 @@ async fn full() -> Result<(), String> {
         engines.push(start_engine(&files, members, io, size, &socket, stop).await?);
         targets.push((label.to_string(), socket));
     }
+    // The network data path: members behind replica servers on loopback.
+    for members in 1..=3 {
+        let socket = dir.join(format!("net{members}.sock"));
+        let task =
+            start_network_engine(&dir, members, members, size, &socket, stop_rx.clone()).await?;
+        engines.push(task);
+        targets.push((format!("net x{members}"), socket));
+    }
 
     let only = std::env::var("ENGINE_BENCH_ONLY").unwrap_or_default();
     let mut results: Vec<Vec<Figures>> = Vec::new();
@@ -373,8 +445,16 @@ async fn full() -> Result<(), String> {
         qd1[4].mean_us - qd1[0].mean_us,
         qd1[5].mean_us - qd1[0].mean_us
     );
+    println!(
+        "network replicas (replica servers on loopback): 4k randwrite 1 -> 3 replicas {:.0}%; x1 vs nbdkit: randread {:.0}%, randwrite {:.0}%; qd1 write {:+.1} µs (x1) {:+.1} µs (x3)",
+        pct(randwrite[8].iops, randwrite[6].iops),
+        pct(results[0][6].iops, results[0][0].iops),
+        pct(randwrite[6].iops, randwrite[0].iops),
+        qd1[6].mean_us - qd1[0].mean_us,
+        qd1[8].mean_us - qd1[0].mean_us
+    );
     if let Some(rss) = peak_rss_mib() {
-        println!("peak RSS of the bench process (five engines, no fio, no nbdkit): {rss} MiB");
+        println!("peak RSS of the bench process (eight engines and six replica servers, no fio, no nbdkit): {rss} MiB");
     }
     Ok(())
 }
