@@ -848,7 +848,10 @@ impl Controller {
             }
             _ => None,
         };
-        let policy = volume.params.recovery_policy;
+        let policy = match volume.params.recovery_policy {
+            Some(p) => p,
+            None => self.settings().await?.volume_attachment_recovery_policy,
+        };
         let decision = attach::decide_publish(
             volume.attachment.as_ref(),
             volume.epoch,

@@ -160,7 +160,9 @@ pub struct VolumeParams {
     pub replica_soft_anti_affinity: SoftAntiAffinity,
     pub replica_zone_soft_anti_affinity: SoftAntiAffinity,
     pub replica_disk_soft_anti_affinity: SoftAntiAffinity,
-    pub recovery_policy: RecoveryPolicy,
+    /// The volume's own recovery policy; None: the setting volume-attachment-recovery-policy
+    /// as it is when the take-over is decided.
+    pub recovery_policy: Option<RecoveryPolicy>,
     /// Extra arguments for mkfs, split on whitespace.
     pub mkfs_params: Vec<String>,
 }
@@ -324,11 +326,15 @@ pub fn parse(map: &HashMap<String, String>, settings: &Settings) -> Result<Parse
             REPLICA_DISK_SOFT_ANTI_AFFINITY,
             SoftAntiAffinity::Ignored,
         )?,
-        recovery_policy: parse_or(
-            get(VOLUME_ATTACHMENT_RECOVERY_POLICY),
-            VOLUME_ATTACHMENT_RECOVERY_POLICY,
-            settings.volume_attachment_recovery_policy,
-        )?,
+        recovery_policy: get(VOLUME_ATTACHMENT_RECOVERY_POLICY)
+            .map(|v| {
+                parse_or(
+                    Some(v),
+                    VOLUME_ATTACHMENT_RECOVERY_POLICY,
+                    RecoveryPolicy::Wait,
+                )
+            })
+            .transpose()?,
         mkfs_params: parse_mkfs_params(get(MKFS_PARAMS).unwrap_or_default())?,
     };
     let fs_type = parse_fs_type(get(FS_TYPE), get(CSI_FSTYPE))?;
@@ -366,14 +372,14 @@ impl VolumeParams {
                 REPLICA_DISK_SOFT_ANTI_AFFINITY,
                 self.replica_disk_soft_anti_affinity.to_string(),
             ),
-            (
-                VOLUME_ATTACHMENT_RECOVERY_POLICY,
-                self.recovery_policy.to_string(),
-            ),
             (MKFS_PARAMS, self.mkfs_params.join(" ")),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
+        .chain(
+            self.recovery_policy
+                .map(|p| (VOLUME_ATTACHMENT_RECOVERY_POLICY.to_string(), p.to_string())),
+        )
         .collect()
     }
 
@@ -610,7 +616,7 @@ mod tests {
                 replica_soft_anti_affinity: SoftAntiAffinity::Ignored,
                 replica_zone_soft_anti_affinity: SoftAntiAffinity::Ignored,
                 replica_disk_soft_anti_affinity: SoftAntiAffinity::Ignored,
-                recovery_policy: RecoveryPolicy::Wait,
+                recovery_policy: None,
                 mkfs_params: vec![],
             }
         );
@@ -628,7 +634,9 @@ mod tests {
         let p = p.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(p.number_of_replicas, 2);
         assert_eq!(p.data_locality, DataLocality::BestEffort);
-        assert_eq!(p.recovery_policy, RecoveryPolicy::Immediate);
+        // The recovery policy is not copied from the setting: without the parameter, the
+        // setting as it is at take-over time decides.
+        assert_eq!(p.recovery_policy, None);
     }
 
     #[test]
@@ -659,7 +667,7 @@ mod tests {
             SoftAntiAffinity::Disabled
         );
         assert_eq!(p.replica_disk_soft_anti_affinity, SoftAntiAffinity::Ignored);
-        assert_eq!(p.recovery_policy, RecoveryPolicy::Never);
+        assert_eq!(p.recovery_policy, Some(RecoveryPolicy::Never));
         assert_eq!(
             p.mkfs_params,
             vec!["-I", "256", "-b", "4096", "-O", "^metadata_csum,^64bit"]

@@ -994,6 +994,30 @@ async fn policies_scenario(cluster: &mut Cluster) {
         .expect("publish on n1");
         ids.push(id);
     }
+    // A third volume without the parameter follows the setting as it is at take-over time,
+    // changed here after the volume was created.
+    let setting_id = csi
+        .create_volume(create_request("pol-setting", 16 * MIB, "3"))
+        .await
+        .expect("CreateVolume")
+        .into_inner()
+        .volume
+        .expect("volume")
+        .volume_id;
+    csi.controller_publish_volume(pb::ControllerPublishVolumeRequest {
+        volume_id: setting_id.clone(),
+        node_id: "n1".into(),
+        volume_capability: Some(block_cap()),
+        ..Default::default()
+    })
+    .await
+    .expect("publish on n1");
+    cluster.ctl_ok(&[
+        "settings",
+        "set",
+        "volume-attachment-recovery-policy",
+        "immediate",
+    ]);
     let publish_n2 = |id: &str| pb::ControllerPublishVolumeRequest {
         volume_id: id.to_string(),
         node_id: "n2".into(),
@@ -1018,6 +1042,15 @@ async fn policies_scenario(cluster: &mut Cluster) {
         }
         Ok(_) => panic!("`wait` took over before the termination grace had passed"),
     }
+    // The volume that follows the setting (now `immediate`) moves at once.
+    csi.controller_publish_volume(publish_n2(&setting_id))
+        .await
+        .expect("the setting `immediate` applies to a volume without the parameter");
+    assert!(
+        frozen.elapsed() < Duration::from_secs(TERMINATION_GRACE_S + HEARTBEAT_TIMEOUT_S),
+        "the take-over by the setting came too late to tell it from `wait`"
+    );
+
     // After the grace it takes over.
     let took_over = loop {
         match csi.controller_publish_volume(publish_n2(&ids[1])).await {

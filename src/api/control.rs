@@ -138,7 +138,10 @@ fn volume(v: &controller::VolumeStatus, nodes: &NodeFacts) -> pb::VolumeStatus {
         attachment: vol.attachment.as_ref().map(attachment),
         epoch: vol.epoch,
         degraded_reason: vol.degraded_reason.clone().unwrap_or_default(),
-        recovery_policy: vol.params.recovery_policy.to_string(),
+        recovery_policy: vol
+            .params
+            .recovery_policy
+            .map_or_else(|| "setting".to_string(), |p| p.to_string()),
         data_locality: vol.params.data_locality.to_string(),
         created_ms: vol.created_ms,
     }

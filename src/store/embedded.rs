@@ -429,7 +429,7 @@ mod tests {
                 replica_soft_anti_affinity: SoftAntiAffinity::Ignored,
                 replica_zone_soft_anti_affinity: SoftAntiAffinity::Ignored,
                 replica_disk_soft_anti_affinity: SoftAntiAffinity::Ignored,
-                recovery_policy: RecoveryPolicy::Wait,
+                recovery_policy: Some(RecoveryPolicy::Wait),
                 mkfs_params: vec![],
             },
             extra_params: BTreeMap::new(),
