@@ -793,23 +793,7 @@ async fn replicated_volume_survives_a_dead_replica_and_fails_over_with_fencing()
         &mut cluster,
     )))
     .await;
-    for n in cluster.nodes.iter_mut() {
-        if let Some(c) = n.child.as_ref() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGCONT,
-            );
-        }
-    }
-    for c in cluster
-        .nodes
-        .iter_mut()
-        .filter_map(|n| n.child.as_mut())
-        .chain(cluster.controller.as_mut())
-    {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    stop_all(&mut cluster);
     cleanup_mounts(&root);
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
@@ -817,16 +801,7 @@ async fn replicated_volume_survives_a_dead_replica_and_fails_over_with_fencing()
 }
 
 async fn failover_scenario(cluster: &mut Cluster) {
-    cluster.ctl_ok(&[
-        "settings",
-        "set",
-        "storage-minimal-available-percentage",
-        "0",
-    ]);
-    cluster
-        .wait_nodes("3 nodes up", |n| n.len() == 3 && n.iter().all(up))
-        .await;
-    let mut csi = cluster.controller_client().await;
+    let mut csi = ready_cluster(cluster).await;
     let mut request = create_request("data", 64 * MIB, "3");
     request.volume_capabilities = vec![mount_cap()];
     request
@@ -941,35 +916,14 @@ async fn recovery_policies_never_and_wait_with_a_frozen_node() {
         &mut cluster,
     )))
     .await;
-    for c in cluster
-        .nodes
-        .iter_mut()
-        .filter_map(|n| n.child.as_mut())
-        .chain(cluster.controller.as_mut())
-    {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGCONT,
-        );
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    stop_all(&mut cluster);
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }
 }
 
 async fn policies_scenario(cluster: &mut Cluster) {
-    cluster.ctl_ok(&[
-        "settings",
-        "set",
-        "storage-minimal-available-percentage",
-        "0",
-    ]);
-    cluster
-        .wait_nodes("3 nodes up", |n| n.len() == 3 && n.iter().all(up))
-        .await;
-    let mut csi = cluster.controller_client().await;
+    let mut csi = ready_cluster(cluster).await;
     let mut ids = Vec::new();
     for policy in ["never", "wait"] {
         let mut request = create_request(&format!("pol-{policy}"), 16 * MIB, "3");
@@ -1094,4 +1048,36 @@ async fn policies_scenario(cluster: &mut Cluster) {
         .expect("publish after a forced detach");
     let status = cluster.ctl_json(&["volume", &ids[0]]);
     assert_eq!(status["attachment"]["node_id"], "n2", "{status:#}");
+}
+
+/// Resumes frozen processes, then kills every process of the cluster and waits for it.
+fn stop_all(cluster: &mut Cluster) {
+    for c in cluster
+        .nodes
+        .iter_mut()
+        .filter_map(|n| n.child.as_mut())
+        .chain(cluster.controller.as_mut())
+    {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Waits for three nodes up, with the host-disk free-space check off (the nodes' disks are
+/// directories on the host's filesystem), and returns a client of the controller's socket.
+async fn ready_cluster(cluster: &Cluster) -> ControllerClient<Channel> {
+    cluster.ctl_ok(&[
+        "settings",
+        "set",
+        "storage-minimal-available-percentage",
+        "0",
+    ]);
+    cluster
+        .wait_nodes("3 nodes up", |n| n.len() == 3 && n.iter().all(up))
+        .await;
+    cluster.controller_client().await
 }
