@@ -68,6 +68,23 @@ struct ControlMembership {
     timeout: Duration,
 }
 
+impl ControlMembership {
+    /// Awaits a controller call within the time limit; its error message on failure.
+    async fn call<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<(), String> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => Err(status.message().to_string()),
+            Err(_) => Err(format!(
+                "the controller did not answer within {:?}",
+                self.timeout
+            )),
+        }
+    }
+}
+
 #[async_trait]
 impl Membership for ControlMembership {
     async fn remove_member(&self, replica_id: &str, reason: &str) -> Result<(), String> {
@@ -79,14 +96,7 @@ impl Membership for ControlMembership {
             epoch: self.epoch,
             reason: reason.to_string(),
         });
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(status)) => Err(status.message().to_string()),
-            Err(_) => Err(format!(
-                "the controller did not answer within {:?}",
-                self.timeout
-            )),
-        }
+        self.call(call).await
     }
 
     async fn renew_lease(&self) -> Result<(), String> {
@@ -96,14 +106,7 @@ impl Membership for ControlMembership {
             node_id: self.node_id.clone(),
             epoch: self.epoch,
         });
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(status)) => Err(status.message().to_string()),
-            Err(_) => Err(format!(
-                "the controller did not answer within {:?}",
-                self.timeout
-            )),
-        }
+        self.call(call).await
     }
 }
 
@@ -146,13 +149,19 @@ impl ClusterLink {
         volume_id: &str,
         ctx: &HashMap<String, String>,
     ) -> Result<PathBuf, EngineLinkError> {
-        let mut runtimes = self.runtimes.lock().await;
-        if let Some(r) = runtimes.get_mut(volume_id) {
-            if !r.task.is_finished() && matches!(r.fuse.try_wait(), Ok(None)) {
-                return Ok(self.backing_file(volume_id));
+        // The map is locked only to look and to insert: starting an engine opens network
+        // sessions, and other volumes' stages must not wait on them. The caller holds the
+        // volume's own lock, so no second start of the same volume runs meanwhile.
+        let stale = {
+            let mut runtimes = self.runtimes.lock().await;
+            if let Some(r) = runtimes.get_mut(volume_id) {
+                if !r.task.is_finished() && matches!(r.fuse.try_wait(), Ok(None)) {
+                    return Ok(self.backing_file(volume_id));
+                }
             }
-        }
-        if let Some(old) = runtimes.remove(volume_id) {
+            runtimes.remove(volume_id)
+        };
+        if let Some(old) = stale {
             self.stop_runtime(volume_id, old).await;
         }
         let context = |key: &'static str| {
@@ -272,7 +281,10 @@ impl ClusterLink {
             });
         }
         info!(volume = %volume_id, epoch, members = ?engine.member_ids(), file = %file.display(), "engine serving");
-        runtimes.insert(volume_id.to_string(), runtime);
+        self.runtimes
+            .lock()
+            .await
+            .insert(volume_id.to_string(), runtime);
         Ok(file)
     }
 
