@@ -12,10 +12,13 @@
 //! raises the epoch. Every later request of an older session is refused with Fenced: once a
 //! newer epoch has been accepted, no byte of an older session reaches the disk.
 //!
-//! Requests are pipelined: the server reads frames continuously and runs up to
-//! [`MAX_IN_FLIGHT`] requests of a session (and at most [`MAX_IN_FLIGHT_BYTES`] of their data)
-//! at once, on the blocking thread pool, answering each with its tag as it completes. A
-//! malformed frame ends its session (logged with the peer's address) and nothing else.
+//! Requests are pipelined: the server reads frames continuously. Reads, writes without FUA
+//! and trims, which the page cache absorbs, run inline in batches (everything one socket read
+//! brought, under one acquisition of the lock, answered in one write); flushes and FUA writes,
+//! which wait for the disk, run on the blocking thread pool. Up to [`MAX_IN_FLIGHT`] requests
+//! (or batches) of a session, with at most [`MAX_IN_FLIGHT_BYTES`] of data, are in flight at
+//! once; answers carry the request's tag. A malformed frame ends its session (logged with the
+//! peer's address) and nothing else.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -32,7 +35,7 @@ use nix::fcntl::FallocateFlags;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
-use tokio::sync::{mpsc, watch, OwnedRwLockReadGuard, OwnedSemaphorePermit, RwLock, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, RwLock, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::replica::{self, ReplicaError};
@@ -110,12 +113,20 @@ struct Session {
     epoch: u64,
 }
 
-/// One answer on its way to the client, with the permits of its request (released once it
-/// has been written, so a client that stops reading stops the server reading its requests).
-struct Answer {
-    tag: Tag,
-    response: Response,
-    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+/// The permits of requests in flight: a count and bytes of data.
+type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// Answers on their way to the client, with the permits of their requests (released once
+/// written, so a client that stops reading stops the server reading its requests).
+enum Answer {
+    /// One answer, of a request that ran on its own task.
+    One {
+        tag: Tag,
+        response: Response,
+        _permits: Option<Permits>,
+    },
+    /// The answers of a batch that ran inline, encoded already.
+    Encoded { frames: Bytes, _permits: Permits },
 }
 
 impl ReplicaServer {
@@ -214,11 +225,26 @@ async fn serve_connection(
     let in_flight_bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES));
     let mut session: Option<Session> = None;
     let mut buf = BytesMut::with_capacity(64 << 10);
+    // Requests read and not yet run, to run together in one batch (see `Batch`).
+    let mut batch = Batch::default();
     // Set when the server ends the session on its side, with an answer saying why.
     let mut refused = false;
     let open_deadline = tokio::time::Instant::now() + OPEN_TIMEOUT;
     loop {
-        let (tag, request) = match wire::decode_request(&mut buf) {
+        let decoded = wire::decode_request(&mut buf);
+        if !batch.is_empty() && (batch.is_full() || !matches!(decoded, Ok(Some(_)))) {
+            // Everything read so far is decoded (or the batch is full): run it before
+            // waiting for more. A frame decoded meanwhile is handled right after.
+            if let Some(open_session) = &session {
+                let ran = batch
+                    .run(open_session, &in_flight, &in_flight_bytes, &answers)
+                    .await;
+                if ran.is_err() {
+                    break;
+                }
+            }
+        }
+        let (tag, request) = match decoded {
             Ok(Some(frame)) => frame,
             Ok(None) => {
                 tokio::select! {
@@ -275,15 +301,22 @@ async fn serve_connection(
             refused = true;
             break;
         }
+        if runs_inline(&request) {
+            batch.push(tag, request);
+            continue;
+        }
+        // Requests run in the order they arrived: the batch read before this one first.
+        if !batch.is_empty()
+            && batch
+                .run(open_session, &in_flight, &in_flight_bytes, &answers)
+                .await
+                .is_err()
+        {
+            break;
+        }
         // Waits (and stops reading) while the session has too much in flight.
         let cost = data_len(&request).clamp(1, MAX_IN_FLIGHT_BYTES);
-        let cost = u32::try_from(cost).unwrap_or(u32::MAX);
-        let permits = tokio::join!(
-            Arc::clone(&in_flight).acquire_owned(),
-            Arc::clone(&in_flight_bytes).acquire_many_owned(cost)
-        );
-        let (Ok(count), Ok(bytes)) = permits else {
-            // The semaphores are never closed.
+        let Ok(permits) = acquire(&in_flight, &in_flight_bytes, cost).await else {
             break;
         };
         let replica = Arc::clone(&open_session.replica);
@@ -291,7 +324,7 @@ async fn serve_connection(
         let answers = answers.clone();
         tokio::spawn(async move {
             let response = execute(replica, epoch, request).await;
-            answer(&answers, tag, response, Some((count, bytes)));
+            answer(&answers, tag, response, Some(permits));
         });
     }
     // The writer ends once the requests in flight have sent their answers.
@@ -311,14 +344,113 @@ async fn serve_connection(
     }
 }
 
+/// Whether a request runs inline, in a batch on the session's task, rather than on the
+/// blocking pool: reads, writes without FUA and trims, which the page cache absorbs. What
+/// waits for the disk (flush, FUA writes) runs on its own.
+fn runs_inline(request: &Request) -> bool {
+    match request {
+        Request::Read { .. } | Request::Trim { .. } => true,
+        Request::Write { fua, .. } => !fua,
+        Request::Open(_) | Request::Flush => false,
+    }
+}
+
+/// Takes the permits for a request (or batch) moving `cost` bytes; waits while the session
+/// has too much in flight. Fails only if the semaphores were closed (never).
+async fn acquire(
+    count: &Arc<Semaphore>,
+    bytes: &Arc<Semaphore>,
+    cost: usize,
+) -> Result<Permits, tokio::sync::AcquireError> {
+    let cost = u32::try_from(cost.clamp(1, MAX_IN_FLIGHT_BYTES)).unwrap_or(u32::MAX);
+    let (count, bytes) = tokio::join!(
+        Arc::clone(count).acquire_owned(),
+        Arc::clone(bytes).acquire_many_owned(cost)
+    );
+    Ok((count?, bytes?))
+}
+
+/// Requests that run together, inline: the session reads every frame the socket has, runs
+/// the batch under one acquisition of the replica's lock, and sends the answers in one write.
+/// Pipelined requests thus cost one read, one lock and one write per batch instead of a
+/// task, a blocking-pool hand-off and a write each.
+#[derive(Default)]
+struct Batch {
+    requests: Vec<(Tag, Request)>,
+    /// The bytes of data the batch moves.
+    bytes: usize,
+}
+
+impl Batch {
+    /// The most requests in one batch.
+    const MAX_REQUESTS: usize = 64;
+    /// The most data bytes in one batch.
+    const MAX_BYTES: usize = 4 << 20;
+
+    fn is_empty(&self) -> bool {
+        self.requests.is_empty()
+    }
+
+    fn is_full(&self) -> bool {
+        self.requests.len() >= Self::MAX_REQUESTS || self.bytes >= Self::MAX_BYTES
+    }
+
+    fn push(&mut self, tag: Tag, request: Request) {
+        self.bytes = self.bytes.saturating_add(data_len(&request));
+        self.requests.push((tag, request));
+    }
+
+    /// Runs the batch: checks the session's epoch and does each request's I/O under the
+    /// replica's read lock (so an Open that fences waits for the whole batch), then hands the
+    /// answers to the writer. Fails only when the session must end.
+    async fn run(
+        &mut self,
+        session: &Session,
+        count: &Arc<Semaphore>,
+        bytes: &Arc<Semaphore>,
+        answers: &mpsc::UnboundedSender<Answer>,
+    ) -> Result<(), ()> {
+        let permits = acquire(count, bytes, self.bytes).await.map_err(|_| ())?;
+        let mut frames = BytesMut::with_capacity(
+            self.requests
+                .iter()
+                .map(|(_, r)| match r {
+                    Request::Read { len, .. } => usize::try_from(*len).unwrap_or(0) + 32,
+                    _ => 32,
+                })
+                .sum(),
+        );
+        {
+            let state = session.replica.state.read().await;
+            for (tag, request) in self.requests.drain(..) {
+                let response = if state.epoch > session.epoch {
+                    Response::Fenced {
+                        current: state.epoch,
+                    }
+                } else {
+                    do_io(&state, request)
+                };
+                encode_answer(tag, &response, &mut frames);
+            }
+        }
+        self.bytes = 0;
+        // An error means the writer has gone (the client disconnected): nobody to answer.
+        let _ = answers.send(Answer::Encoded {
+            frames: frames.freeze(),
+            _permits: permits,
+        });
+        Ok(())
+    }
+}
+
 fn answer(
     answers: &mpsc::UnboundedSender<Answer>,
     tag: Tag,
     response: Response,
-    permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    permits: Option<Permits>,
 ) {
     // An error means the writer has gone (the client disconnected): nobody to answer.
-    let _ = answers.send(Answer {
+    let _ = answers.send(Answer::One {
         tag,
         response,
         _permits: permits,
@@ -345,10 +477,9 @@ async fn write_answers(
     while let Some(first) = to_send.recv().await {
         let mut next = Some(first);
         while let Some(answer) = next {
-            if let Err(e) = wire::encode_response(answer.tag, &answer.response, &mut out) {
-                let response = Response::Io(format!("cannot encode the answer: {e}"));
-                // An Io answer always encodes.
-                let _ = wire::encode_response(answer.tag, &response, &mut out);
+            match &answer {
+                Answer::One { tag, response, .. } => encode_answer(*tag, response, &mut out),
+                Answer::Encoded { frames, .. } => out.extend_from_slice(frames),
             }
             sent.push(answer);
             next = match out.len() < WRITE_BATCH {
@@ -366,6 +497,15 @@ async fn write_answers(
     }
     if let Err(e) = writer.shutdown().await {
         tracing::debug!(%peer, error = %e, "cannot close the replica session");
+    }
+}
+
+/// Encodes one answer; one that cannot be encoded becomes an I/O error answer.
+fn encode_answer(tag: Tag, response: &Response, out: &mut BytesMut) {
+    if let Err(e) = wire::encode_response(tag, response, out) {
+        let response = Response::Io(format!("cannot encode the answer: {e}"));
+        // An Io answer always encodes.
+        let _ = wire::encode_response(tag, &response, out);
     }
 }
 
@@ -576,7 +716,7 @@ async fn execute(replica: Arc<ServedReplica>, epoch: u64, request: Request) -> R
 }
 
 /// The disk I/O of one request.
-fn do_io(state: &OwnedRwLockReadGuard<ReplicaState>, request: Request) -> Response {
+fn do_io(state: &ReplicaState, request: Request) -> Response {
     let Some(file) = &state.file else {
         return Response::Io("the replica's data file is not open".to_string());
     };
