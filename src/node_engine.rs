@@ -18,6 +18,7 @@ use crate::api::v1::control_plane_client::ControlPlaneClient;
 use crate::controller::{CONTEXT_EPOCH, CONTEXT_TOKEN};
 use crate::engine::{Engine, EngineConfig, Member, Membership};
 use crate::replica_client::ReplicaClient;
+use crate::replica_server::LocalReplicas;
 
 /// The file nbdfuse exposes inside its mount point.
 const FUSE_FILE: &str = "nbd";
@@ -49,6 +50,9 @@ pub struct ClusterLink {
     pub state_dir: PathBuf,
     pub engine: EngineConfig,
     pub call_timeout: Duration,
+    /// In-process sessions on this node's replicas: a local member is opened through it
+    /// (same token and epoch rules, no socket) rather than over loopback TCP.
+    local: Option<LocalReplicas>,
     runtimes: Arc<Mutex<HashMap<String, Runtime>>>,
 }
 
@@ -123,8 +127,15 @@ impl ClusterLink {
             state_dir,
             engine,
             call_timeout: Duration::from_secs(10),
+            local: None,
             runtimes: Arc::default(),
         }
+    }
+
+    /// Opens this node's own replicas in process, through `local`.
+    pub fn with_local_replicas(mut self, local: LocalReplicas) -> Self {
+        self.local = Some(local);
+        self
     }
 
     /// The file a staged volume's loop device is over.
@@ -310,20 +321,29 @@ impl ClusterLink {
         let mut failures = Vec::new();
         for r in status.replicas.iter().filter(|r| r.state == "ready") {
             let local = r.node_id == self.node_id;
-            let opened = tokio::time::timeout(
-                self.call_timeout,
-                ReplicaClient::connect(
-                    r.node_address.as_str(),
-                    volume_id,
-                    &r.id,
-                    epoch,
-                    token,
-                    local,
-                ),
-            )
-            .await;
+            let opened = match (&self.local, local) {
+                (Some(replicas), true) => tokio::time::timeout(
+                    self.call_timeout,
+                    replicas.open(volume_id, &r.id, epoch, token),
+                )
+                .await
+                .map(|opened| opened.map(|session| Arc::new(session) as Member)),
+                _ => tokio::time::timeout(
+                    self.call_timeout,
+                    ReplicaClient::connect(
+                        r.node_address.as_str(),
+                        volume_id,
+                        &r.id,
+                        epoch,
+                        token,
+                        local,
+                    ),
+                )
+                .await
+                .map(|opened| opened.map(|client| Arc::new(client) as Member)),
+            };
             match opened {
-                Ok(Ok(client)) => members.push(Arc::new(client)),
+                Ok(Ok(member)) => members.push(member),
                 Ok(Err(e)) => failures.push((r.id.clone(), e.to_string())),
                 Err(_) => failures.push((r.id.clone(), "no answer".to_string())),
             }

@@ -39,6 +39,8 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, RwLock, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::replica::{self, ReplicaError};
+use crate::replica_client::refusal;
+use crate::replica_io::{ReplicaIo, ReplicaIoError};
 use crate::token;
 use crate::wire::{self, Open, Request, Response, Tag};
 
@@ -82,9 +84,18 @@ pub struct ReplicaServer {
 struct Shared {
     disks: Vec<PathBuf>,
     secret: Vec<u8>,
-    /// The replicas that have sessions, by replica id. An entry lives as long as a session
-    /// (or a request) holds it; the epoch itself is on disk, read again at every Open.
-    replicas: Mutex<HashMap<String, Weak<ServedReplica>>>,
+}
+
+/// The replicas being served in this process, by disk and replica id. An entry lives as long
+/// as a session (or a request) holds it; the epoch itself is on disk, read again at every
+/// Open. Process-wide rather than per server, so that every session on a replica file in this
+/// process — of any server, in-process or over the network — shares one state and one lock,
+/// and a newer Open fences them all.
+type Registry = Mutex<HashMap<(PathBuf, String), Weak<ServedReplica>>>;
+
+fn registry() -> &'static Registry {
+    static SERVED: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
+    SERVED.get_or_init(Registry::default)
 }
 
 /// A replica being served, shared by all its sessions.
@@ -141,14 +152,23 @@ impl ReplicaServer {
             return Err(ServerError::SecretTooShort(secret.len()));
         }
         let listener = TcpListener::bind(addr).await.map_err(ServerError::Bind)?;
+        // One spelling per disk, so that every server in the process finds the same served
+        // replica for the same file.
+        let disks = disks
+            .into_iter()
+            .map(|d| std::fs::canonicalize(&d).unwrap_or(d))
+            .collect();
         Ok(ReplicaServer {
             listener,
-            shared: Arc::new(Shared {
-                disks,
-                secret,
-                replicas: Mutex::new(HashMap::new()),
-            }),
+            shared: Arc::new(Shared { disks, secret }),
         })
+    }
+
+    /// In-process sessions on this server's replicas, for the engines of the same process.
+    pub fn local(&self) -> LocalReplicas {
+        LocalReplicas {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// The address the server listens on (with the port chosen, if port 0 was asked for).
@@ -199,6 +219,131 @@ impl ReplicaServer {
             sessions.shutdown().await;
         }
         tracing::info!("replica server stopped");
+    }
+}
+
+/// In-process access to a replica server's replicas, for the engine of a volume attached on
+/// the same node: a [`LocalSession`] obeys exactly the rules of a network session — the
+/// attachment token, the epoch rules of Open, and fencing under the same per-replica lock,
+/// so a newer Open (from any engine, over the network or not) fences it too — without the
+/// socket, the framing or a task hand-off.
+#[derive(Clone)]
+pub struct LocalReplicas {
+    shared: Arc<Shared>,
+}
+
+impl LocalReplicas {
+    /// In-process sessions on the replicas on `disks`, with tokens verified with `secret`;
+    /// the same as [`ReplicaServer::local`] of a server over those disks, without a server.
+    pub fn new(disks: Vec<PathBuf>, secret: Vec<u8>) -> Result<LocalReplicas, ServerError> {
+        if secret.len() < MIN_SECRET_LEN {
+            return Err(ServerError::SecretTooShort(secret.len()));
+        }
+        let disks = disks
+            .into_iter()
+            .map(|d| std::fs::canonicalize(&d).unwrap_or(d))
+            .collect();
+        Ok(LocalReplicas {
+            shared: Arc::new(Shared { disks, secret }),
+        })
+    }
+
+    /// Opens a session on replica `replica_id` of `volume_id` at attachment `epoch`, with the
+    /// attachment's `token`; refused exactly as a network Open would be.
+    pub async fn open(
+        &self,
+        volume_id: &str,
+        replica_id: &str,
+        epoch: u64,
+        token: &str,
+    ) -> Result<LocalSession, ReplicaIoError> {
+        let open = Open {
+            volume_id: volume_id.to_string(),
+            replica_id: replica_id.to_string(),
+            epoch,
+            token: token.to_string(),
+        };
+        match open_replica(&self.shared, &open, &"this process").await {
+            Ok((session, Response::Opened { size, .. })) => Ok(LocalSession {
+                replica: session.replica,
+                epoch,
+                size,
+            }),
+            Ok((_, other)) | Err(other) => Err(refusal(replica_id, epoch, other)),
+        }
+    }
+}
+
+/// A session on a replica of this process's replica server (see [`LocalReplicas`]). Reads,
+/// ordinary writes and trims run on the calling task (the page cache absorbs them); flushes
+/// and FUA writes, which wait for the disk, on the blocking pool.
+pub struct LocalSession {
+    replica: Arc<ServedReplica>,
+    epoch: u64,
+    size: u64,
+}
+
+impl LocalSession {
+    /// The volume's size in bytes, as the replica's metadata says.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Runs `request` inline under the replica's read lock, after the epoch check.
+    async fn inline(&self, request: Request) -> Response {
+        let state = self.replica.state.read().await;
+        if state.epoch > self.epoch {
+            return Response::Fenced {
+                current: state.epoch,
+            };
+        }
+        do_io(&state, request)
+    }
+
+    fn refused(&self, response: Response) -> ReplicaIoError {
+        refusal(&self.replica.id, self.epoch, response)
+    }
+
+    fn done(&self, response: Response) -> Result<(), ReplicaIoError> {
+        match response {
+            Response::Done => Ok(()),
+            other => Err(self.refused(other)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ReplicaIo for LocalSession {
+    fn id(&self) -> &str {
+        &self.replica.id
+    }
+
+    fn is_local(&self) -> bool {
+        true
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ReplicaIoError> {
+        match self.inline(Request::Read { offset, len }).await {
+            Response::Data(data) => Ok(data),
+            other => Err(self.refused(other)),
+        }
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ReplicaIoError> {
+        let request = Request::Write { offset, fua, data };
+        let response = match fua {
+            false => self.inline(request).await,
+            true => execute(Arc::clone(&self.replica), self.epoch, request).await,
+        };
+        self.done(response)
+    }
+
+    async fn flush(&self) -> Result<(), ReplicaIoError> {
+        self.done(execute(Arc::clone(&self.replica), self.epoch, Request::Flush).await)
+    }
+
+    async fn trim(&self, offset: u64, len: u32) -> Result<(), ReplicaIoError> {
+        self.done(self.inline(Request::Trim { offset, len }).await)
     }
 }
 
@@ -281,7 +426,7 @@ async fn serve_connection(
                 refused = true;
                 break;
             };
-            match open_replica(&shared, &open, peer).await {
+            match open_replica(&shared, &open, &peer).await {
                 Ok((opened, response)) => {
                     session = Some(opened);
                     answer(&answers, tag, response, None);
@@ -514,7 +659,7 @@ fn encode_answer(tag: Tag, response: &Response, out: &mut BytesMut) {
 async fn open_replica(
     shared: &Arc<Shared>,
     open: &Open,
-    peer: SocketAddr,
+    peer: &(dyn std::fmt::Display + Sync),
 ) -> Result<(Session, Response), Response> {
     let refuse = |response: Response, why: &str| {
         tracing::warn!(
@@ -676,23 +821,28 @@ async fn find_replica(
 
 impl Shared {
     fn served(&self, replica_id: &str) -> Option<Arc<ServedReplica>> {
-        let replicas = self.replicas.lock().unwrap_or_else(PoisonError::into_inner);
-        replicas.get(replica_id).and_then(Weak::upgrade)
+        let replicas = registry().lock().unwrap_or_else(PoisonError::into_inner);
+        self.disks.iter().find_map(|disk| {
+            replicas
+                .get(&(disk.clone(), replica_id.to_string()))
+                .and_then(Weak::upgrade)
+        })
     }
 
     /// The served replica `replica_id`, made (on `disk`) unless a session made it meanwhile.
     fn serve(&self, replica_id: &str, disk: PathBuf) -> Arc<ServedReplica> {
-        let mut replicas = self.replicas.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(replica) = replicas.get(replica_id).and_then(Weak::upgrade) {
+        let mut replicas = registry().lock().unwrap_or_else(PoisonError::into_inner);
+        let key = (disk, replica_id.to_string());
+        if let Some(replica) = replicas.get(&key).and_then(Weak::upgrade) {
             return replica;
         }
         replicas.retain(|_, replica| replica.strong_count() > 0);
         let replica = Arc::new(ServedReplica {
             id: replica_id.to_string(),
-            disk,
+            disk: key.0.clone(),
             state: Arc::new(RwLock::new(ReplicaState::default())),
         });
-        replicas.insert(replica_id.to_string(), Arc::downgrade(&replica));
+        replicas.insert(key, Arc::downgrade(&replica));
         replica
     }
 }
@@ -798,7 +948,6 @@ mod tests {
         Arc::new(Shared {
             disks: vec![disk.to_path_buf()],
             secret: SECRET.to_vec(),
-            replicas: Mutex::new(HashMap::new()),
         })
     }
 
@@ -823,7 +972,7 @@ mod tests {
         let disk = tempfile::tempdir().unwrap();
         replica::create(disk.path(), "r1", "vol", 1 << 20).unwrap();
         let shared = shared(disk.path());
-        let (old, opened) = open_replica(&shared, &open(1), peer()).await.unwrap();
+        let (old, opened) = open_replica(&shared, &open(1), &peer()).await.unwrap();
         assert_eq!(
             opened,
             Response::Opened {
@@ -842,7 +991,7 @@ mod tests {
         let in_flight = Arc::clone(&old.replica.state).read_owned().await;
         let newer = {
             let shared = Arc::clone(&shared);
-            tokio::spawn(async move { open_replica(&shared, &open(2), peer()).await })
+            tokio::spawn(async move { open_replica(&shared, &open(2), &peer()).await })
         };
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!newer.is_finished(), "the newer Open did not wait");
@@ -869,9 +1018,9 @@ mod tests {
         .await;
         assert_eq!(response, Response::Data(Bytes::from_static(b"old")));
         // A later Open of the old epoch is refused; the same epoch is accepted again.
-        let refused = open_replica(&shared, &open(1), peer()).await.err();
+        let refused = open_replica(&shared, &open(1), &peer()).await.err();
         assert_eq!(refused, Some(Response::StaleEpoch { current: 2 }));
-        assert!(open_replica(&shared, &open(2), peer()).await.is_ok());
+        assert!(open_replica(&shared, &open(2), &peer()).await.is_ok());
     }
 
     #[tokio::test]
@@ -879,7 +1028,7 @@ mod tests {
         let disk = tempfile::tempdir().unwrap();
         replica::create(disk.path(), "r1", "vol", 1 << 20).unwrap();
         let shared = shared(disk.path());
-        let (session, _) = open_replica(&shared, &open(1), peer()).await.unwrap();
+        let (session, _) = open_replica(&shared, &open(1), &peer()).await.unwrap();
         let write = Request::Write {
             offset: 0,
             fua: true,
@@ -893,9 +1042,9 @@ mod tests {
         replica::create(disk.path(), "r1", "vol", 2 << 20).unwrap();
         // The served replica is still alive (the session holds it): the next Open sees the
         // new incarnation, at epoch 0 on disk, but the epoch in memory is not forgotten.
-        let refused = open_replica(&shared, &open(0), peer()).await.err();
+        let refused = open_replica(&shared, &open(0), &peer()).await.err();
         assert_eq!(refused, Some(Response::StaleEpoch { current: 1 }));
-        let (again, opened) = open_replica(&shared, &open(1), peer()).await.unwrap();
+        let (again, opened) = open_replica(&shared, &open(1), &peer()).await.unwrap();
         assert_eq!(
             opened,
             Response::Opened {
