@@ -10,11 +10,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{oneshot, Mutex};
-use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::api::v1 as pb;
-use crate::api::v1::control_plane_client::ControlPlaneClient;
+use crate::api::ControlClient;
 use crate::controller::{CONTEXT_EPOCH, CONTEXT_TOKEN};
 use crate::engine::{Engine, EngineConfig, Member, Membership};
 use crate::replica_client::ReplicaClient;
@@ -45,7 +44,7 @@ pub enum EngineLinkError {
 /// The node's link to the controller and where its engines keep their sockets.
 #[derive(Clone)]
 pub struct ClusterLink {
-    pub control: ControlPlaneClient<Channel>,
+    pub control: ControlClient,
     pub node_id: String,
     pub state_dir: PathBuf,
     pub engine: EngineConfig,
@@ -65,7 +64,7 @@ struct Runtime {
 
 /// The engine's membership and lease, kept by the controller.
 struct ControlMembership {
-    control: ControlPlaneClient<Channel>,
+    control: ControlClient,
     volume_id: String,
     node_id: String,
     epoch: u64,
@@ -116,7 +115,7 @@ impl Membership for ControlMembership {
 
 impl ClusterLink {
     pub fn new(
-        control: ControlPlaneClient<Channel>,
+        control: ControlClient,
         node_id: String,
         state_dir: PathBuf,
         engine: EngineConfig,

@@ -54,7 +54,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long a new connection has to open its session before the server closes it.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The shortest cluster secret the server accepts.
-pub const MIN_SECRET_LEN: usize = 16;
+pub use crate::token::MIN_SECRET_LEN;
 
 /// Answers are gathered into one write of up to this many bytes.
 const WRITE_BATCH: usize = 256 << 10;
