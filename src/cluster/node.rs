@@ -81,31 +81,6 @@ pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
                 source,
             }
         })?;
-    let node = Arc::new(
-        NodeService::new(NodeConfig {
-            node_id: cfg.node_id.clone(),
-            zone: cfg.zone.clone(),
-            disks: process::disk_dirs(&disks),
-            max_volumes: MAX_VOLUMES_PER_NODE,
-        })
-        .with_cluster(ClusterLink::new(
-            crate::api::control_client(controller.clone(), auth.clone()),
-            cfg.node_id.clone(),
-            cfg.state_dir.clone(),
-            cfg.engine.clone(),
-        )),
-    );
-    node.reconcile().await?;
-
-    let agent_listener = listen("node agent API", cfg.agent_listen).await?;
-    let agent_bound = agent_listener
-        .local_addr()
-        .map_err(|source| ClusterError::Listen {
-            what: "node agent API",
-            address: cfg.agent_listen,
-            source,
-        })?;
-    let agent_address = advertised(agent_bound, cfg.advertise_host.as_deref(), "--agent-listen")?;
     let replica_server = ReplicaServer::bind(
         cfg.replica_listen,
         disks.iter().map(|d| d.arg.path.clone()).collect(),
@@ -120,6 +95,32 @@ pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
         },
         e => ClusterError::from(e),
     })?;
+    let node = Arc::new(
+        NodeService::new(NodeConfig {
+            node_id: cfg.node_id.clone(),
+            zone: cfg.zone.clone(),
+            disks: process::disk_dirs(&disks),
+            max_volumes: MAX_VOLUMES_PER_NODE,
+        })
+        .with_cluster(ClusterLink::new(
+            crate::api::control_client(controller.clone(), auth.clone()),
+            cfg.node_id.clone(),
+            cfg.state_dir.clone(),
+            cfg.engine.clone(),
+        )
+        .with_local_replicas(replica_server.local())),
+    );
+    node.reconcile().await?;
+
+    let agent_listener = listen("node agent API", cfg.agent_listen).await?;
+    let agent_bound = agent_listener
+        .local_addr()
+        .map_err(|source| ClusterError::Listen {
+            what: "node agent API",
+            address: cfg.agent_listen,
+            source,
+        })?;
+    let agent_address = advertised(agent_bound, cfg.advertise_host.as_deref(), "--agent-listen")?;
     let replica_bound = replica_server
         .local_addr()
         .map_err(|source| ClusterError::Listen {
