@@ -38,8 +38,8 @@ impl Membership for Steady {
     async fn remove_member(&self, replica_id: &str, reason: &str) -> Result<(), String> {
         Err(format!("benchmark: {replica_id} failed: {reason}"))
     }
-    async fn renew_lease(&self) -> Result<(), String> {
-        Ok(())
+    async fn renew_lease(&self) -> Result<Duration, String> {
+        Ok(Duration::MAX)
     }
 }
 

@@ -287,6 +287,8 @@ pub struct Controller {
     /// The cluster secret that attachment tokens are derived from, and the way to fence
     /// replicas; both unset in standalone, where no replica is served over the network.
     fencing: Option<Fencing>,
+    /// The engines' attachment leases, as granted.
+    leases: Leases,
 }
 
 /// What the controller fences with.
@@ -307,6 +309,7 @@ impl Controller {
             config,
             scheduled: std::sync::Mutex::new(None),
             fencing: None,
+            leases: Leases::default(),
         }
     }
 
@@ -869,6 +872,9 @@ impl Controller {
             PublishDecision::AlreadyPublished(a) => return Ok(self.publish_context(volume_id, &a)),
             PublishDecision::Attach(a) => {
                 self.check_node_room(node_id).await?;
+                if volume.epoch > 0 {
+                    self.wait_for_older_leases(volume_id, a.epoch).await;
+                }
                 a
             }
             PublishDecision::TakeOver { from, to } => {
@@ -893,6 +899,7 @@ impl Controller {
                     });
                 }
                 info!(volume = %volume_id, epoch = to.epoch, fenced = outcome.fenced, of = outcome.members, "members fenced");
+                self.wait_for_older_leases(volume_id, to.epoch).await;
                 let mut updated = bumped;
                 updated.attachment = Some(to.clone());
                 self.store
@@ -1068,12 +1075,15 @@ impl Controller {
     }
 
     /// An engine's lease renewal: Ok with the lease length while its attachment is current.
+    /// The engine counts the lease from before it asked, so it lapses no later than the
+    /// grant recorded here plus the lease: what a later attachment waits for.
     pub async fn renew_lease(
         &self,
         volume_id: &str,
         node_id: &str,
         epoch: u64,
     ) -> Result<u64, MemberError> {
+        let _guard = self.locks.lock(volume_id).await;
         let volume = self
             .store
             .volumes()
@@ -1081,11 +1091,56 @@ impl Controller {
             .await?
             .ok_or_else(|| MemberError::VolumeNotFound(volume_id.to_string()))?;
         check_attachment(&volume.value, node_id, epoch)?;
-        Ok(self
-            .fencing
+        self.leases.grant(volume_id, epoch);
+        Ok(self.lease_ms())
+    }
+
+    /// An engine that has stopped gives its lease back: the volume's next attachment need not
+    /// wait for it to lapse. Releasing a lease that is not current is Ok (nothing to do).
+    pub async fn release_lease(
+        &self,
+        volume_id: &str,
+        node_id: &str,
+        epoch: u64,
+    ) -> Result<(), MemberError> {
+        let _guard = self.locks.lock(volume_id).await;
+        if let Some(volume) = self.store.volumes().get(volume_id).await? {
+            if let Some(a) = &volume.value.attachment {
+                if a.node_id != node_id {
+                    return Ok(());
+                }
+            }
+        }
+        if self.leases.release(volume_id, epoch) {
+            info!(volume = %volume_id, node = %node_id, epoch, "engine stopped; its lease is released");
+        }
+        Ok(())
+    }
+
+    fn lease_ms(&self) -> u64 {
+        self.fencing
             .as_ref()
             .map(|f| f.lease_ms)
-            .unwrap_or(DEFAULT_LEASE_MS))
+            .unwrap_or(DEFAULT_LEASE_MS)
+    }
+
+    /// Waits until no engine of an attachment older than `epoch` can still hold a lease on
+    /// the volume: an engine that lost its controller stops serving when its lease lapses, so
+    /// after this even a node that was cut off (not only fenced on the members that could be
+    /// reached) writes nothing more anywhere — not even to its own replica.
+    async fn wait_for_older_leases(&self, volume_id: &str, epoch: u64) {
+        if self.fencing.is_none() {
+            return;
+        }
+        let Some(lapse) = self.leases.lapse(volume_id, epoch, self.lease_ms()) else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if lapse > now {
+            let wait = lapse - now;
+            info!(volume = %volume_id, epoch, wait_ms = wait.as_millis() as u64, "waiting for the previous attachment's lease to lapse");
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// ListVolumes, in volume id order, paged by an opaque token.
@@ -1293,13 +1348,84 @@ fn node_in_segment(id: &str, zone: Option<&str>, segment: &HashMap<String, Strin
     })
 }
 
-/// How long an engine's lease lasts when the controller was not told otherwise.
-pub const DEFAULT_LEASE_MS: u64 = 15_000;
+/// How long an engine's lease lasts when the controller was not told otherwise: at most the
+/// default heartbeat timeout, so that waiting for a down node's lease to lapse does not
+/// delay a take-over beyond noticing the node is down.
+pub const DEFAULT_LEASE_MS: u64 = 9_000;
+
+/// Slack added to a lease before a new attachment may start, for the clocks of the
+/// controller and the engine's node running at slightly different rates.
+const LEASE_SLACK: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The latest lease granted per volume, in memory. The controller's promise is only that a
+/// new attachment waits until every lease it granted to an older one has lapsed; after a
+/// restart it assumes one was granted just before it started.
+struct Leases {
+    started: std::time::Instant,
+    latest: std::sync::Mutex<HashMap<String, Lease>>,
+}
+
+#[derive(Clone, Copy)]
+enum Lease {
+    /// Granted to the engine of `epoch` at `at`.
+    Granted { epoch: u64, at: std::time::Instant },
+    /// Given back by the engine of the latest epoch, which has stopped.
+    Released,
+}
+
+impl Default for Leases {
+    fn default() -> Self {
+        Leases {
+            started: std::time::Instant::now(),
+            latest: std::sync::Mutex::default(),
+        }
+    }
+}
+
+impl Leases {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
+        self.latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn grant(&self, volume: &str, epoch: u64) {
+        let at = std::time::Instant::now();
+        self.map()
+            .insert(volume.to_string(), Lease::Granted { epoch, at });
+    }
+
+    /// Records that the engine of `epoch` gave its lease back; true if that was the lease
+    /// held (a release of an older or unknown one changes nothing).
+    fn release(&self, volume: &str, epoch: u64) -> bool {
+        let mut map = self.map();
+        match map.get(volume) {
+            Some(Lease::Granted { epoch: held, .. }) if *held == epoch => {
+                map.insert(volume.to_string(), Lease::Released);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// When every lease granted on `volume` to an attachment older than `epoch` has surely
+    /// lapsed; None when there is none to wait for. Only the latest epoch's lease can be
+    /// live: its own attachment waited for the ones before.
+    fn lapse(&self, volume: &str, epoch: u64, lease_ms: u64) -> Option<std::time::Instant> {
+        let lease = std::time::Duration::from_millis(lease_ms) + LEASE_SLACK;
+        match self.map().get(volume) {
+            Some(Lease::Granted { epoch: held, at }) if *held < epoch => Some(*at + lease),
+            Some(_) => None,
+            None => Some(self.started + lease),
+        }
+    }
+}
 
 /// Succeeds when `node` holds the volume's attachment at `epoch`.
 fn check_attachment(volume: &Volume, node: &str, epoch: u64) -> Result<(), MemberError> {
     match &volume.attachment {
-        Some(a) if a.node_id == node && a.epoch == epoch => Ok(()),
+        // A volume whose epoch is ahead of its attachment is being taken over.
+        Some(a) if a.node_id == node && a.epoch == epoch && volume.epoch == epoch => Ok(()),
         other => Err(MemberError::Superseded {
             volume: volume.id.clone(),
             node: node.to_string(),
@@ -1778,8 +1904,13 @@ mod tests {
     use crate::agent::LocalAgent;
     use crate::model::{AccessMode, AccessType, Disk};
     use crate::store::embedded::EmbeddedStore;
+    use std::time::Duration;
 
     async fn controller(dir: &std::path::Path) -> Controller {
+        controller_with(dir, ControllerConfig::default()).await
+    }
+
+    async fn controller_with(dir: &std::path::Path, config: ControllerConfig) -> Controller {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.join("db.redb")).unwrap());
         let mut disks = Vec::new();
         let mut paths = HashMap::new();
@@ -1809,7 +1940,7 @@ mod tests {
             .put(SETTINGS_KEY, settings, None)
             .await
             .unwrap();
-        let c = Controller::new(store, agent, ControllerConfig::default());
+        let c = Controller::new(store, agent, config);
         c.heartbeat(Node {
             id: "n1".into(),
             address: String::new(),
@@ -1851,6 +1982,133 @@ mod tests {
             s.add(&r.value);
         }
         s
+    }
+
+    /// Fences every replica it is asked to.
+    struct Fences;
+
+    #[async_trait::async_trait]
+    impl crate::fence::Fencer for Fences {
+        async fn fence(&self, _: &str, _: &str, _: &str, _: u64, _: &str) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    async fn beat(c: &Controller, id: &str) {
+        c.heartbeat(Node {
+            id: id.into(),
+            address: format!("{id}.test:9502"),
+            agent_address: String::new(),
+            zone: None,
+            tags: vec![],
+            schedulable: true,
+            last_heartbeat_ms: 0,
+            disks: if id == "n1" {
+                c.store
+                    .nodes()
+                    .get("n1")
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .value
+                    .disks
+                    .clone()
+            } else {
+                vec![]
+            },
+        })
+        .await
+        .unwrap();
+    }
+
+    /// A new attachment starts only once the lease the controller granted to the previous
+    /// one has lapsed (so a cut-off engine has stopped writing anywhere), unless that engine
+    /// gave it back; a superseded engine's renewals are refused.
+    #[tokio::test]
+    async fn a_new_attachment_waits_for_the_previous_lease_unless_released() {
+        const LEASE_MS: u64 = 1_000;
+        let dir = tempfile::tempdir().unwrap();
+        let config = ControllerConfig {
+            heartbeat_timeout_ms: 200,
+            termination_grace_ms: 0,
+        };
+        let c = controller_with(dir.path(), config)
+            .await
+            .with_fencing(Fencing {
+                secret: Arc::new(vec![1; 32]),
+                fencer: Arc::new(Fences),
+                lease_ms: LEASE_MS,
+            });
+        let mut create = request("v", 8 << 20);
+        create
+            .parameters
+            .insert("volumeAttachmentRecoveryPolicy".into(), "immediate".into());
+        c.create_volume(create).await.unwrap();
+        beat(&c, "n1").await;
+        let cap = Capability {
+            access_type: AccessType::Block,
+            access_mode: AccessMode::SingleNodeWriter,
+        };
+        let lease = Duration::from_millis(LEASE_MS);
+
+        // Take-over from a node that went down after a renewal: waits out the lease.
+        c.publish("v", "n1", &cap, false).await.unwrap();
+        c.renew_lease("v", "n1", 1).await.unwrap();
+        let granted = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        beat(&c, "n2").await;
+        c.publish("v", "n2", &cap, false).await.unwrap();
+        assert!(
+            granted.elapsed() >= lease + LEASE_SLACK,
+            "took over {:?} after the old engine's last renewal, within its lease",
+            granted.elapsed()
+        );
+        let superseded = c.renew_lease("v", "n1", 1).await;
+        assert!(
+            matches!(superseded, Err(MemberError::Superseded { .. })),
+            "{superseded:?}"
+        );
+
+        // The engine on n2 stops and gives its lease back: the next attachment is at once.
+        c.renew_lease("v", "n2", 2).await.unwrap();
+        c.release_lease("v", "n2", 2).await.unwrap();
+        c.unpublish("v", "n2").await.unwrap();
+        beat(&c, "n1").await;
+        let started = std::time::Instant::now();
+        let context = c.publish("v", "n1", &cap, false).await.unwrap();
+        assert!(started.elapsed() < lease, "{:?}", started.elapsed());
+
+        // Without the release, a clean detach and attach elsewhere still waits for it.
+        let epoch: u64 = context[CONTEXT_EPOCH].parse().unwrap();
+        c.renew_lease("v", "n1", epoch).await.unwrap();
+        let granted = std::time::Instant::now();
+        c.unpublish("v", "n1").await.unwrap();
+        beat(&c, "n2").await;
+        c.publish("v", "n2", &cap, false).await.unwrap();
+        assert!(
+            granted.elapsed() >= lease + LEASE_SLACK,
+            "{:?}",
+            granted.elapsed()
+        );
+    }
+
+    #[test]
+    fn leases_lapse_only_for_older_epochs() {
+        let leases = Leases::default();
+        let lease = Duration::from_millis(100) + LEASE_SLACK;
+        // Nothing known (a restart): as if granted just before the controller started.
+        assert_eq!(leases.lapse("v", 1, 100), Some(leases.started + lease));
+        leases.grant("v", 3);
+        let at = leases.lapse("v", 4, 100).unwrap();
+        assert!(at > leases.started + lease && at <= std::time::Instant::now() + lease);
+        assert_eq!(leases.lapse("v", 3, 100), None, "the holder's own epoch");
+        assert!(
+            !leases.release("v", 2),
+            "an older epoch's release changes nothing"
+        );
+        assert!(leases.lapse("v", 4, 100).is_some());
+        assert!(leases.release("v", 3));
+        assert_eq!(leases.lapse("v", 4, 100), None);
     }
 
     #[tokio::test]

@@ -79,6 +79,10 @@ enum Command {
         /// How long a call to a node's agent may take.
         #[arg(long, default_value_t = 10)]
         agent_timeout_seconds: u64,
+        /// The engines' attachment lease: an engine that cannot renew it for this long stops
+        /// serving I/O, and a new attachment of its volume waits until it has lapsed.
+        #[arg(long, default_value_t = 9)]
+        lease_seconds: u64,
     },
     /// One node of a cluster: CSI Identity + Node on a unix socket, the node agent API and the
     /// replica server on TCP; registers and heartbeats with the controller.
@@ -129,8 +133,8 @@ enum Command {
         /// Seconds between heartbeats.
         #[arg(long, default_value_t = 2)]
         heartbeat_seconds: u64,
-        /// Seconds an engine keeps serving without renewing its attachment lease with the
-        /// controller; then it stops serving I/O.
+        /// The longest attachment lease an engine keeps (the controller's `--lease-seconds`
+        /// is used when shorter): an engine that cannot renew it stops serving I/O.
         #[arg(long, default_value_t = 15)]
         lease_seconds: u64,
     },
@@ -219,6 +223,7 @@ fn main() -> ExitCode {
             heartbeat_timeout_seconds,
             termination_grace_seconds,
             agent_timeout_seconds,
+            lease_seconds,
         } => {
             let cfg = ControllerProcessConfig {
                 listen,
@@ -230,6 +235,7 @@ fn main() -> ExitCode {
                 heartbeat_timeout: Duration::from_secs(heartbeat_timeout_seconds.max(1)),
                 termination_grace: Duration::from_secs(termination_grace_seconds),
                 agent_timeout: Duration::from_secs(agent_timeout_seconds.max(1)),
+                lease: Duration::from_secs(lease_seconds.max(1)),
             };
             runtime
                 .block_on(palisade::cluster::controller::run(cfg))

@@ -60,6 +60,7 @@ struct Runtime {
     task: tokio::task::JoinHandle<()>,
     fuse: tokio::process::Child,
     fuse_dir: PathBuf,
+    membership: Arc<ControlMembership>,
 }
 
 /// The engine's membership and lease, kept by the controller.
@@ -72,13 +73,13 @@ struct ControlMembership {
 }
 
 impl ControlMembership {
-    /// Awaits a controller call within the time limit; its error message on failure.
+    /// Awaits a controller call within the time limit; its answer, or its error message.
     async fn call<T>(
         &self,
-        call: impl std::future::Future<Output = Result<T, tonic::Status>>,
-    ) -> Result<(), String> {
+        call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, String> {
         match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(answer)) => Ok(answer.into_inner()),
             Ok(Err(status)) => Err(status.message().to_string()),
             Err(_) => Err(format!(
                 "the controller did not answer within {:?}",
@@ -99,17 +100,36 @@ impl Membership for ControlMembership {
             epoch: self.epoch,
             reason: reason.to_string(),
         });
-        self.call(call).await
+        self.call(call).await.map(|_| ())
     }
 
-    async fn renew_lease(&self) -> Result<(), String> {
+    async fn renew_lease(&self) -> Result<Duration, String> {
         let mut control = self.control.clone();
         let call = control.renew_lease(pb::RenewLeaseRequest {
             volume_id: self.volume_id.clone(),
             node_id: self.node_id.clone(),
             epoch: self.epoch,
+            release: false,
         });
-        self.call(call).await
+        let granted = self.call(call).await?;
+        Ok(Duration::from_millis(granted.lease_ms))
+    }
+}
+
+impl ControlMembership {
+    /// Gives the lease back once the engine has stopped (best effort: when the controller
+    /// does not hear it, the next attachment waits for the lease to lapse instead).
+    async fn release_lease(&self) {
+        let mut control = self.control.clone();
+        let call = control.renew_lease(pb::RenewLeaseRequest {
+            volume_id: self.volume_id.clone(),
+            node_id: self.node_id.clone(),
+            epoch: self.epoch,
+            release: true,
+        });
+        if let Err(why) = self.call(call).await {
+            warn!(volume = %self.volume_id, %why, "could not give the attachment lease back; the next attachment waits for it to lapse");
+        }
     }
 }
 
@@ -210,6 +230,10 @@ impl ClusterLink {
             epoch,
             timeout: self.call_timeout,
         });
+        // The first lease, asked for before anything is opened and counted from the asking:
+        // the controller's record of it bounds when this engine stops without renewals.
+        let asked = tokio::time::Instant::now();
+        let first_lease = membership.renew_lease().await.map_err(controller_error)?;
         let members = self
             .open_members(volume_id, &status, epoch, &token, &membership)
             .await?;
@@ -217,7 +241,7 @@ impl ClusterLink {
             volume_id,
             status.size,
             members,
-            membership,
+            Arc::clone(&membership) as Arc<dyn Membership>,
             self.engine.clone(),
         )
         .map_err(|e| EngineLinkError::Start {
@@ -225,6 +249,7 @@ impl ClusterLink {
             what: "engine",
             why: e.to_string(),
         })?;
+        engine.bound_lease(asked + first_lease);
         let socket = self.socket(volume_id);
         if let Some(parent) = socket.parent() {
             std::fs::create_dir_all(parent)
@@ -273,6 +298,7 @@ impl ClusterLink {
             task,
             fuse,
             fuse_dir,
+            membership: Arc::clone(&membership),
         };
         if let Err(why) = exposed {
             self.stop_runtime(volume_id, runtime).await;
@@ -394,13 +420,17 @@ impl ClusterLink {
         if let Some(stop) = r.stop.take() {
             let _ = stop.send(());
         }
-        if tokio::time::timeout(Duration::from_secs(15), &mut r.task)
+        let drained = tokio::time::timeout(Duration::from_secs(15), &mut r.task)
             .await
-            .is_err()
-        {
+            .is_ok();
+        if !drained {
             r.task.abort();
         }
         let _ = std::fs::remove_dir(&r.fuse_dir);
+        // Only an engine that finished its requests gives its lease back.
+        if drained {
+            r.membership.release_lease().await;
+        }
         info!(volume = %volume_id, "engine stopped");
     }
 }

@@ -101,6 +101,8 @@ impl Cluster {
             "5".into(),
             "--termination-grace-seconds".into(),
             TERMINATION_GRACE_S.to_string(),
+            "--lease-seconds".into(),
+            HEARTBEAT_TIMEOUT_S.to_string(),
         ];
         let mut cluster = Cluster {
             controller: Some(spawn(&controller_args)),

@@ -343,6 +343,12 @@ impl ControlPlane for ControlPlaneService {
                 "volume_id and node_id are required",
             ));
         }
+        if r.release {
+            self.controller
+                .release_lease(&r.volume_id, &r.node_id, r.epoch)
+                .await?;
+            return Ok(Response::new(pb::RenewLeaseResponse { lease_ms: 0 }));
+        }
         let lease_ms = self
             .controller
             .renew_lease(&r.volume_id, &r.node_id, r.epoch)

@@ -18,7 +18,7 @@ use crate::api::agent::RemoteAgent;
 use crate::api::control::ControlPlaneService;
 use crate::api::v1::control_plane_server::ControlPlaneServer;
 use crate::api::{Auth, RequireCredential};
-use crate::controller::{Controller, ControllerConfig, Fencing, DEFAULT_LEASE_MS};
+use crate::controller::{Controller, ControllerConfig, Fencing};
 use crate::csi::v1::{controller_server::ControllerServer, identity_server::IdentityServer};
 use crate::csi_server::{self, controller::ControllerService, identity};
 use crate::fence::ReplicaFencer;
@@ -52,6 +52,8 @@ pub struct ControllerProcessConfig {
     pub termination_grace: Duration,
     /// How long a call to a node's agent may take.
     pub agent_timeout: Duration,
+    /// The engines' attachment lease.
+    pub lease: Duration,
 }
 
 /// Runs until SIGINT or SIGTERM.
@@ -79,7 +81,7 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
             fencer: Arc::new(ReplicaFencer {
                 timeout: FENCE_TIMEOUT,
             }),
-            lease_ms: DEFAULT_LEASE_MS,
+            lease_ms: millis(cfg.lease),
         }),
     );
 

@@ -102,13 +102,15 @@ pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
             disks: process::disk_dirs(&disks),
             max_volumes: MAX_VOLUMES_PER_NODE,
         })
-        .with_cluster(ClusterLink::new(
-            crate::api::control_client(controller.clone(), auth.clone()),
-            cfg.node_id.clone(),
-            cfg.state_dir.clone(),
-            cfg.engine.clone(),
-        )
-        .with_local_replicas(replica_server.local())),
+        .with_cluster(
+            ClusterLink::new(
+                crate::api::control_client(controller.clone(), auth.clone()),
+                cfg.node_id.clone(),
+                cfg.state_dir.clone(),
+                cfg.engine.clone(),
+            )
+            .with_local_replicas(replica_server.local()),
+        ),
     );
     node.reconcile().await?;
 

@@ -67,9 +67,10 @@ pub trait Membership: Send + Sync + 'static {
     /// Ok. The engine acknowledges writes the replica missed only after this returned Ok.
     async fn remove_member(&self, replica_id: &str, reason: &str) -> Result<(), String>;
 
-    /// Renews this engine's attachment lease for [`EngineConfig::lease`] from the moment of
-    /// the call. Must fail once the attachment has moved on (a newer epoch exists).
-    async fn renew_lease(&self) -> Result<(), String>;
+    /// Renews this engine's attachment lease from the moment of the call, for the length
+    /// returned (the engine keeps the shorter of it and [`EngineConfig::lease`]). Must fail
+    /// once the attachment has moved on (a newer epoch exists).
+    async fn renew_lease(&self) -> Result<Duration, String>;
 }
 
 /// Tunables of an engine.
@@ -372,6 +373,13 @@ impl Engine {
         }
     }
 
+    /// Shortens the lease to end at `until` at the latest (a lease granted before the engine
+    /// was made is counted from when it was asked for, not from the engine's start).
+    pub fn bound_lease(&self, until: Instant) {
+        let until = nanos(until.saturating_duration_since(self.inner.clock));
+        self.inner.lease_deadline.fetch_min(until, Ordering::AcqRel);
+    }
+
     /// The counters so far.
     pub fn stats(&self) -> EngineStats {
         let c = &self.inner.counters;
@@ -442,13 +450,15 @@ impl Engine {
     /// the engine stops serving. [`Engine::serve_unix`] runs it; another front end must.
     pub async fn keep_lease(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut ticker = tokio::time::interval(self.inner.config.renew_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Renews at once, then every renew interval — more often if the controller grants a
+        // lease shorter than three intervals.
+        let mut interval = Duration::ZERO;
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
-                _ = ticker.tick() => {}
+                _ = tokio::time::sleep(interval) => {}
             }
+            interval = self.inner.config.renew_interval;
             if self.state() != EngineState::Serving {
                 return;
             }
@@ -456,12 +466,14 @@ impl Engine {
             let deadline = self.inner.lease_deadline.load(Ordering::Acquire);
             let left = Duration::from_nanos(deadline.saturating_sub(sent));
             match tokio::time::timeout(left, self.inner.membership.renew_lease()).await {
-                Ok(Ok(())) => {
+                Ok(Ok(granted)) => {
                     // A renewal that arrives after the lease lapsed does not revive it.
                     if self.state() != EngineState::Serving {
                         return;
                     }
-                    let renewed = sent.saturating_add(nanos(self.inner.config.lease));
+                    let lease = granted.min(self.inner.config.lease);
+                    interval = interval.min(lease / 3);
+                    let renewed = sent.saturating_add(nanos(lease));
                     self.inner
                         .lease_deadline
                         .fetch_max(renewed, Ordering::AcqRel);

@@ -175,12 +175,12 @@ impl Membership for TestMembership {
         Ok(())
     }
 
-    async fn renew_lease(&self) -> Result<(), String> {
+    async fn renew_lease(&self) -> Result<Duration, String> {
         if self.refuse_renewals.load(Ordering::SeqCst) {
             return Err("controller unreachable".into());
         }
         self.renewals.fetch_add(1, Ordering::SeqCst);
-        Ok(())
+        Ok(Duration::MAX)
     }
 }
 
