@@ -53,12 +53,19 @@ struct Cluster {
 }
 
 fn spawn(args: &[String]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_palisade"))
-        .args(args)
+    spawn_logging(args, None)
+}
+
+/// Spawns palisade with its log (standard error) going to `log` when given.
+fn spawn_logging(args: &[String], log: Option<&Path>) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_palisade"));
+    cmd.args(args)
         .env("RUST_LOG", log_level())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn palisade")
+        .stdout(Stdio::null());
+    if let Some(log) = log {
+        cmd.stderr(std::fs::File::create(log).expect("create the log file"));
+    }
+    cmd.spawn().expect("spawn palisade")
 }
 
 impl Cluster {
@@ -132,13 +139,18 @@ impl Cluster {
 
     /// Starts a killed node again with the same arguments.
     async fn restart_node(&mut self, id: &str) {
+        self.restart_node_logging(id, None).await;
+    }
+
+    /// Starts a killed node again with the same arguments, its log going to `log` if given.
+    async fn restart_node_logging(&mut self, id: &str, log: Option<&Path>) {
         self.kill9(id);
         let node = self
             .nodes
             .iter_mut()
             .find(|n| n.id == id)
             .expect("a node of the cluster");
-        node.child = Some(spawn(&node.args));
+        node.child = Some(spawn_logging(&node.args, log));
         let socket = node.socket.clone();
         self.wait_for_csi(&socket).await;
     }
@@ -1410,6 +1422,64 @@ async fn restart_scenario(cluster: &mut Cluster) {
     unpublish_and_unstage(&mut n2, &other, &other_staging, &other_target).await;
 }
 
+/// Polls NodeGetVolumeStats of `path` until it reports the volume abnormal; returns the
+/// message.
+async fn wait_abnormal(
+    client: &mut NodeClient<Channel>,
+    volume_id: &str,
+    path: &Path,
+    within: Duration,
+) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let stats = volume_stats(client, volume_id, path)
+            .await
+            .unwrap_or_else(|s| panic!("NodeGetVolumeStats of {path:?}: {s:?}"));
+        let condition = stats.volume_condition.expect("a volume condition");
+        if condition.abnormal {
+            return condition.message;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{volume_id} at {path:?} still reported healthy after {within:?}: {}",
+            condition.message
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Engines that stop on their own are noticed by their node, which logs it as an error,
+/// reports the volume abnormal with the reason, and still unstages it completely:
+/// - fenced: n1 freezes, the volume is taken over by n2 (policy immediate) and staged there;
+///   n1's first write after it resumes meets the newer epoch at the replicas;
+/// - lease expired: the controller freezes, so n1 (started with a 3 s lease) cannot renew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_that_stop_on_their_own_are_reported_and_unstaged() {
+    with_cluster(|cluster| Box::pin(stopped_engines_scenario(cluster))).await;
+}
+
+/// Waits (a few seconds at most) for an error line in `log` saying that the engine of
+/// `volume` stopped, in `state`.
+async fn assert_logged_stop(log: &Path, volume: &str, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let logged = std::fs::read_to_string(log).expect("the node's log");
+        if logged.lines().any(|l| {
+            l.contains("ERROR")
+                && l.contains("the engine stopped serving I/O")
+                && l.contains(&format!("volume={volume}"))
+                && l.contains(&format!("state={state}"))
+        }) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no error logged for {volume} ({state}):\n{logged}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Asserts that nothing of any volume is left on the node with home `home`: no mount, no
 /// loop device over its FUSE files, no nbdfuse, no engine socket.
 #[track_caller]
@@ -1421,4 +1491,104 @@ fn assert_nothing_left(home: &Path) {
         .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
         .unwrap_or_default();
     assert_eq!(sockets, Vec::<PathBuf>::new(), "engine sockets left");
+}
+
+async fn stopped_engines_scenario(cluster: &mut Cluster) {
+    let home = node_home(cluster, "n1");
+    let log = home.join("n1.log");
+    cluster.restart_node_logging("n1", Some(&log)).await;
+    let mut csi = ready_cluster(cluster).await;
+
+    // Fenced.
+    let (id, ctx) = create_and_publish(&mut csi, "fenced", "3", Some("immediate"), "n1").await;
+    let target = stage_and_publish(cluster, "n1", &id, &ctx).await;
+    write_synced(&target.join("a"), b"before").expect("write on n1");
+    let (staging, _) = staging_and_target(cluster, "n1", &id);
+    let mut n1 = node_client(cluster, "n1").await;
+    let stats = volume_stats(&mut n1, &id, &staging).await.expect("stats");
+    assert_eq!(stats.volume_condition.map(|c| c.abnormal), Some(false));
+
+    let n1_pid =
+        nix::unistd::Pid::from_raw(cluster.node("n1").child.as_ref().expect("n1 runs").id() as i32);
+    nix::sys::signal::kill(n1_pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP n1");
+    let frozen = Instant::now();
+    let ctx2 = loop {
+        let request = pb::ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "n2".into(),
+            volume_capability: Some(mount_cap()),
+            ..Default::default()
+        };
+        match csi.controller_publish_volume(request).await {
+            Ok(r) => break r.into_inner().publish_context,
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                assert!(
+                    frozen.elapsed() < Duration::from_secs(HEARTBEAT_TIMEOUT_S + 30),
+                    "no take-over: {}",
+                    s.message()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("ControllerPublish to n2: {s:?}"),
+        }
+    };
+    let n2_target = stage_and_publish(cluster, "n2", &id, &ctx2).await;
+    nix::sys::signal::kill(n1_pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT n1");
+    let late = write_synced(&target.join("late"), &pattern(7, 1 << 20));
+    assert!(late.is_err(), "the fenced node's write was acknowledged");
+    for path in [&staging, &target] {
+        let message = wait_abnormal(&mut n1, &id, path, Duration::from_secs(10)).await;
+        assert!(
+            message.contains("fenced by a newer attachment on another node"),
+            "{path:?}: {message}"
+        );
+    }
+    assert_logged_stop(&log, &id, "Fenced").await;
+    unpublish_and_unstage(&mut n1, &id, &staging, &target).await;
+    assert_nothing_left(&home);
+    assert_eq!(
+        std::fs::read(n2_target.join("a")).expect("read on n2"),
+        b"before"
+    );
+    assert!(!n2_target.join("late").exists());
+    let mut n2 = node_client(cluster, "n2").await;
+    let (n2_staging, _) = staging_and_target(cluster, "n2", &id);
+    unpublish_and_unstage(&mut n2, &id, &n2_staging, &n2_target).await;
+
+    // Lease expired: n1 again, with a lease of 3 s.
+    let log = home.join("n1-short-lease.log");
+    cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.id == "n1")
+        .expect("n1")
+        .args
+        .extend(["--lease-seconds".to_string(), "3".to_string()]);
+    cluster.restart_node_logging("n1", Some(&log)).await;
+    let mut csi = ready_cluster(cluster).await;
+    let (id, ctx) = create_and_publish(&mut csi, "expired", "3", None, "n1").await;
+    let target = stage_and_publish(cluster, "n1", &id, &ctx).await;
+    write_synced(&target.join("a"), b"before").expect("write on n1");
+    let (staging, _) = staging_and_target(cluster, "n1", &id);
+    let mut n1 = node_client(cluster, "n1").await;
+    let controller_pid = nix::unistd::Pid::from_raw(
+        cluster
+            .controller
+            .as_ref()
+            .expect("the controller runs")
+            .id() as i32,
+    );
+    nix::sys::signal::kill(controller_pid, nix::sys::signal::Signal::SIGSTOP)
+        .expect("SIGSTOP the controller");
+    let message = wait_abnormal(&mut n1, &id, &staging, Duration::from_secs(15)).await;
+    nix::sys::signal::kill(controller_pid, nix::sys::signal::Signal::SIGCONT)
+        .expect("SIGCONT the controller");
+    assert!(message.contains("attachment lease expired"), "{message}");
+    assert!(
+        write_synced(&target.join("late"), b"after the lease").is_err(),
+        "a write was acknowledged after the lease expired"
+    );
+    assert_logged_stop(&log, &id, "LeaseExpired").await;
+    unpublish_and_unstage(&mut n1, &id, &staging, &target).await;
+    assert_nothing_left(&home);
 }
