@@ -1493,9 +1493,25 @@ fn assert_nothing_left(home: &Path) {
     assert_eq!(sockets, Vec::<PathBuf>::new(), "engine sockets left");
 }
 
+/// Sets a node's `--lease-seconds` for its next start.
+fn set_lease(cluster: &mut Cluster, node: &str, seconds: u64) {
+    let args = &mut cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.id == node)
+        .expect("a node of the cluster")
+        .args;
+    if let Some(i) = args.iter().position(|a| a == "--lease-seconds") {
+        args.drain(i..=i + 1);
+    }
+    args.extend(["--lease-seconds".to_string(), seconds.to_string()]);
+}
+
 async fn stopped_engines_scenario(cluster: &mut Cluster) {
     let home = node_home(cluster, "n1");
     let log = home.join("n1.log");
+    // A lease far longer than the freeze below, so that the engine is fenced, not expired.
+    set_lease(cluster, "n1", 120);
     cluster.restart_node_logging("n1", Some(&log)).await;
     let mut csi = ready_cluster(cluster).await;
 
@@ -1557,13 +1573,7 @@ async fn stopped_engines_scenario(cluster: &mut Cluster) {
 
     // Lease expired: n1 again, with a lease of 3 s.
     let log = home.join("n1-short-lease.log");
-    cluster
-        .nodes
-        .iter_mut()
-        .find(|n| n.id == "n1")
-        .expect("n1")
-        .args
-        .extend(["--lease-seconds".to_string(), "3".to_string()]);
+    set_lease(cluster, "n1", 3);
     cluster.restart_node_logging("n1", Some(&log)).await;
     let mut csi = ready_cluster(cluster).await;
     let (id, ctx) = create_and_publish(&mut csi, "expired", "3", None, "n1").await;
