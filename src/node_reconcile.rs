@@ -25,6 +25,12 @@
 //! unpublishes and unstages (both succeed, and forget the path) and stages afresh, which
 //! starts a new engine. What is mounted is still read from the kernel first: the record only
 //! speaks for a path where nothing is mounted any more.
+//!
+//! A container normally holds its own copy of the pod's mount (private propagation), so
+//! unmounting the target on the host leaves it on the dead filesystem, failing I/O. A
+//! container that receives the host's mount events (HostToContainer or Bidirectional
+//! propagation on that volume) would instead see the emptied target directory: not
+//! guarded against here.
 
 use std::collections::{BTreeSet, HashSet};
 use std::ffi::OsString;
