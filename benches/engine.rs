@@ -1,10 +1,15 @@
 //! Engine benchmark (plain `fn main`, no harness): fio's nbd engine with the kbench job
-//! shapes against (a) nbdkit's file plugin serving a file, the reference NBD server, and the
-//! engine with (b) one, (c) two and (d) three `FileReplica` members, all on the same disk,
-//! side by side in one run; then the engine with one and three members doing their file I/O
-//! inline (`FileIo::Inline`), which shows the engine's own overhead without the blocking
-//! pool's two thread hand-offs per request. Prints IOPS, MB/s, mean and p99 latency, and each
-//! engine's ratio to nbdkit. `benches/engine.sh` runs it.
+//! shapes, side by side in one run on the same disk, against:
+//! - `nbdkit file`: nbdkit's file plugin, the reference NBD server;
+//! - `engine x1`, `engine x1 inl`, `engine x3 inl`: the engine over `FileReplica` members
+//!   (on the blocking pool, or inline), which shows the engine's own overhead;
+//! - `net x1`, `net x2`, `net x3`: the cluster data path — replicas behind real replica
+//!   servers (one per member, as on separate nodes), opened with an attachment token, the
+//!   first in process as a node opens its own replica, the others over loopback TCP;
+//! - `tcp x1`: one replica reachable only over TCP (a volume attached away from its replica).
+//!
+//! Prints IOPS, MB/s, mean and p99 latency, each one's ratio to nbdkit, and the goals.
+//! `benches/engine.sh` runs it.
 //!
 //! `cargo bench --bench engine` runs it in full (ENGINE_BENCH_RUNTIME seconds per job, 10 by
 //! default; ENGINE_BENCH_SIZE bytes per file, 512 MiB; files under ENGINE_BENCH_DIR, by
@@ -202,13 +207,15 @@ async fn start_engine(
     Ok(task)
 }
 
-/// Starts an engine whose `members` members are real replicas behind real replica servers
-/// on loopback (one server per member, as on separate nodes), opened with an attachment
-/// token: the network data path of a cluster volume.
+/// Starts an engine whose `members` members are real replicas, each on a disk of its own
+/// replica server on loopback (as on separate nodes), opened with an attachment token. With
+/// `local`, the first is opened in process through its server's [`LocalReplicas`] handle,
+/// as a node opens its own replica; the others over TCP: the cluster data path.
 async fn start_network_engine(
     dir: &Path,
     index: usize,
     members: usize,
+    local: bool,
     size: u64,
     socket: &Path,
     stop: tokio::sync::watch::Receiver<bool>,
@@ -235,17 +242,26 @@ async fn start_network_engine(
         .await
         .map_err(|e| e.to_string())?;
         let addr = server.local_addr().map_err(|e| e.to_string())?;
+        let in_process = server.local();
         let mut rx = stop.clone();
         tokio::spawn(server.serve(async move {
             let _ = rx.wait_for(|s| *s).await;
         }));
+        if local && m == 0 {
+            let session = in_process
+                .open(&volume, &replica_id, 1, &token)
+                .await
+                .map_err(|e| e.to_string())?;
+            list.push(Arc::new(session));
+            continue;
+        }
         let client = palisade::replica_client::ReplicaClient::connect(
             addr,
             &volume,
             &replica_id,
             1,
             &token,
-            m == 0,
+            false,
         )
         .await
         .map_err(|e| e.to_string())?;
@@ -349,8 +365,6 @@ async fn full() -> Result<(), String> {
     let mut engines = Vec::new();
     let engine_targets = [
         (1, FileIo::Blocking, "engine x1"),
-        (2, FileIo::Blocking, "engine x2"),
-        (3, FileIo::Blocking, "engine x3"),
         (1, FileIo::Inline, "engine x1 inl"),
         (3, FileIo::Inline, "engine x3 inl"),
     ];
@@ -369,13 +383,22 @@ async fn full() -> Result<(), String> {
         engines.push(start_engine(&files, members, io, size, &socket, stop).await?);
         targets.push((label.to_string(), socket));
     }
-    // The network data path: members behind replica servers on loopback.
-    for members in 1..=3 {
-        let socket = dir.join(format!("net{members}.sock"));
+    // The cluster data path: the engine's local replica opened in process, the others behind
+    // replica servers on loopback (`net xN`); and one replica that is only reachable over the
+    // network (`tcp x1`: a volume attached on a node without a replica).
+    for (members, local, label) in [
+        (1, true, "net x1"),
+        (2, true, "net x2"),
+        (3, true, "net x3"),
+        (1, false, "tcp x1"),
+    ] {
+        let index = targets.len();
+        let socket = dir.join(format!("net{index}.sock"));
         let task =
-            start_network_engine(&dir, members, members, size, &socket, stop_rx.clone()).await?;
+            start_network_engine(&dir, index, members, local, size, &socket, stop_rx.clone())
+                .await?;
         engines.push(task);
-        targets.push((format!("net x{members}"), socket));
+        targets.push((label.to_string(), socket));
     }
 
     let only = std::env::var("ENGINE_BENCH_ONLY").unwrap_or_default();
@@ -422,39 +445,40 @@ async fn full() -> Result<(), String> {
     }
     println!();
     let pct = |a: f64, b: f64| 100.0 * a / b;
+    let column = |label: &str| targets.iter().position(|(l, _)| l == label).unwrap_or(0);
+    let (x1, x3, inl1, inl3, tcp) = (
+        column("net x1"),
+        column("net x3"),
+        column("engine x1 inl"),
+        column("engine x3 inl"),
+        column("tcp x1"),
+    );
     let randwrite = &results[1];
     let qd1 = &results[4];
+    println!("against the goals (net xN: the cluster data path, local replica in process, others over loopback TCP):");
     for (i, shape) in SHAPES.iter().enumerate() {
         println!(
-            "goal: 1 replica >= 80% of nbdkit IOPS, {}: {:.0}% (inline: {:.0}%)",
+            "goal: 1 replica >= 80% of nbdkit IOPS, {}: {:.0}% (remote-only tcp x1: {:.0}%; file member inline: {:.0}%)",
             shape.name,
-            pct(results[i][1].iops, results[i][0].iops),
-            pct(results[i][4].iops, results[i][0].iops)
+            pct(results[i][x1].iops, results[i][0].iops),
+            pct(results[i][tcp].iops, results[i][0].iops),
+            pct(results[i][inl1].iops, results[i][0].iops)
         );
     }
     println!(
-        "goal: 3-replica 4k randwrite IOPS >= 50% of 1-replica: {:.0}% (inline: {:.0}%)",
-        pct(randwrite[3].iops, randwrite[1].iops),
-        pct(randwrite[5].iops, randwrite[4].iops)
+        "goal: 3-replica 4k randwrite IOPS >= 50% of 1-replica: {:.0}% (file members inline: {:.0}%)",
+        pct(randwrite[x3].iops, randwrite[x1].iops),
+        pct(randwrite[inl3].iops, randwrite[inl1].iops)
     );
     println!(
-        "goal: qd1 write latency <= nbdkit + 150 µs: nbdkit {:.1} µs, 1 replica {:+.1} µs, 3 replicas {:+.1} µs (inline: {:+.1} / {:+.1} µs)",
+        "goal: qd1 write latency <= nbdkit + 150 µs: nbdkit {:.1} µs, 1 replica {:+.1} µs, 3 replicas {:+.1} µs (tcp x1 {:+.1} µs)",
         qd1[0].mean_us,
-        qd1[1].mean_us - qd1[0].mean_us,
-        qd1[3].mean_us - qd1[0].mean_us,
-        qd1[4].mean_us - qd1[0].mean_us,
-        qd1[5].mean_us - qd1[0].mean_us
-    );
-    println!(
-        "network replicas (replica servers on loopback): 4k randwrite 1 -> 3 replicas {:.0}%; x1 vs nbdkit: randread {:.0}%, randwrite {:.0}%; qd1 write {:+.1} µs (x1) {:+.1} µs (x3)",
-        pct(randwrite[8].iops, randwrite[6].iops),
-        pct(results[0][6].iops, results[0][0].iops),
-        pct(randwrite[6].iops, randwrite[0].iops),
-        qd1[6].mean_us - qd1[0].mean_us,
-        qd1[8].mean_us - qd1[0].mean_us
+        qd1[x1].mean_us - qd1[0].mean_us,
+        qd1[x3].mean_us - qd1[0].mean_us,
+        qd1[tcp].mean_us - qd1[0].mean_us
     );
     if let Some(rss) = peak_rss_mib() {
-        println!("peak RSS of the bench process (eight engines and six replica servers, no fio, no nbdkit): {rss} MiB");
+        println!("peak RSS of the bench process ({} engines and 7 replica servers, no fio, no nbdkit): {rss} MiB", targets.len() - 1);
     }
     Ok(())
 }

@@ -1,16 +1,17 @@
 //! `palisade ctl`: the operator's view of the cluster (nodes, volumes, replicas, attachments,
 //! settings) and levers (settings, force-detach), through the controller's ControlPlane API,
-//! printed as aligned tables or, with `--json`, as JSON.
+//! printed as aligned tables or, with `--json`, as JSON. Its calls carry the API credential
+//! derived from the cluster secret (`--secret-file`).
 
 use crate::scheduler::human;
 use std::io::{self, Write};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
-use tonic::transport::Channel;
 
 use crate::api::v1 as pb;
-use crate::api::v1::control_plane_client::ControlPlaneClient;
+use crate::api::{Auth, ControlClient};
 
 /// `palisade ctl` and its options.
 #[derive(Debug, clap::Args)]
@@ -23,6 +24,14 @@ pub struct CtlArgs {
         default_value = "http://127.0.0.1:9500"
     )]
     pub controller: String,
+    /// A copy of the controller's cluster secret (its <state-dir>/cluster.secret).
+    #[arg(
+        long,
+        global = true,
+        env = "PALISADE_SECRET_FILE",
+        default_value = crate::cluster::DEFAULT_SECRET_FILE
+    )]
+    pub secret_file: PathBuf,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -92,6 +101,12 @@ pub enum CtlError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("reading the cluster secret (--secret-file {path:?}) failed: {source}; give the path of a copy of the controller's secret file (<controller state dir>/cluster.secret) with --secret-file")]
+    Secret {
+        path: PathBuf,
+        #[source]
+        source: crate::token::SecretError,
+    },
     #[error("{what} failed ({code:?}, controller {controller}): {message}")]
     Rpc {
         what: &'static str,
@@ -110,13 +125,18 @@ pub enum CtlError {
 /// Runs one `palisade ctl` command, printing to `out`.
 pub async fn run(args: CtlArgs, out: &mut dyn Write) -> Result<(), CtlError> {
     let timeout = Duration::from_secs(args.timeout_seconds.max(1));
+    let secret =
+        crate::token::read_secret_file(&args.secret_file).map_err(|source| CtlError::Secret {
+            path: args.secret_file.clone(),
+            source,
+        })?;
     let channel =
         crate::api::channel(&args.controller, timeout).map_err(|source| CtlError::Address {
             address: args.controller.clone(),
             source,
         })?;
     let ctl = Ctl {
-        client: ControlPlaneClient::new(channel),
+        client: crate::api::control_client(channel, Auth::new(&secret)),
         controller: args.controller.clone(),
         json: args.json,
     };
@@ -156,7 +176,7 @@ pub async fn run(args: CtlArgs, out: &mut dyn Write) -> Result<(), CtlError> {
 }
 
 struct Ctl {
-    client: ControlPlaneClient<Channel>,
+    client: ControlClient,
     controller: String,
     json: bool,
 }

@@ -60,9 +60,13 @@ enum Command {
         /// CSI endpoint (default: unix://<state-dir>/csi.sock).
         #[arg(long, env = "CSI_ENDPOINT")]
         endpoint: Option<String>,
-        /// Where the store and the cluster secret live.
+        /// Where the store and (by default) the cluster secret live.
         #[arg(long, default_value = "/var/lib/palisade")]
         state_dir: PathBuf,
+        /// The cluster secret, created (32 random bytes, mode 0600) when missing. Nodes and
+        /// `palisade ctl` need a copy of it. Default: <state-dir>/cluster.secret.
+        #[arg(long, env = "PALISADE_SECRET_FILE")]
+        secret_file: Option<PathBuf>,
         /// The CSI driver name.
         #[arg(long, default_value = "driver.palisade.io")]
         driver_name: String,
@@ -95,6 +99,11 @@ enum Command {
         /// The node's own state (and, by default, its socket and disk).
         #[arg(long, default_value = "/var/lib/palisade")]
         state_dir: PathBuf,
+        /// A copy of the controller's cluster secret (its <state-dir>/cluster.secret), read at
+        /// start: the replica server checks session tokens with it, and the calls to and
+        /// from the controller are authenticated with a key derived from it.
+        #[arg(long, env = "PALISADE_SECRET_FILE", default_value = palisade::cluster::DEFAULT_SECRET_FILE)]
+        secret_file: PathBuf,
         /// A disk for replicas: PATH or PATH:tag1,tag2. Repeat for several (default: <state-dir>/disk0).
         #[arg(long = "disk")]
         disks: Vec<DiskArg>,
@@ -205,6 +214,7 @@ fn main() -> ExitCode {
             listen,
             endpoint,
             state_dir,
+            secret_file,
             driver_name,
             heartbeat_timeout_seconds,
             termination_grace_seconds,
@@ -213,6 +223,8 @@ fn main() -> ExitCode {
             let cfg = ControllerProcessConfig {
                 listen,
                 endpoint: endpoint_or_default(endpoint, &state_dir),
+                secret_file: secret_file
+                    .unwrap_or_else(|| state_dir.join(palisade::cluster::controller::SECRET_FILE)),
                 state_dir,
                 driver_name,
                 heartbeat_timeout: Duration::from_secs(heartbeat_timeout_seconds.max(1)),
@@ -228,6 +240,7 @@ fn main() -> ExitCode {
             node_id,
             endpoint,
             state_dir,
+            secret_file,
             disks,
             replica_listen,
             agent_listen,
@@ -252,6 +265,7 @@ fn main() -> ExitCode {
                 endpoint: endpoint_or_default(endpoint, &state_dir),
                 disks: disks_or_default(disks, &state_dir),
                 state_dir,
+                secret_file,
                 zone,
                 node_tags,
                 replica_listen,

@@ -13,15 +13,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{oneshot, Mutex};
-use tonic::transport::Channel;
 use tracing::{error, info, warn};
 
 use crate::api::v1 as pb;
-use crate::api::v1::control_plane_client::ControlPlaneClient;
+use crate::api::ControlClient;
 use crate::controller::{CONTEXT_EPOCH, CONTEXT_TOKEN};
 use crate::engine::{Engine, EngineConfig, EngineState, Member, Membership};
 use crate::node_reconcile::{self, Reconciler, FUSE_FILE};
 use crate::replica_client::ReplicaClient;
+use crate::replica_server::LocalReplicas;
+
 /// How long the engine's socket and nbdfuse's file may take to appear.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -99,11 +100,14 @@ async fn watch_engine(engine: Engine, every: Duration) -> EngineState {
 /// The node's link to the controller and where its engines keep their sockets.
 #[derive(Clone)]
 pub struct ClusterLink {
-    pub control: ControlPlaneClient<Channel>,
+    pub control: ControlClient,
     pub node_id: String,
     pub state_dir: PathBuf,
     pub engine: EngineConfig,
     pub call_timeout: Duration,
+    /// In-process sessions on this node's replicas: a local member is opened through it
+    /// (same token and epoch rules, no socket) rather than over loopback TCP.
+    local: Option<LocalReplicas>,
     runtimes: Arc<Mutex<HashMap<String, Runtime>>>,
 }
 
@@ -119,7 +123,7 @@ struct Runtime {
 
 /// The engine's membership and lease, kept by the controller.
 struct ControlMembership {
-    control: ControlPlaneClient<Channel>,
+    control: ControlClient,
     volume_id: String,
     node_id: String,
     epoch: u64,
@@ -170,7 +174,7 @@ impl Membership for ControlMembership {
 
 impl ClusterLink {
     pub fn new(
-        control: ControlPlaneClient<Channel>,
+        control: ControlClient,
         node_id: String,
         state_dir: PathBuf,
         engine: EngineConfig,
@@ -182,8 +186,15 @@ impl ClusterLink {
             state_dir: std::fs::canonicalize(&state_dir).unwrap_or(state_dir),
             engine,
             call_timeout: Duration::from_secs(10),
+            local: None,
             runtimes: Arc::default(),
         }
+    }
+
+    /// Opens this node's own replicas in process, through `local`.
+    pub fn with_local_replicas(mut self, local: LocalReplicas) -> Self {
+        self.local = Some(local);
+        self
     }
 
     /// The file a staged volume's loop device is over.
@@ -378,20 +389,29 @@ impl ClusterLink {
         let mut failures = Vec::new();
         for r in status.replicas.iter().filter(|r| r.state == "ready") {
             let local = r.node_id == self.node_id;
-            let opened = tokio::time::timeout(
-                self.call_timeout,
-                ReplicaClient::connect(
-                    r.node_address.as_str(),
-                    volume_id,
-                    &r.id,
-                    epoch,
-                    token,
-                    local,
-                ),
-            )
-            .await;
+            let opened = match (&self.local, local) {
+                (Some(replicas), true) => tokio::time::timeout(
+                    self.call_timeout,
+                    replicas.open(volume_id, &r.id, epoch, token),
+                )
+                .await
+                .map(|opened| opened.map(|session| Arc::new(session) as Member)),
+                _ => tokio::time::timeout(
+                    self.call_timeout,
+                    ReplicaClient::connect(
+                        r.node_address.as_str(),
+                        volume_id,
+                        &r.id,
+                        epoch,
+                        token,
+                        local,
+                    ),
+                )
+                .await
+                .map(|opened| opened.map(|client| Arc::new(client) as Member)),
+            };
             match opened {
-                Ok(Ok(client)) => members.push(Arc::new(client)),
+                Ok(Ok(member)) => members.push(member),
                 Ok(Err(e)) => failures.push((r.id.clone(), e.to_string())),
                 Err(_) => failures.push((r.id.clone(), "no answer".to_string())),
             }

@@ -264,7 +264,7 @@ impl Drop for ReplicaClient {
 }
 
 /// The error for `response`, the answer of a replica that did not do what was asked.
-fn refusal(replica_id: &str, epoch: u64, response: Response) -> ReplicaIoError {
+pub(crate) fn refusal(replica_id: &str, epoch: u64, response: Response) -> ReplicaIoError {
     let replica = replica_id.to_string();
     match response {
         Response::Fenced { current } | Response::StaleEpoch { current } => ReplicaIoError::Fenced {

@@ -12,10 +12,13 @@
 //! raises the epoch. Every later request of an older session is refused with Fenced: once a
 //! newer epoch has been accepted, no byte of an older session reaches the disk.
 //!
-//! Requests are pipelined: the server reads frames continuously and runs up to
-//! [`MAX_IN_FLIGHT`] requests of a session (and at most [`MAX_IN_FLIGHT_BYTES`] of their data)
-//! at once, on the blocking thread pool, answering each with its tag as it completes. A
-//! malformed frame ends its session (logged with the peer's address) and nothing else.
+//! Requests are pipelined: the server reads frames continuously. Reads, writes without FUA
+//! and trims, which the page cache absorbs, run inline in batches (everything one socket read
+//! brought, under one acquisition of the lock, answered in one write); flushes and FUA writes,
+//! which wait for the disk, run on the blocking thread pool. Up to [`MAX_IN_FLIGHT`] requests
+//! (or batches) of a session, with at most [`MAX_IN_FLIGHT_BYTES`] of data, are in flight at
+//! once; answers carry the request's tag. A malformed frame ends its session (logged with the
+//! peer's address) and nothing else.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -32,10 +35,12 @@ use nix::fcntl::FallocateFlags;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
-use tokio::sync::{mpsc, watch, OwnedRwLockReadGuard, OwnedSemaphorePermit, RwLock, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, RwLock, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::replica::{self, ReplicaError};
+use crate::replica_client::refusal;
+use crate::replica_io::{ReplicaIo, ReplicaIoError};
 use crate::token;
 use crate::wire::{self, Open, Request, Response, Tag};
 
@@ -49,7 +54,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long a new connection has to open its session before the server closes it.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The shortest cluster secret the server accepts.
-pub const MIN_SECRET_LEN: usize = 16;
+pub use crate::token::MIN_SECRET_LEN;
 
 /// Answers are gathered into one write of up to this many bytes.
 const WRITE_BATCH: usize = 256 << 10;
@@ -79,9 +84,18 @@ pub struct ReplicaServer {
 struct Shared {
     disks: Vec<PathBuf>,
     secret: Vec<u8>,
-    /// The replicas that have sessions, by replica id. An entry lives as long as a session
-    /// (or a request) holds it; the epoch itself is on disk, read again at every Open.
-    replicas: Mutex<HashMap<String, Weak<ServedReplica>>>,
+}
+
+/// The replicas being served in this process, by disk and replica id. An entry lives as long
+/// as a session (or a request) holds it; the epoch itself is on disk, read again at every
+/// Open. Process-wide rather than per server, so that every session on a replica file in this
+/// process — of any server, in-process or over the network — shares one state and one lock,
+/// and a newer Open fences them all.
+type Registry = Mutex<HashMap<(PathBuf, String), Weak<ServedReplica>>>;
+
+fn registry() -> &'static Registry {
+    static SERVED: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
+    SERVED.get_or_init(Registry::default)
 }
 
 /// A replica being served, shared by all its sessions.
@@ -110,12 +124,20 @@ struct Session {
     epoch: u64,
 }
 
-/// One answer on its way to the client, with the permits of its request (released once it
-/// has been written, so a client that stops reading stops the server reading its requests).
-struct Answer {
-    tag: Tag,
-    response: Response,
-    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+/// The permits of requests in flight: a count and bytes of data.
+type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// Answers on their way to the client, with the permits of their requests (released once
+/// written, so a client that stops reading stops the server reading its requests).
+enum Answer {
+    /// One answer, of a request that ran on its own task.
+    One {
+        tag: Tag,
+        response: Response,
+        _permits: Option<Permits>,
+    },
+    /// The answers of a batch that ran inline, encoded already.
+    Encoded { frames: Bytes, _permits: Permits },
 }
 
 impl ReplicaServer {
@@ -130,14 +152,23 @@ impl ReplicaServer {
             return Err(ServerError::SecretTooShort(secret.len()));
         }
         let listener = TcpListener::bind(addr).await.map_err(ServerError::Bind)?;
+        // One spelling per disk, so that every server in the process finds the same served
+        // replica for the same file.
+        let disks = disks
+            .into_iter()
+            .map(|d| std::fs::canonicalize(&d).unwrap_or(d))
+            .collect();
         Ok(ReplicaServer {
             listener,
-            shared: Arc::new(Shared {
-                disks,
-                secret,
-                replicas: Mutex::new(HashMap::new()),
-            }),
+            shared: Arc::new(Shared { disks, secret }),
         })
+    }
+
+    /// In-process sessions on this server's replicas, for the engines of the same process.
+    pub fn local(&self) -> LocalReplicas {
+        LocalReplicas {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// The address the server listens on (with the port chosen, if port 0 was asked for).
@@ -191,6 +222,131 @@ impl ReplicaServer {
     }
 }
 
+/// In-process access to a replica server's replicas, for the engine of a volume attached on
+/// the same node: a [`LocalSession`] obeys exactly the rules of a network session — the
+/// attachment token, the epoch rules of Open, and fencing under the same per-replica lock,
+/// so a newer Open (from any engine, over the network or not) fences it too — without the
+/// socket, the framing or a task hand-off.
+#[derive(Clone)]
+pub struct LocalReplicas {
+    shared: Arc<Shared>,
+}
+
+impl LocalReplicas {
+    /// In-process sessions on the replicas on `disks`, with tokens verified with `secret`;
+    /// the same as [`ReplicaServer::local`] of a server over those disks, without a server.
+    pub fn new(disks: Vec<PathBuf>, secret: Vec<u8>) -> Result<LocalReplicas, ServerError> {
+        if secret.len() < MIN_SECRET_LEN {
+            return Err(ServerError::SecretTooShort(secret.len()));
+        }
+        let disks = disks
+            .into_iter()
+            .map(|d| std::fs::canonicalize(&d).unwrap_or(d))
+            .collect();
+        Ok(LocalReplicas {
+            shared: Arc::new(Shared { disks, secret }),
+        })
+    }
+
+    /// Opens a session on replica `replica_id` of `volume_id` at attachment `epoch`, with the
+    /// attachment's `token`; refused exactly as a network Open would be.
+    pub async fn open(
+        &self,
+        volume_id: &str,
+        replica_id: &str,
+        epoch: u64,
+        token: &str,
+    ) -> Result<LocalSession, ReplicaIoError> {
+        let open = Open {
+            volume_id: volume_id.to_string(),
+            replica_id: replica_id.to_string(),
+            epoch,
+            token: token.to_string(),
+        };
+        match open_replica(&self.shared, &open, &"this process").await {
+            Ok((session, Response::Opened { size, .. })) => Ok(LocalSession {
+                replica: session.replica,
+                epoch,
+                size,
+            }),
+            Ok((_, other)) | Err(other) => Err(refusal(replica_id, epoch, other)),
+        }
+    }
+}
+
+/// A session on a replica of this process's replica server (see [`LocalReplicas`]). Reads,
+/// ordinary writes and trims run on the calling task (the page cache absorbs them); flushes
+/// and FUA writes, which wait for the disk, on the blocking pool.
+pub struct LocalSession {
+    replica: Arc<ServedReplica>,
+    epoch: u64,
+    size: u64,
+}
+
+impl LocalSession {
+    /// The volume's size in bytes, as the replica's metadata says.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Runs `request` inline under the replica's read lock, after the epoch check.
+    async fn inline(&self, request: Request) -> Response {
+        let state = self.replica.state.read().await;
+        if state.epoch > self.epoch {
+            return Response::Fenced {
+                current: state.epoch,
+            };
+        }
+        do_io(&state, request)
+    }
+
+    fn refused(&self, response: Response) -> ReplicaIoError {
+        refusal(&self.replica.id, self.epoch, response)
+    }
+
+    fn done(&self, response: Response) -> Result<(), ReplicaIoError> {
+        match response {
+            Response::Done => Ok(()),
+            other => Err(self.refused(other)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ReplicaIo for LocalSession {
+    fn id(&self) -> &str {
+        &self.replica.id
+    }
+
+    fn is_local(&self) -> bool {
+        true
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ReplicaIoError> {
+        match self.inline(Request::Read { offset, len }).await {
+            Response::Data(data) => Ok(data),
+            other => Err(self.refused(other)),
+        }
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ReplicaIoError> {
+        let request = Request::Write { offset, fua, data };
+        let response = match fua {
+            false => self.inline(request).await,
+            true => execute(Arc::clone(&self.replica), self.epoch, request).await,
+        };
+        self.done(response)
+    }
+
+    async fn flush(&self) -> Result<(), ReplicaIoError> {
+        self.done(execute(Arc::clone(&self.replica), self.epoch, Request::Flush).await)
+    }
+
+    async fn trim(&self, offset: u64, len: u32) -> Result<(), ReplicaIoError> {
+        self.done(self.inline(Request::Trim { offset, len }).await)
+    }
+}
+
 fn log_session_end(joined: Result<(), tokio::task::JoinError>) {
     if let Err(e) = joined {
         tracing::error!(error = %e, "a replica session task failed");
@@ -214,11 +370,26 @@ async fn serve_connection(
     let in_flight_bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES));
     let mut session: Option<Session> = None;
     let mut buf = BytesMut::with_capacity(64 << 10);
+    // Requests read and not yet run, to run together in one batch (see `Batch`).
+    let mut batch = Batch::default();
     // Set when the server ends the session on its side, with an answer saying why.
     let mut refused = false;
     let open_deadline = tokio::time::Instant::now() + OPEN_TIMEOUT;
     loop {
-        let (tag, request) = match wire::decode_request(&mut buf) {
+        let decoded = wire::decode_request(&mut buf);
+        if !batch.is_empty() && (batch.is_full() || !matches!(decoded, Ok(Some(_)))) {
+            // Everything read so far is decoded (or the batch is full): run it before
+            // waiting for more. A frame decoded meanwhile is handled right after.
+            if let Some(open_session) = &session {
+                let ran = batch
+                    .run(open_session, &in_flight, &in_flight_bytes, &answers)
+                    .await;
+                if ran.is_err() {
+                    break;
+                }
+            }
+        }
+        let (tag, request) = match decoded {
             Ok(Some(frame)) => frame,
             Ok(None) => {
                 tokio::select! {
@@ -255,7 +426,7 @@ async fn serve_connection(
                 refused = true;
                 break;
             };
-            match open_replica(&shared, &open, peer).await {
+            match open_replica(&shared, &open, &peer).await {
                 Ok((opened, response)) => {
                     session = Some(opened);
                     answer(&answers, tag, response, None);
@@ -275,15 +446,22 @@ async fn serve_connection(
             refused = true;
             break;
         }
+        if runs_inline(&request) {
+            batch.push(tag, request);
+            continue;
+        }
+        // Requests run in the order they arrived: the batch read before this one first.
+        if !batch.is_empty()
+            && batch
+                .run(open_session, &in_flight, &in_flight_bytes, &answers)
+                .await
+                .is_err()
+        {
+            break;
+        }
         // Waits (and stops reading) while the session has too much in flight.
         let cost = data_len(&request).clamp(1, MAX_IN_FLIGHT_BYTES);
-        let cost = u32::try_from(cost).unwrap_or(u32::MAX);
-        let permits = tokio::join!(
-            Arc::clone(&in_flight).acquire_owned(),
-            Arc::clone(&in_flight_bytes).acquire_many_owned(cost)
-        );
-        let (Ok(count), Ok(bytes)) = permits else {
-            // The semaphores are never closed.
+        let Ok(permits) = acquire(&in_flight, &in_flight_bytes, cost).await else {
             break;
         };
         let replica = Arc::clone(&open_session.replica);
@@ -291,7 +469,7 @@ async fn serve_connection(
         let answers = answers.clone();
         tokio::spawn(async move {
             let response = execute(replica, epoch, request).await;
-            answer(&answers, tag, response, Some((count, bytes)));
+            answer(&answers, tag, response, Some(permits));
         });
     }
     // The writer ends once the requests in flight have sent their answers.
@@ -311,14 +489,113 @@ async fn serve_connection(
     }
 }
 
+/// Whether a request runs inline, in a batch on the session's task, rather than on the
+/// blocking pool: reads, writes without FUA and trims, which the page cache absorbs. What
+/// waits for the disk (flush, FUA writes) runs on its own.
+fn runs_inline(request: &Request) -> bool {
+    match request {
+        Request::Read { .. } | Request::Trim { .. } => true,
+        Request::Write { fua, .. } => !fua,
+        Request::Open(_) | Request::Flush => false,
+    }
+}
+
+/// Takes the permits for a request (or batch) moving `cost` bytes; waits while the session
+/// has too much in flight. Fails only if the semaphores were closed (never).
+async fn acquire(
+    count: &Arc<Semaphore>,
+    bytes: &Arc<Semaphore>,
+    cost: usize,
+) -> Result<Permits, tokio::sync::AcquireError> {
+    let cost = u32::try_from(cost.clamp(1, MAX_IN_FLIGHT_BYTES)).unwrap_or(u32::MAX);
+    let (count, bytes) = tokio::join!(
+        Arc::clone(count).acquire_owned(),
+        Arc::clone(bytes).acquire_many_owned(cost)
+    );
+    Ok((count?, bytes?))
+}
+
+/// Requests that run together, inline: the session reads every frame the socket has, runs
+/// the batch under one acquisition of the replica's lock, and sends the answers in one write.
+/// Pipelined requests thus cost one read, one lock and one write per batch instead of a
+/// task, a blocking-pool hand-off and a write each.
+#[derive(Default)]
+struct Batch {
+    requests: Vec<(Tag, Request)>,
+    /// The bytes of data the batch moves.
+    bytes: usize,
+}
+
+impl Batch {
+    /// The most requests in one batch.
+    const MAX_REQUESTS: usize = 64;
+    /// The most data bytes in one batch.
+    const MAX_BYTES: usize = 4 << 20;
+
+    fn is_empty(&self) -> bool {
+        self.requests.is_empty()
+    }
+
+    fn is_full(&self) -> bool {
+        self.requests.len() >= Self::MAX_REQUESTS || self.bytes >= Self::MAX_BYTES
+    }
+
+    fn push(&mut self, tag: Tag, request: Request) {
+        self.bytes = self.bytes.saturating_add(data_len(&request));
+        self.requests.push((tag, request));
+    }
+
+    /// Runs the batch: checks the session's epoch and does each request's I/O under the
+    /// replica's read lock (so an Open that fences waits for the whole batch), then hands the
+    /// answers to the writer. Fails only when the session must end.
+    async fn run(
+        &mut self,
+        session: &Session,
+        count: &Arc<Semaphore>,
+        bytes: &Arc<Semaphore>,
+        answers: &mpsc::UnboundedSender<Answer>,
+    ) -> Result<(), ()> {
+        let permits = acquire(count, bytes, self.bytes).await.map_err(|_| ())?;
+        let mut frames = BytesMut::with_capacity(
+            self.requests
+                .iter()
+                .map(|(_, r)| match r {
+                    Request::Read { len, .. } => usize::try_from(*len).unwrap_or(0) + 32,
+                    _ => 32,
+                })
+                .sum(),
+        );
+        {
+            let state = session.replica.state.read().await;
+            for (tag, request) in self.requests.drain(..) {
+                let response = if state.epoch > session.epoch {
+                    Response::Fenced {
+                        current: state.epoch,
+                    }
+                } else {
+                    do_io(&state, request)
+                };
+                encode_answer(tag, &response, &mut frames);
+            }
+        }
+        self.bytes = 0;
+        // An error means the writer has gone (the client disconnected): nobody to answer.
+        let _ = answers.send(Answer::Encoded {
+            frames: frames.freeze(),
+            _permits: permits,
+        });
+        Ok(())
+    }
+}
+
 fn answer(
     answers: &mpsc::UnboundedSender<Answer>,
     tag: Tag,
     response: Response,
-    permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    permits: Option<Permits>,
 ) {
     // An error means the writer has gone (the client disconnected): nobody to answer.
-    let _ = answers.send(Answer {
+    let _ = answers.send(Answer::One {
         tag,
         response,
         _permits: permits,
@@ -345,10 +622,9 @@ async fn write_answers(
     while let Some(first) = to_send.recv().await {
         let mut next = Some(first);
         while let Some(answer) = next {
-            if let Err(e) = wire::encode_response(answer.tag, &answer.response, &mut out) {
-                let response = Response::Io(format!("cannot encode the answer: {e}"));
-                // An Io answer always encodes.
-                let _ = wire::encode_response(answer.tag, &response, &mut out);
+            match &answer {
+                Answer::One { tag, response, .. } => encode_answer(*tag, response, &mut out),
+                Answer::Encoded { frames, .. } => out.extend_from_slice(frames),
             }
             sent.push(answer);
             next = match out.len() < WRITE_BATCH {
@@ -369,12 +645,21 @@ async fn write_answers(
     }
 }
 
+/// Encodes one answer; one that cannot be encoded becomes an I/O error answer.
+fn encode_answer(tag: Tag, response: &Response, out: &mut BytesMut) {
+    if let Err(e) = wire::encode_response(tag, response, out) {
+        let response = Response::Io(format!("cannot encode the answer: {e}"));
+        // An Io answer always encodes.
+        let _ = wire::encode_response(tag, &response, out);
+    }
+}
+
 /// Handles an Open: verifies the token, finds the replica, applies the epoch rules. Returns
 /// the session and the Opened answer, or the refusal to send before closing.
 async fn open_replica(
     shared: &Arc<Shared>,
     open: &Open,
-    peer: SocketAddr,
+    peer: &(dyn std::fmt::Display + Sync),
 ) -> Result<(Session, Response), Response> {
     let refuse = |response: Response, why: &str| {
         tracing::warn!(
@@ -536,23 +821,28 @@ async fn find_replica(
 
 impl Shared {
     fn served(&self, replica_id: &str) -> Option<Arc<ServedReplica>> {
-        let replicas = self.replicas.lock().unwrap_or_else(PoisonError::into_inner);
-        replicas.get(replica_id).and_then(Weak::upgrade)
+        let replicas = registry().lock().unwrap_or_else(PoisonError::into_inner);
+        self.disks.iter().find_map(|disk| {
+            replicas
+                .get(&(disk.clone(), replica_id.to_string()))
+                .and_then(Weak::upgrade)
+        })
     }
 
     /// The served replica `replica_id`, made (on `disk`) unless a session made it meanwhile.
     fn serve(&self, replica_id: &str, disk: PathBuf) -> Arc<ServedReplica> {
-        let mut replicas = self.replicas.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(replica) = replicas.get(replica_id).and_then(Weak::upgrade) {
+        let mut replicas = registry().lock().unwrap_or_else(PoisonError::into_inner);
+        let key = (disk, replica_id.to_string());
+        if let Some(replica) = replicas.get(&key).and_then(Weak::upgrade) {
             return replica;
         }
         replicas.retain(|_, replica| replica.strong_count() > 0);
         let replica = Arc::new(ServedReplica {
             id: replica_id.to_string(),
-            disk,
+            disk: key.0.clone(),
             state: Arc::new(RwLock::new(ReplicaState::default())),
         });
-        replicas.insert(replica_id.to_string(), Arc::downgrade(&replica));
+        replicas.insert(key, Arc::downgrade(&replica));
         replica
     }
 }
@@ -576,7 +866,7 @@ async fn execute(replica: Arc<ServedReplica>, epoch: u64, request: Request) -> R
 }
 
 /// The disk I/O of one request.
-fn do_io(state: &OwnedRwLockReadGuard<ReplicaState>, request: Request) -> Response {
+fn do_io(state: &ReplicaState, request: Request) -> Response {
     let Some(file) = &state.file else {
         return Response::Io("the replica's data file is not open".to_string());
     };
@@ -658,7 +948,6 @@ mod tests {
         Arc::new(Shared {
             disks: vec![disk.to_path_buf()],
             secret: SECRET.to_vec(),
-            replicas: Mutex::new(HashMap::new()),
         })
     }
 
@@ -683,7 +972,7 @@ mod tests {
         let disk = tempfile::tempdir().unwrap();
         replica::create(disk.path(), "r1", "vol", 1 << 20).unwrap();
         let shared = shared(disk.path());
-        let (old, opened) = open_replica(&shared, &open(1), peer()).await.unwrap();
+        let (old, opened) = open_replica(&shared, &open(1), &peer()).await.unwrap();
         assert_eq!(
             opened,
             Response::Opened {
@@ -702,7 +991,7 @@ mod tests {
         let in_flight = Arc::clone(&old.replica.state).read_owned().await;
         let newer = {
             let shared = Arc::clone(&shared);
-            tokio::spawn(async move { open_replica(&shared, &open(2), peer()).await })
+            tokio::spawn(async move { open_replica(&shared, &open(2), &peer()).await })
         };
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!newer.is_finished(), "the newer Open did not wait");
@@ -729,9 +1018,9 @@ mod tests {
         .await;
         assert_eq!(response, Response::Data(Bytes::from_static(b"old")));
         // A later Open of the old epoch is refused; the same epoch is accepted again.
-        let refused = open_replica(&shared, &open(1), peer()).await.err();
+        let refused = open_replica(&shared, &open(1), &peer()).await.err();
         assert_eq!(refused, Some(Response::StaleEpoch { current: 2 }));
-        assert!(open_replica(&shared, &open(2), peer()).await.is_ok());
+        assert!(open_replica(&shared, &open(2), &peer()).await.is_ok());
     }
 
     #[tokio::test]
@@ -739,7 +1028,7 @@ mod tests {
         let disk = tempfile::tempdir().unwrap();
         replica::create(disk.path(), "r1", "vol", 1 << 20).unwrap();
         let shared = shared(disk.path());
-        let (session, _) = open_replica(&shared, &open(1), peer()).await.unwrap();
+        let (session, _) = open_replica(&shared, &open(1), &peer()).await.unwrap();
         let write = Request::Write {
             offset: 0,
             fua: true,
@@ -753,9 +1042,9 @@ mod tests {
         replica::create(disk.path(), "r1", "vol", 2 << 20).unwrap();
         // The served replica is still alive (the session holds it): the next Open sees the
         // new incarnation, at epoch 0 on disk, but the epoch in memory is not forgotten.
-        let refused = open_replica(&shared, &open(0), peer()).await.err();
+        let refused = open_replica(&shared, &open(0), &peer()).await.err();
         assert_eq!(refused, Some(Response::StaleEpoch { current: 1 }));
-        let (again, opened) = open_replica(&shared, &open(1), peer()).await.unwrap();
+        let (again, opened) = open_replica(&shared, &open(1), &peer()).await.unwrap();
         assert_eq!(
             opened,
             Response::Opened {

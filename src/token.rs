@@ -8,7 +8,13 @@
 //! the real engine) or touch its data.
 //!
 //! The cluster secret is 32 random bytes kept in a file readable only by its owner, created
-//! once and then shared by the controller and every node.
+//! once by the controller and distributed out of band (a file copied, or a Kubernetes Secret
+//! mounted) to every node and operator: it never travels on the wire.
+//!
+//! Palisade's own gRPC APIs (ControlPlane, NodeAgent) take another key derived from it, the
+//! API credential `hex(HMAC-SHA256(secret, "palisade api v1"))`, presented as gRPC metadata
+//! `authorization: Bearer <credential>`. It is derived, not the secret itself, so that
+//! whoever reads it on the wire gets API access but cannot forge attachment tokens.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -24,6 +30,19 @@ pub const SECRET_LEN: usize = 32;
 
 /// The length of a token, in characters (hex of a SHA-256 MAC).
 pub const TOKEN_LEN: usize = 64;
+
+/// The shortest cluster secret accepted by the replica server and from a `--secret-file`.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// The longest `--secret-file` read: anything longer is not a cluster secret.
+pub const MAX_SECRET_FILE_LEN: usize = 4096;
+
+/// What the API credential is the MAC of. No attachment token's message can equal it (those
+/// have a 0 byte 8 bytes before their end).
+const API_CREDENTIAL_CONTEXT: &[u8] = b"palisade api v1";
+
+/// The authentication scheme of the `authorization` metadata.
+const BEARER: &str = "Bearer";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -41,6 +60,22 @@ pub enum SecretError {
     /// The secret file exists but does not hold a secret of the right length.
     #[error("{path} holds {len} bytes, not a {SECRET_LEN}-byte cluster secret")]
     WrongLength { path: PathBuf, len: usize },
+    /// A shared secret file is too short, or too long, to be a cluster secret.
+    #[error("{path} holds {len} bytes, not a cluster secret (at least {MIN_SECRET_LEN}, at most {MAX_SECRET_FILE_LEN})")]
+    BadLength { path: PathBuf, len: usize },
+}
+
+/// Why a call's `authorization` metadata was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing authorization metadata (every call needs `authorization: Bearer <credential>`, derived from the cluster secret)")]
+    Missing,
+    #[error("malformed authorization metadata (expected `authorization: Bearer <{TOKEN_LEN} hex digits>`)")]
+    Malformed,
+    #[error(
+        "wrong credential for this cluster (the caller's cluster secret is not this cluster's)"
+    )]
+    Wrong,
 }
 
 /// The token that grants attachment `epoch` of `volume_id`.
@@ -60,15 +95,77 @@ pub fn verify(secret: &[u8], volume_id: &str, epoch: u64, token: &str) -> bool {
 }
 
 fn mac(secret: &[u8], volume_id: &str, epoch: u64) -> HmacSha256 {
-    // HMAC takes a key of any length; `new_from_slice` cannot fail for it.
-    let mut mac = match HmacSha256::new_from_slice(secret) {
-        Ok(mac) => mac,
-        Err(hmac::digest::InvalidLength) => unreachable!("HMAC accepts keys of any length"),
-    };
+    let mut mac = keyed(secret);
     mac.update(volume_id.as_bytes());
     mac.update(&[0]);
     mac.update(&epoch.to_be_bytes());
     mac
+}
+
+fn keyed(secret: &[u8]) -> HmacSha256 {
+    // HMAC takes a key of any length; `new_from_slice` cannot fail for it.
+    match HmacSha256::new_from_slice(secret) {
+        Ok(mac) => mac,
+        Err(hmac::digest::InvalidLength) => unreachable!("HMAC accepts keys of any length"),
+    }
+}
+
+fn api_mac(secret: &[u8]) -> HmacSha256 {
+    let mut mac = keyed(secret);
+    mac.update(API_CREDENTIAL_CONTEXT);
+    mac
+}
+
+/// The API credential of the cluster whose secret is `secret` (hex, [`TOKEN_LEN`] long).
+pub fn api_credential(secret: &[u8]) -> String {
+    hex::encode(api_mac(secret).finalize().into_bytes())
+}
+
+/// The value of the `authorization` metadata that carries the API credential.
+pub fn authorization(secret: &[u8]) -> String {
+    format!("{BEARER} {}", api_credential(secret))
+}
+
+/// Checks a call's `authorization` metadata (None when the call has none) against the
+/// cluster's secret. The credential is compared in constant time.
+pub fn check_authorization(secret: &[u8], header: Option<&[u8]>) -> Result<(), AuthError> {
+    let header = header.ok_or(AuthError::Missing)?;
+    let header = std::str::from_utf8(header).map_err(|_| AuthError::Malformed)?;
+    let (scheme, credential) = header.trim().split_once(' ').ok_or(AuthError::Malformed)?;
+    if !scheme.eq_ignore_ascii_case(BEARER) {
+        return Err(AuthError::Malformed);
+    }
+    let credential = credential.trim();
+    if credential.len() != TOKEN_LEN {
+        return Err(AuthError::Malformed);
+    }
+    let presented = hex::decode(credential).map_err(|_| AuthError::Malformed)?;
+    api_mac(secret)
+        .verify_slice(&presented)
+        .map_err(|_| AuthError::Wrong)
+}
+
+/// Reads a cluster secret distributed to this process (`--secret-file`): the file's bytes,
+/// at least [`MIN_SECRET_LEN`] and at most [`MAX_SECRET_FILE_LEN`] of them. Never creates it.
+pub fn read_secret_file(path: &Path) -> Result<Vec<u8>, SecretError> {
+    let mut file = File::open(path).map_err(io_error("open", path))?;
+    let metadata = file.metadata().map_err(io_error("stat", path))?;
+    if metadata.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), "the cluster secret is readable by other users");
+    }
+    let mut secret = Vec::with_capacity(SECRET_LEN);
+    (&mut file)
+        .take(MAX_SECRET_FILE_LEN as u64 + 1)
+        .read_to_end(&mut secret)
+        .map_err(io_error("read", path))?;
+    if !(MIN_SECRET_LEN..=MAX_SECRET_FILE_LEN).contains(&secret.len()) {
+        let len = usize::try_from(metadata.len()).unwrap_or(usize::MAX);
+        return Err(SecretError::BadLength {
+            path: path.to_path_buf(),
+            len: len.max(secret.len()),
+        });
+    }
+    Ok(secret)
 }
 
 /// Reads the cluster secret from `path`, or creates it (32 bytes from /dev/urandom, mode 0600)
@@ -269,6 +366,125 @@ mod tests {
         let err = load_or_create_secret(dir.path()).unwrap_err();
         assert!(matches!(err, SecretError::Io { .. }), "{err}");
         let err = load_or_create_secret(&dir.path().join("missing/secret")).unwrap_err();
+        assert!(matches!(err, SecretError::Io { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_api_credential_is_the_documented_hmac_and_not_a_token_or_the_secret() {
+        // Python: hmac.new(SECRET, b"palisade api v1", hashlib.sha256).hexdigest()
+        let credential = api_credential(SECRET);
+        assert_eq!(
+            credential,
+            "98e94cf2a279d6d8a3f2344cc0725e954757fe8ce62c6f67015be6dfda4ecd2f"
+        );
+        assert_eq!(credential.len(), TOKEN_LEN);
+        assert!(!credential.contains(&hex::encode(SECRET)));
+        assert_ne!(api_credential(b"another secret, 16+ bytes"), credential);
+        assert_eq!(authorization(SECRET), format!("Bearer {credential}"));
+    }
+
+    #[test]
+    fn authorization_metadata_is_checked() {
+        let right = authorization(SECRET);
+        assert_eq!(check_authorization(SECRET, Some(right.as_bytes())), Ok(()));
+        // The scheme is case-insensitive, the hex too; surrounding blanks are tolerated.
+        let lower = right.replacen("Bearer", "bearer", 1);
+        assert_eq!(check_authorization(SECRET, Some(lower.as_bytes())), Ok(()));
+        let upper = format!("Bearer {}", api_credential(SECRET).to_uppercase());
+        assert_eq!(check_authorization(SECRET, Some(upper.as_bytes())), Ok(()));
+        let padded = format!("  {right} ");
+        assert_eq!(check_authorization(SECRET, Some(padded.as_bytes())), Ok(()));
+
+        // Missing.
+        assert_eq!(check_authorization(SECRET, None), Err(AuthError::Missing));
+        // Another cluster's credential, and one bit off.
+        let other = authorization(b"0123456789abcdef0123456789abcdeX");
+        assert_eq!(
+            check_authorization(SECRET, Some(other.as_bytes())),
+            Err(AuthError::Wrong)
+        );
+        let mut flipped = right.clone().into_bytes();
+        let last = flipped.len() - 1;
+        flipped[last] = if flipped[last] == b'0' { b'1' } else { b'0' };
+        assert_eq!(
+            check_authorization(SECRET, Some(&flipped)),
+            Err(AuthError::Wrong)
+        );
+        // The secret itself, or an attachment token, is not the credential.
+        let secret_hex = format!("Bearer {}", hex::encode(SECRET));
+        assert_eq!(
+            check_authorization(SECRET, Some(secret_hex.as_bytes())),
+            Err(AuthError::Wrong)
+        );
+        let token = format!("Bearer {}", attachment_token(SECRET, "v", 1));
+        assert_eq!(
+            check_authorization(SECRET, Some(token.as_bytes())),
+            Err(AuthError::Wrong)
+        );
+        // Malformed: no scheme, another scheme, empty, truncated, not hex, not UTF-8.
+        let credential = api_credential(SECRET);
+        let basic = format!("Basic {credential}");
+        let truncated = format!("Bearer {}", &credential[..62]);
+        let not_hex = format!("Bearer {}", "z".repeat(TOKEN_LEN));
+        for bad in [
+            credential.as_bytes(),
+            basic.as_bytes(),
+            b"".as_slice(),
+            b"Bearer".as_slice(),
+            b"Bearer ".as_slice(),
+            truncated.as_bytes(),
+            not_hex.as_bytes(),
+            b"Bearer \xff\xfe".as_slice(),
+        ] {
+            assert_eq!(
+                check_authorization(SECRET, Some(bad)),
+                Err(AuthError::Malformed),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // The messages say what is wrong.
+        assert!(AuthError::Missing
+            .to_string()
+            .contains("missing authorization metadata"));
+        assert!(AuthError::Wrong
+            .to_string()
+            .contains("wrong credential for this cluster"));
+    }
+
+    #[test]
+    fn a_distributed_secret_file_is_read_never_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let created = load_or_create_secret(&dir.path().join("cluster.secret")).unwrap();
+        assert_eq!(
+            read_secret_file(&dir.path().join("cluster.secret")).unwrap(),
+            created
+        );
+        // Any length from the minimum up is a secret.
+        for len in [MIN_SECRET_LEN, 64, MAX_SECRET_FILE_LEN] {
+            let path = dir.path().join(format!("ok-{len}"));
+            fs::write(&path, vec![9u8; len]).unwrap();
+            assert_eq!(read_secret_file(&path).unwrap(), vec![9u8; len]);
+        }
+        for len in [0, 1, MIN_SECRET_LEN - 1, MAX_SECRET_FILE_LEN + 1, 1 << 20] {
+            let path = dir.path().join(format!("bad-{len}"));
+            fs::write(&path, vec![9u8; len]).unwrap();
+            let err = read_secret_file(&path).unwrap_err();
+            assert!(
+                matches!(&err, SecretError::BadLength { len: l, .. } if *l == len),
+                "{err}"
+            );
+            assert!(err.to_string().contains(&format!("bad-{len}")), "{err}");
+        }
+        let missing = dir.path().join("missing");
+        let err = read_secret_file(&missing).unwrap_err();
+        assert!(
+            matches!(&err, SecretError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound),
+            "{err}"
+        );
+        assert!(err.to_string().contains("missing"), "{err}");
+        assert!(!missing.exists());
+        let err = read_secret_file(dir.path()).unwrap_err();
         assert!(matches!(err, SecretError::Io { .. }), "{err}");
     }
 }

@@ -1,12 +1,17 @@
 //! Cluster mode end to end on loopback: the real `palisade controller`, three real
 //! `palisade node` processes (each with its own disk, sockets and ports) and `palisade ctl`,
 //! driven over the controller's CSI socket and checked through `ctl --json` and on disk.
+//! The nodes and `ctl` read the cluster secret from the controller's state directory.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use palisade::api::v1 as api;
+use palisade::api::v1::control_plane_client::ControlPlaneClient;
+use palisade::api::v1::node_agent_client::NodeAgentClient;
+use palisade::api::Auth;
 use palisade::csi::v1 as pb;
 use palisade::replica::{DATA_FILE, REPLICAS_DIR};
 use pb::controller_client::ControllerClient;
@@ -46,6 +51,8 @@ struct NodeProc {
 struct Cluster {
     dir: tempfile::TempDir,
     api: String,
+    /// The controller's cluster secret, which the nodes and ctl are given.
+    secret_file: PathBuf,
     controller_socket: PathBuf,
     controller_args: Vec<String>,
     controller: Option<Child>,
@@ -66,6 +73,17 @@ fn spawn_logging(args: &[String], log: Option<&Path>) -> Child {
         cmd.stderr(std::fs::File::create(log).expect("create the log file"));
     }
     cmd.spawn().expect("spawn palisade")
+}
+
+/// Like [`spawn`], with the standard error (the log) going to `log`.
+fn spawn_logged(args: &[String], log: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_palisade"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("create a log file"))
+        .spawn()
+        .expect("spawn palisade")
 }
 
 impl Cluster {
@@ -94,6 +112,7 @@ impl Cluster {
         let mut cluster = Cluster {
             controller: Some(spawn(&controller_args)),
             controller_args,
+            secret_file: dir.path().join("controller/cluster.secret"),
             dir,
             api: format!("http://{api}"),
             controller_socket,
@@ -102,39 +121,61 @@ impl Cluster {
         cluster
             .wait_for_csi(&cluster.controller_socket.clone())
             .await;
+        // The controller created its secret before it served CSI.
+        assert!(cluster.secret_file.exists(), "no {:?}", cluster.secret_file);
         for i in 1..=node_count {
             let id = format!("n{i}");
-            let home = cluster.dir.path().join(&id);
-            let (disk, socket) = (home.join("disk"), home.join("csi.sock"));
-            let args: Vec<String> = vec![
-                "node".into(),
-                "--controller".into(),
-                cluster.api.clone(),
-                "--node-id".into(),
-                id.clone(),
-                "--endpoint".into(),
-                format!("unix://{}", socket.display()),
-                "--state-dir".into(),
-                home.display().to_string(),
-                "--disk".into(),
-                disk.display().to_string(),
-                "--replica-listen".into(),
-                format!("127.0.0.1:{}", free_port()),
-                "--agent-listen".into(),
-                format!("127.0.0.1:{}", free_port()),
-                "--heartbeat-seconds".into(),
-                "1".into(),
-            ];
-            cluster.nodes.push(NodeProc {
-                id,
-                disk,
-                socket: socket.clone(),
-                child: Some(spawn(&args)),
-                args,
-            });
-            cluster.wait_for_csi(&socket).await;
+            let secret_file = cluster.secret_file.clone();
+            cluster.add_node(&id, &secret_file, None).await;
         }
         cluster
+    }
+
+    /// The arguments of node `id` of this cluster, with `secret_file`.
+    fn node_args(&self, id: &str, secret_file: &Path) -> NodeProc {
+        let home = self.dir.path().join(id);
+        let (disk, socket) = (home.join("disk"), home.join("csi.sock"));
+        let args: Vec<String> = vec![
+            "node".into(),
+            "--controller".into(),
+            self.api.clone(),
+            "--node-id".into(),
+            id.to_string(),
+            "--secret-file".into(),
+            secret_file.display().to_string(),
+            "--endpoint".into(),
+            format!("unix://{}", socket.display()),
+            "--state-dir".into(),
+            home.display().to_string(),
+            "--disk".into(),
+            disk.display().to_string(),
+            "--replica-listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--agent-listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--heartbeat-seconds".into(),
+            "1".into(),
+        ];
+        NodeProc {
+            id: id.to_string(),
+            disk,
+            socket,
+            args,
+            child: None,
+        }
+    }
+
+    /// Starts node `id` with `secret_file` (its log in `log`, if given) and waits for its CSI
+    /// socket, which it serves whether or not the controller accepts it.
+    async fn add_node(&mut self, id: &str, secret_file: &Path, log: Option<&Path>) {
+        let mut node = self.node_args(id, secret_file);
+        node.child = Some(match log {
+            Some(log) => spawn_logged(&node.args, log),
+            None => spawn(&node.args),
+        });
+        let socket = node.socket.clone();
+        self.nodes.push(node);
+        self.wait_for_csi(&socket).await;
     }
 
     /// Starts a killed node again with the same arguments.
@@ -199,11 +240,18 @@ impl Cluster {
             .expect("a node of the cluster")
     }
 
-    /// Runs `palisade ctl --controller <api> ARGS`.
+    /// Runs `palisade ctl --controller <api> --secret-file <the controller's> ARGS`.
     fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_with_secret(&self.secret_file, args)
+    }
+
+    /// Runs `palisade ctl --controller <api> --secret-file <secret_file> ARGS`.
+    fn ctl_with_secret(&self, secret_file: &Path, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_palisade"))
             .arg("ctl")
             .args(["--controller", &self.api])
+            .arg("--secret-file")
+            .arg(secret_file)
             .args(args)
             .output()
             .expect("run palisade ctl")
@@ -685,6 +733,270 @@ async fn restarted_processes_pick_up_where_they_were() {
     for id in ["n1", "n2"] {
         assert_eq!(replicas_on(&cluster.node(id).disk), vec![], "{id}");
     }
+}
+
+/// Asserts that a call was refused as unauthenticated, with `needle` in the message.
+#[track_caller]
+fn assert_unauthenticated<T: std::fmt::Debug>(r: Result<T, tonic::Status>, needle: &str) {
+    match r {
+        Ok(v) => panic!("expected UNAUTHENTICATED ({needle}), got OK: {v:?}"),
+        Err(s) => {
+            assert_eq!(
+                s.code(),
+                tonic::Code::Unauthenticated,
+                "message: {}",
+                s.message()
+            );
+            assert!(
+                s.message().contains(needle),
+                "{:?} lacks {needle:?}",
+                s.message()
+            );
+        }
+    }
+}
+
+/// A registration as a node that does not exist.
+fn intruder_registration(agent_address: &str) -> api::RegisterNodeRequest {
+    api::RegisterNodeRequest {
+        node: Some(api::NodeReport {
+            node_id: "intruder".into(),
+            zone: String::new(),
+            tags: vec![],
+            replica_address: "127.0.0.1:1".into(),
+            agent_address: agent_address.into(),
+            disks: vec![],
+        }),
+        replica_ids: vec![],
+    }
+}
+
+/// Waits for a process to exit (it must, within 20 s) and returns whether it succeeded.
+fn wait_exit(child: &mut Child) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.success();
+        }
+        assert!(Instant::now() < deadline, "the process did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apis_refuse_callers_without_this_clusters_credential() {
+    let mut cluster = Cluster::start(2).await;
+    cluster
+        .wait_nodes("2 nodes up", |n| n.len() == 2 && n.iter().all(up))
+        .await;
+    cluster.ctl_ok(&[
+        "settings",
+        "set",
+        "storage-minimal-available-percentage",
+        "0",
+    ]);
+    let mut csi = cluster.controller_client().await;
+    csi.create_volume(create_request("v-guarded", 8 * MIB, "1"))
+        .await
+        .expect("create_volume v-guarded");
+    let v = cluster.ctl_json(&["volume", "v-guarded"]);
+    let replica = &v["replicas"][0];
+    let field = |name: &str| replica[name].as_str().expect(name).to_string();
+    let (node_id, replica_path) = (field("node_id"), PathBuf::from(field("path")));
+    assert!(replica_path.join(DATA_FILE).exists(), "{v:#}");
+    let target = api::ReplicaTarget {
+        node_id: node_id.clone(),
+        disk_id: field("disk_id"),
+        replica_id: field("id"),
+        volume_id: "v-guarded".into(),
+    };
+    let nodes = cluster.ctl_json(&["nodes"]);
+    let agent_address = nodes
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["id"] == node_id.as_str())
+        .and_then(|n| n["agent_address"].as_str())
+        .expect("the replica's node's agent address")
+        .to_string();
+
+    let secret = std::fs::read(&cluster.secret_file).expect("the cluster secret");
+    let stranger = Auth::new(b"the secret of some other cluster!");
+    let timeout = Duration::from_secs(5);
+
+    // The controller's ControlPlane: a bare client, and another cluster's credential.
+    let channel = palisade::api::channel(&cluster.api, timeout).expect("controller channel");
+    let mut bare = ControlPlaneClient::new(channel.clone());
+    let missing = "missing authorization metadata";
+    assert_unauthenticated(bare.list_volumes(api::ListVolumesRequest {}).await, missing);
+    assert_unauthenticated(
+        bare.register_node(intruder_registration(&agent_address))
+            .await,
+        missing,
+    );
+    let mut wrong = palisade::api::control_client(channel.clone(), stranger.clone());
+    let wrong_credential = "wrong credential for this cluster";
+    assert_unauthenticated(
+        wrong.list_volumes(api::ListVolumesRequest {}).await,
+        wrong_credential,
+    );
+    assert_unauthenticated(
+        wrong
+            .register_node(intruder_registration(&agent_address))
+            .await,
+        wrong_credential,
+    );
+    assert_unauthenticated(
+        wrong
+            .set_setting(api::SetSettingRequest {
+                name: "default-replica-count".into(),
+                value: "1".into(),
+            })
+            .await,
+        wrong_credential,
+    );
+    assert_unauthenticated(
+        wrong
+            .force_detach(api::ForceDetachRequest {
+                volume: "v-guarded".into(),
+            })
+            .await,
+        wrong_credential,
+    );
+    // A bearer that is not a credential at all.
+    let mut request = tonic::Request::new(api::ListVolumesRequest {});
+    request.metadata_mut().insert(
+        "authorization",
+        tonic::metadata::MetadataValue::from_static("Bearer not-hex"),
+    );
+    assert_unauthenticated(
+        bare.list_volumes(request).await,
+        "malformed authorization metadata",
+    );
+    // The right credential works on the same channel.
+    let mut right = palisade::api::control_client(channel, Auth::new(&secret));
+    let volumes = right
+        .list_volumes(api::ListVolumesRequest {})
+        .await
+        .expect("list_volumes with the cluster's credential")
+        .into_inner();
+    assert!(volumes.volumes.iter().any(|v| v.id == "v-guarded"));
+    assert_eq!(
+        cluster
+            .ctl_ok(&["settings", "get", "default-replica-count"])
+            .trim(),
+        "3"
+    );
+
+    // The node's agent: nobody but the controller deletes a replica.
+    let channel = palisade::api::channel(&agent_address, timeout).expect("agent channel");
+    let delete = || api::DeleteReplicaRequest {
+        target: Some(target.clone()),
+    };
+    assert_unauthenticated(
+        NodeAgentClient::new(channel.clone())
+            .delete_replica(delete())
+            .await,
+        missing,
+    );
+    assert_unauthenticated(
+        palisade::api::agent_client(channel.clone(), stranger)
+            .delete_replica(delete())
+            .await,
+        wrong_credential,
+    );
+    assert!(replica_path.join(DATA_FILE).exists());
+    // With the credential (a grow to the same size: nothing changes), it answers.
+    palisade::api::agent_client(channel, Auth::new(&secret))
+        .grow_replica(api::GrowReplicaRequest {
+            target: Some(target.clone()),
+            size: 8 * MIB,
+        })
+        .await
+        .expect("grow_replica with the cluster's credential");
+    assert!(replica_path.join(DATA_FILE).exists());
+
+    // ctl: without the secret file, with a short one, with another cluster's.
+    let absent = cluster.dir.path().join("no-such.secret");
+    let out = cluster.ctl_with_secret(&absent, &["nodes"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--secret-file")
+            && stderr.contains("no-such.secret")
+            && stderr.contains("No such file"),
+        "{stderr}"
+    );
+    let short = cluster.dir.path().join("short.secret");
+    std::fs::write(&short, b"abc").expect("write a short secret");
+    let out = cluster.ctl_with_secret(&short, &["nodes"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("short.secret") && stderr.contains("holds 3 bytes"),
+        "{stderr}"
+    );
+    let other = cluster.dir.path().join("other.secret");
+    std::fs::write(&other, b"the secret of some other cluster!").expect("write a secret");
+    let out = cluster.ctl_with_secret(&other, &["volumes"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("Unauthenticated") && stderr.contains(wrong_credential),
+        "{stderr}"
+    );
+
+    // A node without its secret file does not start, and says why.
+    let lost = cluster.node_args("n-lost", &absent);
+    let log = cluster.dir.path().join("n-lost.log");
+    let mut child = spawn_logged(&lost.args, &log);
+    assert!(!wait_exit(&mut child));
+    let text = std::fs::read_to_string(&log).expect("the node's log");
+    assert!(
+        text.contains("--secret-file") && text.contains("no-such.secret"),
+        "{text}"
+    );
+
+    // A node with another cluster's secret is refused: it never shows as a node, and its
+    // log says why. The nodes with the right one stay up.
+    let log = cluster.dir.path().join("n-other.log");
+    cluster.add_node("n-other", &other, Some(&log)).await;
+    tokio::time::sleep(Duration::from_secs(HEARTBEAT_TIMEOUT_S)).await;
+    let nodes = cluster
+        .wait_nodes("n1 and n2 up", |n| n.len() == 2 && n.iter().all(up))
+        .await;
+    assert!(nodes.iter().all(|n| n["id"] != "n-other"), "{nodes:?}");
+    let text = std::fs::read_to_string(&log).expect("the node's log");
+    assert!(
+        text.contains("Unauthenticated")
+            && text.contains(wrong_credential)
+            && text.contains("other.secret"),
+        "{text}"
+    );
+    assert!(!text.contains("registered with the controller"), "{text}");
+    // The same node with the right secret joins.
+    cluster.kill9("n-other");
+    let mut fixed = cluster.node_args("n-other", &cluster.secret_file);
+    fixed.child = Some(spawn(&fixed.args));
+    let socket = fixed.socket.clone();
+    if let Some(slot) = cluster.nodes.iter_mut().find(|n| n.id == "n-other") {
+        *slot = fixed;
+    }
+    cluster.wait_for_csi(&socket).await;
+    cluster
+        .wait_nodes("n-other up with the right secret", |n| {
+            n.len() == 3 && n.iter().all(up)
+        })
+        .await;
+
+    // The controller still reaches the agents with its credential.
+    csi.delete_volume(pb::DeleteVolumeRequest {
+        volume_id: "v-guarded".into(),
+        secrets: Default::default(),
+    })
+    .await
+    .expect("delete_volume v-guarded");
+    assert!(!replica_path.exists());
 }
 
 fn mount_cap() -> pb::VolumeCapability {

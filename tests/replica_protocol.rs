@@ -11,7 +11,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use palisade::replica;
 use palisade::replica_client::ReplicaClient;
 use palisade::replica_io::{ReplicaIo, ReplicaIoError};
-use palisade::replica_server::ReplicaServer;
+use palisade::replica_server::{LocalReplicas, ReplicaServer};
 use palisade::token::{attachment_token, load_or_create_secret};
 use palisade::wire::{self, Open, Request, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,6 +30,7 @@ struct Node {
     secret: Vec<u8>,
     addr: std::net::SocketAddr,
     running: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+    local: Option<LocalReplicas>,
 }
 
 impl Node {
@@ -45,6 +46,7 @@ impl Node {
             secret,
             addr: "127.0.0.1:0".parse().unwrap(),
             running: None,
+            local: None,
         };
         node.start().await;
         node
@@ -67,6 +69,7 @@ impl Node {
             .await
             .unwrap();
         self.addr = server.local_addr().unwrap();
+        self.local = Some(server.local());
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(server.serve(async {
             let _ = stopped.await;
@@ -94,6 +97,11 @@ impl Node {
 
     async fn connect(&self, epoch: u64) -> Result<ReplicaClient, ReplicaIoError> {
         ReplicaClient::connect(self.addr, VOLUME, REPLICA, epoch, &self.token(epoch), false).await
+    }
+
+    async fn open_local(&self, epoch: u64) -> Result<impl ReplicaIo, ReplicaIoError> {
+        let local = self.local.as_ref().unwrap();
+        local.open(VOLUME, REPLICA, epoch, &self.token(epoch)).await
     }
 
     fn stored_epoch(&self) -> u64 {
@@ -679,4 +687,74 @@ async fn throughput_sanity() {
         );
     }
     client.flush().await.unwrap();
+}
+
+/// An in-process session (the engine's local member) obeys the network session's rules: the
+/// token, the epoch rules of Open, and fencing in both directions with network sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_sessions_obey_tokens_epochs_and_fencing() {
+    let mut node = Node::new().await;
+    let local = node.local.clone().unwrap();
+
+    let wrong = local
+        .open(
+            VOLUME,
+            REPLICA,
+            1,
+            &attachment_token(b"another secret, 32 bytes long...", VOLUME, 1),
+        )
+        .await
+        .err();
+    assert!(
+        matches!(wrong, Some(ReplicaIoError::Invalid { .. })),
+        "{wrong:?}"
+    );
+    assert_eq!(node.stored_epoch(), 0, "a refused open persists nothing");
+
+    let first = node.open_local(1).await.unwrap();
+    assert!(first.is_local());
+    assert_eq!(node.stored_epoch(), 1);
+    let data = pattern(1, 64 << 10);
+    first.write(MIB, data.clone(), false).await.unwrap();
+    first.write(2 * MIB, data.clone(), true).await.unwrap();
+    first.flush().await.unwrap();
+    assert_eq!(first.read(MIB, 64 << 10).await.unwrap(), data);
+    assert_eq!(node.file_bytes(2 * MIB, 64 << 10), data.to_vec());
+    first.trim(MIB, 4096).await.unwrap();
+    assert_eq!(first.read(MIB, 4096).await.unwrap(), vec![0u8; 4096]);
+
+    // A network session with a newer epoch fences the local one: its next write fails with
+    // Fenced and nothing of it lands.
+    let network = node.connect(2).await.unwrap();
+    let late = first.write(3 * MIB, pattern(2, 4096), false).await;
+    assert!(is_fenced(&late, 1, 2), "{:?}", late.err());
+    assert_eq!(node.file_bytes(3 * MIB, 4096), vec![0u8; 4096]);
+    assert!(is_fenced(&first.read(MIB, 4096).await, 1, 2));
+    assert!(is_fenced(&first.flush().await, 1, 2));
+    // An older local Open is refused like a network one.
+    let stale = node.open_local(1).await.err();
+    assert!(
+        matches!(stale, Some(ReplicaIoError::Fenced { current: 2, .. })),
+        "{stale:?}"
+    );
+
+    // And the other way round: a newer local Open fences the network session.
+    let second = node.open_local(3).await.unwrap();
+    let late = network.write(3 * MIB, pattern(3, 4096), false).await;
+    assert!(is_fenced(&late, 2, 3), "{:?}", late.err());
+    assert_eq!(node.file_bytes(3 * MIB, 4096), vec![0u8; 4096]);
+    second
+        .write(3 * MIB, pattern(4, 4096), false)
+        .await
+        .unwrap();
+    assert_eq!(node.file_bytes(3 * MIB, 4096), pattern(4, 4096).to_vec());
+
+    // A restarted server in the same process shares the replica's state with sessions opened
+    // before: a newer Open through it still fences them.
+    node.restart().await;
+    let _newest = node.connect(4).await.unwrap();
+    let late = second.write(4 * MIB, pattern(5, 4096), false).await;
+    assert!(is_fenced(&late, 3, 4), "{:?}", late.err());
+    assert_eq!(node.file_bytes(4 * MIB, 4096), vec![0u8; 4096]);
+    node.stop().await;
 }

@@ -1,7 +1,7 @@
 //! The node agent over the network: `AgentService` serves a node's agent (its disks, through
 //! [`crate::agent::LocalAgent`]) as the NodeAgent gRPC service, and `RemoteAgent` is the
 //! controller's [`NodeAgent`]: it looks up the node's agent address in the store and calls
-//! that service, within a timeout.
+//! that service, within a timeout, with the cluster's API credential.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,7 +15,7 @@ use tracing::{info, instrument};
 
 use super::status::{agent_error, agent_status};
 use super::v1 as pb;
-use super::v1::node_agent_client::NodeAgentClient;
+use super::{AgentClient, Auth};
 use crate::agent::{AgentError, NodeAgent, ReplicaTarget};
 use crate::csi_server::convert::required;
 use crate::store::Store;
@@ -101,22 +101,25 @@ impl pb::node_agent_server::NodeAgent for AgentService {
 pub struct RemoteAgent {
     store: Arc<dyn Store>,
     timeout: Duration,
+    auth: Auth,
     /// One lazily connecting channel per agent address.
     channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl RemoteAgent {
-    /// An agent that finds nodes' agent addresses in `store` and gives each call `timeout`.
-    pub fn new(store: Arc<dyn Store>, timeout: Duration) -> Self {
+    /// An agent that finds nodes' agent addresses in `store`, gives each call `timeout` and
+    /// authenticates it with `auth`.
+    pub fn new(store: Arc<dyn Store>, timeout: Duration, auth: Auth) -> Self {
         RemoteAgent {
             store,
             timeout,
+            auth,
             channels: Mutex::new(HashMap::new()),
         }
     }
 
     /// A client of the agent of `node_id`, at the address its registration recorded.
-    async fn client(&self, node_id: &str) -> Result<NodeAgentClient<Channel>, AgentError> {
+    async fn client(&self, node_id: &str) -> Result<AgentClient, AgentError> {
         let unreachable = |why: String| AgentError::Unreachable {
             node: node_id.to_string(),
             why,
@@ -145,7 +148,7 @@ impl RemoteAgent {
                 c
             }
         };
-        Ok(NodeAgentClient::new(channel))
+        Ok(super::agent_client(channel, self.auth.clone()))
     }
 
     /// Runs one call within the timeout, mapping what went wrong to an agent error.
@@ -236,11 +239,13 @@ mod tests {
         ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
+        let secret = Arc::new(b"0123456789abcdef0123456789abcdef".to_vec());
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(pb::node_agent_server::NodeAgentServer::new(AgentService {
-                    agent: local,
-                }))
+                .add_service(pb::node_agent_server::NodeAgentServer::with_interceptor(
+                    AgentService { agent: local },
+                    super::super::RequireCredential::new(secret.clone(), "node agent API"),
+                ))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         let store: Arc<dyn Store> =
@@ -264,14 +269,38 @@ mod tests {
             .put("n2", node("n2", &address), None)
             .await
             .unwrap();
-        let remote = RemoteAgent::new(store, Duration::from_secs(5));
+        // Another cluster's agent is refused, and nothing happens on the disk.
+        let stranger = RemoteAgent::new(
+            store.clone(),
+            Duration::from_secs(5),
+            Auth::new(b"another cluster's secret"),
+        );
+        let disk_id: &'static str = Box::leak(info.id.clone().into_boxed_str());
+        let e = stranger
+            .create_replica(
+                ReplicaTarget {
+                    node_id: "n1",
+                    disk_id,
+                    replica_id: "v1-r-0",
+                    volume_id: "v1",
+                },
+                1 << 20,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, AgentError::Task(ref why) if why.contains("Unauthenticated") && why.contains("wrong credential")),
+            "{e}"
+        );
+        assert!(!crate::replica::replica_dir(&disk, "v1-r-0").exists());
+
+        let remote = RemoteAgent::new(store, Duration::from_secs(5), Auth::new(&secret));
         let target = |node_id: &'static str, disk_id: &'static str| ReplicaTarget {
             node_id,
             disk_id,
             replica_id: "v1-r-0",
             volume_id: "v1",
         };
-        let disk_id: &'static str = Box::leak(info.id.clone().into_boxed_str());
 
         let path = remote
             .create_replica(target("n1", disk_id), 1 << 20)

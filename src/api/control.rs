@@ -17,11 +17,10 @@ use crate::model::{self, Disk, Node, ReplicaState, VolumeState};
 /// The longest node id accepted (a DNS name's bound; node ids are host names).
 pub const MAX_NODE_ID_BYTES: usize = 253;
 
-/// The ControlPlane service over the domain controller.
+/// The ControlPlane service over the domain controller. Serve it behind
+/// [`super::RequireCredential`].
 pub struct ControlPlaneService {
     pub controller: Arc<Controller>,
-    /// The cluster secret that every acknowledgement carries to the nodes.
-    pub cluster_secret: Arc<Vec<u8>>,
 }
 
 /// A node's report as the domain takes it; every error names the field.
@@ -150,7 +149,6 @@ fn volume(v: &controller::VolumeStatus, nodes: &NodeFacts) -> pb::VolumeStatus {
 impl ControlPlaneService {
     fn ack(&self) -> pb::NodeAck {
         pb::NodeAck {
-            cluster_secret: self.cluster_secret.as_ref().clone(),
             heartbeat_timeout_ms: self.controller.config().heartbeat_timeout_ms,
         }
     }
@@ -387,7 +385,6 @@ mod tests {
                     termination_grace_ms: 0,
                 },
             )),
-            cluster_secret: Arc::new(vec![7; 32]),
         }
     }
 
@@ -425,7 +422,6 @@ mod tests {
             Code::NotFound
         );
         let ack = register(&s, "a:1").await.unwrap();
-        assert_eq!(ack.cluster_secret, vec![7; 32]);
         assert_eq!(ack.heartbeat_timeout_ms, 200);
         heartbeat(&s, "a:1").await.unwrap();
         // A second process with the same id, while the first is up.

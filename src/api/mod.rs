@@ -1,20 +1,42 @@
 //! Palisade's own gRPC API (proto/palisade.proto): the controller's ControlPlane, which node
 //! agents and `palisade ctl` use, and every node's NodeAgent, which the controller uses.
 //! Thin adapters over the domain layer (`control`, `agent`), with the mapping of their errors
-//! to gRPC codes in one place (`status`).
+//! to gRPC codes in one place (`status`). Every call of both services carries the cluster's
+//! API credential (`auth`).
 
 pub mod agent;
+pub mod auth;
 pub mod control;
 pub mod status;
 
 use std::time::Duration;
 
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+pub use auth::{Auth, RequireCredential};
 
 /// The wire types and gRPC services generated from proto/palisade.proto.
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("palisade.v1");
+}
+
+/// A ControlPlane client whose calls carry the API credential.
+pub type ControlClient =
+    v1::control_plane_client::ControlPlaneClient<InterceptedService<Channel, Auth>>;
+
+/// A NodeAgent client whose calls carry the API credential.
+pub type AgentClient = v1::node_agent_client::NodeAgentClient<InterceptedService<Channel, Auth>>;
+
+/// A ControlPlane client over `channel` whose calls carry `auth`'s credential.
+pub fn control_client(channel: Channel, auth: Auth) -> ControlClient {
+    v1::control_plane_client::ControlPlaneClient::with_interceptor(channel, auth)
+}
+
+/// A NodeAgent client over `channel` whose calls carry `auth`'s credential.
+pub fn agent_client(channel: Channel, auth: Auth) -> AgentClient {
+    v1::node_agent_client::NodeAgentClient::with_interceptor(channel, auth)
 }
 
 /// A gRPC channel to a TCP endpoint given as `http://host:port` or `host:port`. It connects

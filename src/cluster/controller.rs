@@ -1,7 +1,8 @@
 //! `palisade controller`: the embedded store, the cluster secret, CSI Identity + Controller
 //! on a unix socket (for the sidecars), and the ControlPlane API on TCP (for the node agents
-//! and `palisade ctl`). Replicas are created on the nodes through their agents
-//! ([`RemoteAgent`]).
+//! and `palisade ctl`, which must present the API credential derived from the cluster
+//! secret). Replicas are created on the nodes through their agents ([`RemoteAgent`]), with
+//! the same credential.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use super::{create_state_dir, listen, ClusterError};
 use crate::api::agent::RemoteAgent;
 use crate::api::control::ControlPlaneService;
 use crate::api::v1::control_plane_server::ControlPlaneServer;
+use crate::api::{Auth, RequireCredential};
 use crate::controller::{Controller, ControllerConfig, Fencing, DEFAULT_LEASE_MS};
 use crate::csi::v1::{controller_server::ControllerServer, identity_server::IdentityServer};
 use crate::csi_server::{self, controller::ControllerService, identity};
@@ -38,8 +40,11 @@ pub struct ControllerProcessConfig {
     pub listen: SocketAddr,
     /// The CSI endpoint (`unix:///path`).
     pub endpoint: String,
-    /// Where the store and the cluster secret live.
+    /// Where the store (and, by default, the cluster secret) lives.
     pub state_dir: PathBuf,
+    /// The cluster secret: read, or created when missing (by default
+    /// `<state_dir>/`[`SECRET_FILE`]).
+    pub secret_file: PathBuf,
     pub driver_name: String,
     /// A node whose last heartbeat is older than this is down.
     pub heartbeat_timeout: Duration,
@@ -54,10 +59,12 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
     create_state_dir(&cfg.state_dir)?;
     let socket = csi_server::socket_path(&cfg.endpoint)?;
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.state_dir.join(STORE_FILE))?);
-    let secret = Arc::new(token::load_or_create_secret(
-        &cfg.state_dir.join(SECRET_FILE),
-    )?);
-    let agent = Arc::new(RemoteAgent::new(store.clone(), cfg.agent_timeout));
+    let secret = Arc::new(token::load_or_create_secret(&cfg.secret_file)?);
+    let agent = Arc::new(RemoteAgent::new(
+        store.clone(),
+        cfg.agent_timeout,
+        Auth::new(&secret),
+    ));
     let controller = Arc::new(
         Controller::new(
             store.clone(),
@@ -68,7 +75,7 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
             },
         )
         .with_fencing(Fencing {
-            secret: secret.clone(),
+            secret: Arc::clone(&secret),
             fencer: Arc::new(ReplicaFencer {
                 timeout: FENCE_TIMEOUT,
             }),
@@ -111,12 +118,13 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
         .add_service(ControllerServer::new(ControllerService {
             controller: controller.clone(),
         }));
-    let api = tonic::transport::Server::builder().add_service(ControlPlaneServer::new(
-        ControlPlaneService {
-            controller: controller.clone(),
-            cluster_secret: secret,
-        },
-    ));
+    let api =
+        tonic::transport::Server::builder().add_service(ControlPlaneServer::with_interceptor(
+            ControlPlaneService {
+                controller: controller.clone(),
+            },
+            RequireCredential::new(secret, "control plane API"),
+        ));
     let result = process::serve_until_signal(|shutdown| {
         vec![
             Server::new(

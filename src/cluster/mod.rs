@@ -8,6 +8,10 @@ pub mod process;
 
 use std::path::PathBuf;
 
+/// Where `palisade node` and `palisade ctl` read the cluster secret unless `--secret-file`
+/// says otherwise: where `palisade controller` creates it with its default state directory.
+pub const DEFAULT_SECRET_FILE: &str = "/var/lib/palisade/cluster.secret";
+
 /// Why `palisade controller` or `palisade node` could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -21,6 +25,14 @@ pub enum ClusterError {
     Node(#[from] crate::node::NodeError),
     #[error(transparent)]
     Secret(#[from] crate::token::SecretError),
+    #[error("reading the cluster secret (--secret-file {path:?}) failed: {source}; give the path of a copy of the controller's secret file (<controller state dir>/cluster.secret) with --secret-file")]
+    SecretFile {
+        path: PathBuf,
+        #[source]
+        source: crate::token::SecretError,
+    },
+    #[error(transparent)]
+    ReplicaServer(#[from] crate::replica_server::ServerError),
     #[error("create state directory {path:?}: {source}")]
     StateDir {
         path: PathBuf,

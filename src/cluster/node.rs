@@ -1,33 +1,33 @@
 //! `palisade node`: one node of a cluster. It registers its disks with the controller and
 //! heartbeats it; serves its agent (create, grow, delete replicas on its disks) on TCP for
 //! the controller; serves CSI Identity + Node on a unix socket; and runs the replica server
-//! for the replicas on its disks once the controller's acknowledgement has brought the
-//! cluster secret that session tokens are verified with.
+//! for the replicas on its disks. The cluster secret comes from a file (`--secret-file`),
+//! never from the wire: the replica server verifies session tokens with it, and the calls to
+//! and from the controller carry the API credential derived from it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tonic::transport::Channel;
 use tonic::Code;
 use tracing::{debug, info, warn};
 
-use super::process::{self, DiskArg, LocalReadiness, ReadyDisk, Server, Shutdown};
+use super::process::{self, DiskArg, LocalReadiness, ReadyDisk, Server};
 use super::{create_state_dir, listen, ClusterError};
 use crate::agent::LocalAgent;
 use crate::api::agent::AgentService;
 use crate::api::v1 as pb;
-use crate::api::v1::control_plane_client::ControlPlaneClient;
 use crate::api::v1::node_agent_server::NodeAgentServer;
+use crate::api::{Auth, ControlClient, RequireCredential};
 use crate::controller::MAX_VOLUMES_PER_NODE;
 use crate::csi::v1::{identity_server::IdentityServer, node_server::NodeServer};
 use crate::csi_server::{self, identity, node::NodeRpc};
 use crate::node::{NodeConfig, NodeService};
 use crate::node_engine::ClusterLink;
 use crate::replica_server::{ReplicaServer, ServerError};
+use crate::token;
 
 /// Everything `palisade node` needs.
 #[derive(Debug, Clone)]
@@ -38,6 +38,8 @@ pub struct NodeProcessConfig {
     /// The CSI endpoint (`unix:///path`).
     pub endpoint: String,
     pub state_dir: PathBuf,
+    /// The cluster secret, a copy of the controller's (read once, at start).
+    pub secret_file: PathBuf,
     pub disks: Vec<DiskArg>,
     pub zone: Option<String>,
     pub node_tags: Vec<String>,
@@ -56,11 +58,15 @@ pub struct NodeProcessConfig {
     pub engine: crate::engine::EngineConfig,
 }
 
-/// The cluster secret as the controller last sent it (None until the first answer).
-type Secret = Option<Arc<Vec<u8>>>;
-
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
+    let secret = Arc::new(token::read_secret_file(&cfg.secret_file).map_err(|source| {
+        ClusterError::SecretFile {
+            path: cfg.secret_file.clone(),
+            source,
+        }
+    })?);
+    let auth = Auth::new(&secret);
     create_state_dir(&cfg.state_dir)?;
     let socket = csi_server::socket_path(&cfg.endpoint)?;
     let disks = process::init_disks(&cfg.disks)?;
@@ -75,6 +81,20 @@ pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
                 source,
             }
         })?;
+    let replica_server = ReplicaServer::bind(
+        cfg.replica_listen,
+        disks.iter().map(|d| d.arg.path.clone()).collect(),
+        secret.to_vec(),
+    )
+    .await
+    .map_err(|e| match e {
+        ServerError::Bind(source) => ClusterError::Listen {
+            what: "replica server",
+            address: cfg.replica_listen,
+            source,
+        },
+        e => ClusterError::from(e),
+    })?;
     let node = Arc::new(
         NodeService::new(NodeConfig {
             node_id: cfg.node_id.clone(),
@@ -83,11 +103,12 @@ pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
             max_volumes: MAX_VOLUMES_PER_NODE,
         })
         .with_cluster(ClusterLink::new(
-            ControlPlaneClient::new(controller.clone()),
+            crate::api::control_client(controller.clone(), auth.clone()),
             cfg.node_id.clone(),
             cfg.state_dir.clone(),
             cfg.engine.clone(),
-        )),
+        )
+        .with_local_replicas(replica_server.local())),
     );
     node.reconcile().await?;
 
@@ -100,28 +121,32 @@ pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
             source,
         })?;
     let agent_address = advertised(agent_bound, cfg.advertise_host.as_deref(), "--agent-listen")?;
-    // Until the replica server has bound its port, the configured address is reported.
-    let (replica_address_tx, replica_address) = watch::channel(advertised(
-        cfg.replica_listen,
+    let replica_bound = replica_server
+        .local_addr()
+        .map_err(|source| ClusterError::Listen {
+            what: "replica server",
+            address: cfg.replica_listen,
+            source,
+        })?;
+    let replica_address = advertised(
+        replica_bound,
         cfg.advertise_host.as_deref(),
         "--replica-listen",
-    )?);
+    )?;
     let csi_listener = csi_server::bind_socket(&socket)?;
 
-    let (secret_tx, secret_rx) = watch::channel::<Secret>(None);
     let membership = tokio::spawn(
         Membership {
-            client: ControlPlaneClient::new(controller),
+            client: crate::api::control_client(controller, auth),
             cfg: cfg.clone(),
             disks: disks.clone(),
             agent_address: agent_address.clone(),
-            replica_address,
-            secret: secret_tx,
+            replica_address: replica_address.clone(),
         }
         .run(),
     );
 
-    info!(endpoint = %cfg.endpoint, node = %cfg.node_id, agent = %agent_address, controller = %cfg.controller, "serving CSI identity and node, and the node agent API");
+    info!(endpoint = %cfg.endpoint, node = %cfg.node_id, agent = %agent_address, replicas = %replica_address, controller = %cfg.controller, "serving CSI identity and node, the node agent API and the replica server");
     let readiness = Arc::new(LocalReadiness {
         store: None,
         disks: cfg.disks.iter().map(|d| d.path.clone()).collect(),
@@ -133,15 +158,11 @@ pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
             readiness,
         }))
         .add_service(NodeServer::new(NodeRpc { node }));
-    let agent_api = tonic::transport::Server::builder()
-        .add_service(NodeAgentServer::new(AgentService { agent }));
-    let replicas = ReplicaServerTask {
-        listen: cfg.replica_listen,
-        advertise_host: cfg.advertise_host.clone(),
-        disks: disks.iter().map(|d| d.arg.path.clone()).collect(),
-        secret: secret_rx,
-        address: replica_address_tx,
-    };
+    let agent_api =
+        tonic::transport::Server::builder().add_service(NodeAgentServer::with_interceptor(
+            AgentService { agent },
+            RequireCredential::new(secret, "node agent API"),
+        ));
     let result = process::serve_until_signal(|shutdown| {
         vec![
             Server::new(
@@ -158,7 +179,10 @@ pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
                     shutdown.clone().wait(),
                 ),
             ),
-            Server::new("replica server", replicas.run(shutdown)),
+            Server::new("replica server", async move {
+                replica_server.serve(shutdown.wait()).await;
+                Ok::<(), ServerError>(())
+            }),
         ]
     })
     .await;
@@ -182,15 +206,13 @@ fn advertised(bound: SocketAddr, host: Option<&str>, flag: &str) -> Result<Strin
 }
 
 /// The node's membership of the cluster: registers, then heartbeats every interval;
-/// registers again when the controller no longer knows it. Passes the cluster secret of
-/// every acknowledgement on to the replica server.
+/// registers again when the controller no longer knows it.
 struct Membership {
-    client: ControlPlaneClient<Channel>,
+    client: ControlClient,
     cfg: NodeProcessConfig,
     disks: Vec<ReadyDisk>,
     agent_address: String,
-    replica_address: watch::Receiver<String>,
-    secret: watch::Sender<Secret>,
+    replica_address: String,
 }
 
 impl Membership {
@@ -224,7 +246,7 @@ impl Membership {
             node_id: self.cfg.node_id.clone(),
             zone: self.cfg.zone.clone().unwrap_or_default(),
             tags: self.cfg.node_tags.clone(),
-            replica_address: self.replica_address.borrow().clone(),
+            replica_address: self.replica_address.clone(),
             agent_address: self.agent_address.clone(),
             disks: disks
                 .into_iter()
@@ -242,106 +264,37 @@ impl Membership {
                 node: Some(report.clone()),
             };
             match self.client.heartbeat(request).await {
-                Ok(ack) => {
-                    self.accept(ack.into_inner());
-                    return Ok(());
-                }
+                Ok(_) => return Ok(()),
                 Err(s) if s.code() == Code::NotFound => {
                     warn!(reason = %s.message(), "the controller does not know this node any more; registering again");
                     *registered = false;
                 }
-                Err(s) => return Err(format!("heartbeat: {}", crate::api::describe(&s))),
+                Err(s) => return Err(format!("heartbeat: {}", self.describe(&s))),
             }
         }
         let request = pb::RegisterNodeRequest {
             node: Some(report),
             replica_ids: process::replica_ids(&self.disks),
         };
-        let ack = self
-            .client
+        self.client
             .register_node(request)
             .await
-            .map_err(|s| format!("registration: {}", crate::api::describe(&s)))?
-            .into_inner();
+            .map_err(|s| format!("registration: {}", self.describe(&s)))?;
         info!(controller = %self.cfg.controller, node = %self.cfg.node_id, "registered with the controller");
         *registered = true;
-        self.accept(ack);
         Ok(())
     }
 
-    fn accept(&self, ack: pb::NodeAck) {
-        if ack.cluster_secret.is_empty() {
-            warn!("the controller's answer carries no cluster secret");
-            return;
-        }
-        let mut first = false;
-        let changed = self.secret.send_if_modified(|current| {
-            if current.as_ref().map(|s| s.as_slice()) == Some(ack.cluster_secret.as_slice()) {
-                return false;
-            }
-            first = current.is_none();
-            *current = Some(Arc::new(ack.cluster_secret));
-            true
-        });
-        if changed && first {
-            info!("received the cluster secret");
-        } else if changed {
-            warn!("the controller's cluster secret changed (was its state directory replaced?); the replica server restarts with the new one");
-        }
-    }
-}
-
-/// The replica server, started once the cluster secret is known and restarted when it
-/// changes.
-struct ReplicaServerTask {
-    listen: SocketAddr,
-    advertise_host: Option<String>,
-    disks: Vec<PathBuf>,
-    secret: watch::Receiver<Secret>,
-    /// The address reported to the controller, updated once the port is bound.
-    address: watch::Sender<String>,
-}
-
-impl ReplicaServerTask {
-    async fn run(mut self, shutdown: Shutdown) -> Result<(), ServerError> {
-        loop {
-            let secret = tokio::select! {
-                () = shutdown.clone().wait() => return Ok(()),
-                secret = self.secret.wait_for(Option::is_some) => match secret {
-                    Ok(s) => s.clone(),
-                    // The membership task is gone: the process is stopping.
-                    Err(_) => return Ok(()),
-                },
-            };
-            let Some(secret) = secret else { continue };
-            let server =
-                ReplicaServer::bind(self.listen, self.disks.clone(), secret.to_vec()).await?;
-            match server.local_addr() {
-                Ok(bound) => {
-                    if let Ok(address) =
-                        advertised(bound, self.advertise_host.as_deref(), "--replica-listen")
-                    {
-                        self.address.send_replace(address.clone());
-                        info!(address = %address, "replica server listening");
-                    }
-                }
-                Err(e) => warn!(error = %e, "cannot read the replica server's address"),
-            }
-            self.secret.mark_unchanged();
-            let mut secrets = self.secret.clone();
-            let stopping = shutdown.clone();
-            let mut stopped = false;
-            server
-                .serve(async {
-                    tokio::select! {
-                        () = stopping.wait() => stopped = true,
-                        _ = secrets.changed() => {}
-                    }
-                })
-                .await;
-            if stopped {
-                return Ok(());
-            }
+    /// A refused call for the log, with a hint when the credential was refused.
+    fn describe(&self, s: &tonic::Status) -> String {
+        let described = crate::api::describe(s);
+        if s.code() == Code::Unauthenticated {
+            format!(
+                "{described} (is --secret-file {} a copy of this controller's cluster secret?)",
+                self.cfg.secret_file.display()
+            )
+        } else {
+            described
         }
     }
 }
