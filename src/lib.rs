@@ -18,6 +18,7 @@ pub mod mount;
 pub mod nbd;
 pub mod node;
 pub mod node_engine;
+pub mod node_reconcile;
 pub mod params;
 pub mod replica;
 pub mod replica_client;

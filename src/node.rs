@@ -11,7 +11,8 @@ use crate::blockdev::{self, BlockError};
 use crate::locks::KeyLocks;
 use crate::model::{AccessMode, AccessType, Capability};
 use crate::mount::{self, MountError};
-use crate::node_engine::ClusterLink;
+use crate::node_engine::{ClusterLink, EngineHealth};
+use crate::node_reconcile::{self, Reconciler};
 use crate::replica::{self, ReplicaDir, ReplicaError};
 
 /// The node this process serves.
@@ -149,7 +150,18 @@ impl NodeService {
             None => self.local_replica(volume_id).await?.data_path(),
         };
         let (volume, staging, cap) = (volume_id.to_string(), staging.to_path_buf(), cap.clone());
-        blocking(move || stage_blocking(&volume, &backing, &staging, &cap, &mkfs_params)).await
+        let torn_down = self.reconciler();
+        blocking(move || {
+            stage_blocking(&volume, &backing, &staging, &cap, &mkfs_params)?;
+            forget_torn_down(torn_down.as_ref(), &volume, &staging);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Cluster mode: the record of paths torn down at start-up.
+    fn reconciler(&self) -> Option<Reconciler> {
+        self.cluster.as_ref().map(ClusterLink::reconciler)
     }
 
     /// NodeUnstageVolume: unmounts, detaches the device, removes the staging path.
@@ -157,7 +169,14 @@ impl NodeService {
         let _g = self.locks.lock(volume_id).await;
         let backing = self.backing_file(volume_id).await.ok();
         let (volume, staging) = (volume_id.to_string(), staging.to_path_buf());
-        blocking(move || unstage_blocking(&volume, backing.as_deref(), &staging)).await?;
+        let torn_down = self.reconciler();
+        blocking(move || {
+            let key = node_reconcile::canonical(&staging);
+            unstage_blocking(&volume, backing.as_deref(), &staging)?;
+            forget_torn_down(torn_down.as_ref(), &volume, &key);
+            Ok(())
+        })
+        .await?;
         if let Some(link) = &self.cluster {
             link.stop(volume_id).await;
         }
@@ -181,16 +200,24 @@ impl NodeService {
             target.to_path_buf(),
             cap.clone(),
         );
-        blocking(move || publish_blocking(&volume, &backing, &staging, &target, &cap, readonly))
-            .await
+        let torn_down = self.reconciler();
+        blocking(move || {
+            publish_blocking(&volume, &backing, &staging, &target, &cap, readonly)?;
+            forget_torn_down(torn_down.as_ref(), &volume, &target);
+            Ok(())
+        })
+        .await
     }
 
     /// NodeUnpublishVolume: unmounts and removes the target; OK when already gone.
     pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), NodeError> {
         let _g = self.locks.lock(volume_id).await;
-        let target = target.to_path_buf();
+        let (volume, target) = (volume_id.to_string(), target.to_path_buf());
+        let torn_down = self.reconciler();
         blocking(move || {
+            let key = node_reconcile::canonical(&target);
             mount::unmount_and_remove(&target)?;
+            forget_torn_down(torn_down.as_ref(), &volume, &key);
             Ok(())
         })
         .await
@@ -199,9 +226,16 @@ impl NodeService {
     /// NodeGetVolumeStats for a staged or published path.
     pub async fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats, NodeError> {
         let disks = self.config.disks.clone();
-        let engine_file = self.cluster.as_ref().map(|l| l.backing_file(volume_id));
+        let engine = match &self.cluster {
+            Some(link) => Some(EngineView {
+                file: link.backing_file(volume_id),
+                health: link.health(volume_id).await,
+                torn_down: link.reconciler(),
+            }),
+            None => None,
+        };
         let (volume, path) = (volume_id.to_string(), path.to_path_buf());
-        blocking(move || stats_blocking(&volume, &disks, engine_file.as_deref(), &path)).await
+        blocking(move || stats_blocking(&volume, &disks, engine.as_ref(), &path)).await
     }
 
     /// NodeExpandVolume: refreshes the device size and grows the filesystem mounted at
@@ -236,9 +270,14 @@ impl NodeService {
         .await
     }
 
-    /// Start-up reconciliation: detaches loop devices over replica files of this node's
-    /// disks whose replica no longer exists and which nothing mounts.
+    /// Start-up reconciliation: in cluster mode, tears down the data path of every volume
+    /// whose engine died with an earlier process (see node_reconcile.rs); then detaches loop
+    /// devices over replica files of this node's disks whose replica no longer exists and
+    /// which nothing mounts.
     pub async fn reconcile(&self) -> Result<(), NodeError> {
+        if let Some(link) = &self.cluster {
+            link.tear_down_stale().await;
+        }
         let disks = self.config.disks.clone();
         blocking(move || {
             let mounts = mount::read_mountinfo()?;
@@ -403,9 +442,39 @@ fn is_replica_file_of(backing: &Path, volume: &str, disks: &[(String, PathBuf)])
         .any(|(_, d)| backing == replica::replica_dir(d, replica_id).join(replica::DATA_FILE))
 }
 
+/// The loop device over `backing`. A file on a dead FUSE mount (its engine is gone) cannot
+/// be resolved (ENOTCONN): then the path is matched as the kernel names it.
+fn loop_over(backing: &Path) -> Result<Option<PathBuf>, NodeError> {
+    match blockdev::find_loop_for(backing) {
+        Ok(found) => Ok(found),
+        Err(e) => {
+            warn!(file = %backing.display(), error = %e, "cannot resolve the loop device's file; matching its path as it is");
+            Ok(
+                node_reconcile::loops_over(backing, &blockdev::list_loops()?)
+                    .into_iter()
+                    .next(),
+            )
+        }
+    }
+}
+
+/// Forgets a path torn down at start-up once the kubelet has staged, published, unpublished
+/// or unstaged it; a failure only leaves a stale record (logged).
+fn forget_torn_down(torn_down: Option<&Reconciler>, volume: &str, path: &Path) {
+    if let Some(r) = torn_down {
+        if let Err(e) = r.forget(volume, path) {
+            warn!(volume, path = %path.display(), error = %e, "cannot update the record of torn-down paths");
+        }
+    }
+}
+
 fn unstage_blocking(volume: &str, backing: Option<&Path>, staging: &Path) -> Result<(), NodeError> {
     mount::unmount(staging)?;
-    if let Some(dev) = backing.and_then(|b| blockdev::find_loop_for(b).ok().flatten()) {
+    let device = match backing {
+        Some(b) => loop_over(b)?,
+        None => None,
+    };
+    if let Some(dev) = device {
         let users: Vec<PathBuf> = mount::read_mountinfo()?
             .into_iter()
             .filter(|m| Path::new(&m.source) == dev)
@@ -519,10 +588,18 @@ fn publish_blocking(
     Ok(())
 }
 
+/// What NodeGetVolumeStats needs to know of a volume's engine (cluster mode).
+struct EngineView {
+    /// The file its loop device is over.
+    file: PathBuf,
+    health: EngineHealth,
+    torn_down: Reconciler,
+}
+
 fn stats_blocking(
     volume: &str,
     disks: &[(String, PathBuf)],
-    engine_file: Option<&Path>,
+    engine: Option<&EngineView>,
     path: &Path,
 ) -> Result<VolumeStats, NodeError> {
     let not_here = || NodeError::NotMounted {
@@ -530,15 +607,34 @@ fn stats_blocking(
         path: path.to_path_buf(),
     };
     // Which volume is mounted at `path` is read from the kernel: the loop device behind
-    // the mount and the replica file behind the loop device.
-    let numbers = loop_behind(path)?.ok_or_else(not_here)?;
+    // the mount and the replica file (or the engine's FUSE file) behind the loop device.
+    let Some(numbers) = loop_behind(path)? else {
+        // Nothing mounted: a path torn down at start-up (its engine died with an earlier
+        // process) is abnormal until the kubelet unpublishes or unstages it.
+        let reason = engine.and_then(|e| e.torn_down.torn_down_reason(volume, path));
+        return match reason {
+            Some(reason) => Ok(VolumeStats {
+                bytes_total: 0,
+                bytes_available: None,
+                bytes_used: None,
+                inodes: None,
+                abnormal: Some(reason),
+            }),
+            None => Err(not_here()),
+        };
+    };
     let (backing, deleted) = loop_backing(numbers).ok_or_else(not_here)?;
-    if !is_replica_file_of(&backing, volume, disks) && engine_file != Some(backing.as_path()) {
-        return Err(not_here());
-    }
-    let abnormal = deleted.then(|| {
-        format!("the replica data file {backing:?} is missing: the volume is served from a deleted file and will not survive detaching")
-    });
+    let abnormal = match engine.filter(|e| e.file == backing) {
+        Some(e) => match &e.health {
+            EngineHealth::Serving => None,
+            EngineHealth::Stopped(reason) => Some(reason.clone()),
+            EngineHealth::Gone => Some(crate::node_engine::gone_message(volume)),
+        },
+        None if is_replica_file_of(&backing, volume, disks) => deleted.then(|| {
+            format!("the replica data file {backing:?} is missing: the volume is served from a deleted file and will not survive detaching")
+        }),
+        None => return Err(not_here()),
+    };
     let meta = std::fs::metadata(path).map_err(|_| not_here())?;
     if meta.is_dir() {
         let s = mount::stats(path)?;

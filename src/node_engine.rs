@@ -1,7 +1,10 @@
 //! The cluster-mode data path of a staged volume on its node: an engine over the volume's
 //! member replicas (sessions opened with the attachment's epoch and token) serving NBD on a
 //! unix socket, and nbdfuse exposing that export as one file, over which node.rs sets up the
-//! loop device, filesystem and mounts exactly as for a local replica file.
+//! loop device, filesystem and mounts exactly as for a local replica file. A watcher per
+//! engine logs it stopping on its own (fenced, lease expired), which NodeGetVolumeStats
+//! reports ([`ClusterLink::health`]); what a dead process left is torn down by
+//! node_reconcile.rs.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,17 +13,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{oneshot, Mutex};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::api::v1 as pb;
 use crate::api::ControlClient;
 use crate::controller::{CONTEXT_EPOCH, CONTEXT_TOKEN};
-use crate::engine::{Engine, EngineConfig, Member, Membership};
+use crate::engine::{Engine, EngineConfig, EngineState, Member, Membership};
+use crate::node_reconcile::{self, Reconciler, FUSE_FILE};
 use crate::replica_client::ReplicaClient;
 use crate::replica_server::LocalReplicas;
 
-/// The file nbdfuse exposes inside its mount point.
-const FUSE_FILE: &str = "nbd";
 /// How long the engine's socket and nbdfuse's file may take to appear.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -39,6 +41,60 @@ pub enum EngineLinkError {
         what: &'static str,
         why: String,
     },
+    #[error("volume {volume:?}: loop device {device:?} is still attached over the FUSE file of its previous engine, which {why}; unstage the volume first")]
+    StillStaged {
+        volume: String,
+        device: PathBuf,
+        why: String,
+    },
+}
+
+/// How a volume's engine in this process stands, for NodeGetVolumeStats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineHealth {
+    Serving,
+    /// It stopped serving, or nbdfuse in front of it is gone: why, and what to do.
+    Stopped(String),
+    /// No engine of the volume runs in this process (it died with an earlier one).
+    Gone,
+}
+
+/// Why an engine in `state` serves no I/O and what must happen; None while it serves.
+pub fn stop_reason(volume: &str, state: EngineState) -> Option<String> {
+    match state {
+        EngineState::Serving => None,
+        EngineState::Fenced => Some(format!(
+            "the engine of volume {volume:?} was fenced by a newer attachment on another node: it serves no I/O any more; the volume must be unstaged here (restart the pod)"
+        )),
+        EngineState::LeaseExpired => Some(format!(
+            "the engine of volume {volume:?} stopped serving I/O: its attachment lease expired (it could not renew it with the controller); the volume must be unstaged and staged again (restart the pod)"
+        )),
+    }
+}
+
+/// The message for a volume mounted over an engine that no longer runs in this process.
+pub fn gone_message(volume: &str) -> String {
+    format!(
+        "the engine of volume {volume:?} is gone (the node plugin restarted): nothing serves this mount; the volume must be unstaged and staged again (restart the pod)"
+    )
+}
+
+/// How often a runtime's watcher looks at its engine's state.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Watches an engine until it stops serving on its own (fenced, or its lease lapsed), logs
+/// that as an error naming the volume and the reason, and returns the state it saw.
+async fn watch_engine(engine: Engine, every: Duration) -> EngineState {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let state = engine.state();
+        if let Some(reason) = stop_reason(engine.volume_id(), state) {
+            error!(volume = %engine.volume_id(), state = ?state, reason = %reason, "the engine stopped serving I/O; the volume is reported abnormal until it is unstaged");
+            return state;
+        }
+    }
 }
 
 /// The node's link to the controller and where its engines keep their sockets.
@@ -61,6 +117,9 @@ struct Runtime {
     fuse: tokio::process::Child,
     fuse_dir: PathBuf,
     membership: Arc<ControlMembership>,
+    engine: Engine,
+    /// Logs the engine stopping on its own.
+    watcher: tokio::task::JoinHandle<EngineState>,
 }
 
 /// The engine's membership and lease, kept by the controller.
@@ -143,7 +202,8 @@ impl ClusterLink {
         ClusterLink {
             control,
             node_id,
-            state_dir,
+            // As the kernel names it (sysfs, mountinfo), so paths under it compare as they are.
+            state_dir: std::fs::canonicalize(&state_dir).unwrap_or(state_dir),
             engine,
             call_timeout: Duration::from_secs(10),
             local: None,
@@ -163,12 +223,14 @@ impl ClusterLink {
     }
 
     fn fuse_dir(&self, volume_id: &str) -> PathBuf {
-        self.state_dir.join("fuse").join(volume_id)
+        self.state_dir
+            .join(node_reconcile::FUSE_DIR)
+            .join(volume_id)
     }
 
     fn socket(&self, volume_id: &str) -> PathBuf {
         self.state_dir
-            .join("engines")
+            .join(node_reconcile::ENGINES_DIR)
             .join(format!("{volume_id}.sock"))
     }
 
@@ -185,10 +247,15 @@ impl ClusterLink {
         let stale = {
             let mut runtimes = self.runtimes.lock().await;
             if let Some(r) = runtimes.get_mut(volume_id) {
-                if !r.task.is_finished() && matches!(r.fuse.try_wait(), Ok(None)) {
+                if r.engine.state() == EngineState::Serving
+                    && !r.task.is_finished()
+                    && matches!(r.fuse.try_wait(), Ok(None))
+                {
                     return Ok(self.backing_file(volume_id));
                 }
             }
+            // A loop device still over the old FUSE file would be taken for the new one's.
+            self.refuse_if_still_staged(volume_id, runtimes.get_mut(volume_id))?;
             runtimes.remove(volume_id)
         };
         if let Some(old) = stale {
@@ -299,6 +366,8 @@ impl ClusterLink {
             fuse,
             fuse_dir,
             membership: Arc::clone(&membership),
+            watcher: tokio::spawn(watch_engine(engine.clone(), WATCH_INTERVAL)),
+            engine: engine.clone(),
         };
         if let Err(why) = exposed {
             self.stop_runtime(volume_id, runtime).await;
@@ -400,14 +469,89 @@ impl ClusterLink {
         let runtime = self.runtimes.lock().await.remove(volume_id);
         match runtime {
             Some(r) => self.stop_runtime(volume_id, r).await,
-            // Nothing known (e.g. after a restart): clear a stale FUSE mount if any.
+            // Nothing runs (its engine died with an earlier process): clear what that left,
+            // the FUSE mount (dead), an orphaned nbdfuse, the socket.
             None => {
-                let _ = crate::mount::unmount(&self.fuse_dir(volume_id));
+                let reconciler = self.reconciler();
+                let volume = volume_id.to_string();
+                let _ = tokio::task::spawn_blocking(move || {
+                    reconciler.tear_down_volume(&volume, false)
+                })
+                .await;
             }
         }
     }
 
+    /// Start-up: tears down the data path of every volume under the state directory that
+    /// has no engine in this process (see node_reconcile.rs). Only before CSI is served.
+    pub async fn tear_down_stale(&self) {
+        let live: std::collections::HashSet<String> =
+            self.runtimes.lock().await.keys().cloned().collect();
+        let reconciler = self.reconciler();
+        let _ = tokio::task::spawn_blocking(move || reconciler.tear_down_stale(&live)).await;
+    }
+
+    /// The start-up teardown and its record of torn-down paths, for this state directory.
+    pub fn reconciler(&self) -> Reconciler {
+        Reconciler::new(&self.state_dir)
+    }
+
+    /// How the volume's engine stands.
+    pub async fn health(&self, volume_id: &str) -> EngineHealth {
+        let mut runtimes = self.runtimes.lock().await;
+        let Some(r) = runtimes.get_mut(volume_id) else {
+            return EngineHealth::Gone;
+        };
+        if let Some(reason) = stop_reason(volume_id, r.engine.state()) {
+            return EngineHealth::Stopped(reason);
+        }
+        if let Ok(Some(exit)) = r.fuse.try_wait() {
+            return EngineHealth::Stopped(format!(
+                "nbdfuse, which exposed the engine of volume {volume_id:?} to the loop device, exited ({exit}); the volume must be unstaged and staged again (restart the pod)"
+            ));
+        }
+        if r.task.is_finished() {
+            return EngineHealth::Stopped(format!(
+                "the NBD server of the engine of volume {volume_id:?} stopped; the volume must be unstaged and staged again (restart the pod)"
+            ));
+        }
+        EngineHealth::Serving
+    }
+
+    /// Err when a loop device is still attached over the volume's FUSE file while no
+    /// serving engine is behind it (`runtime`: the stopped one, if any).
+    fn refuse_if_still_staged(
+        &self,
+        volume_id: &str,
+        runtime: Option<&mut Runtime>,
+    ) -> Result<(), EngineLinkError> {
+        let loops = crate::blockdev::list_loops().map_err(|e| EngineLinkError::Start {
+            volume: volume_id.to_string(),
+            what: "listing loop devices",
+            why: e.to_string(),
+        })?;
+        let Some(device) = node_reconcile::loops_over(&self.backing_file(volume_id), &loops)
+            .into_iter()
+            .next()
+        else {
+            return Ok(());
+        };
+        let why = match runtime {
+            Some(r) => match stop_reason(volume_id, r.engine.state()) {
+                Some(_) => format!("stopped ({:?})", r.engine.state()),
+                None => "no longer serves".to_string(),
+            },
+            None => "died with an earlier node process".to_string(),
+        };
+        Err(EngineLinkError::StillStaged {
+            volume: volume_id.to_string(),
+            device,
+            why,
+        })
+    }
+
     async fn stop_runtime(&self, volume_id: &str, mut r: Runtime) {
+        r.watcher.abort();
         if let Err(e) = crate::mount::unmount(&r.fuse_dir) {
             warn!(volume = %volume_id, error = %e, "unmounting the nbdfuse mount failed");
         }
@@ -449,4 +593,73 @@ async fn wait_for(path: &Path, ready: impl Fn(&Path) -> bool) -> Result<(), Stri
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::FileReplica;
+
+    /// A controller that refuses every renewal (the attachment has moved on).
+    struct Refusing;
+
+    #[async_trait]
+    impl Membership for Refusing {
+        async fn remove_member(&self, _: &str, _: &str) -> Result<(), String> {
+            Ok(())
+        }
+        async fn renew_lease(&self) -> Result<(), String> {
+            Err("the attachment has moved on".into())
+        }
+    }
+
+    #[test]
+    fn stop_reasons_name_the_cause_and_the_volume() {
+        assert_eq!(stop_reason("v1", EngineState::Serving), None);
+        let fenced = stop_reason("v1", EngineState::Fenced).unwrap();
+        assert!(
+            fenced.contains("fenced by a newer attachment on another node")
+                && fenced.contains("\"v1\""),
+            "{fenced}"
+        );
+        let expired = stop_reason("v1", EngineState::LeaseExpired).unwrap();
+        assert!(
+            expired.contains("attachment lease expired") && expired.contains("\"v1\""),
+            "{expired}"
+        );
+        assert!(gone_message("v1").contains("staged again"));
+    }
+
+    #[tokio::test]
+    async fn the_watcher_sees_an_engine_whose_lease_lapsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 1 << 20;
+        let data = dir.path().join("data");
+        std::fs::File::create(&data).unwrap().set_len(size).unwrap();
+        let member = FileReplica::open("r1", &data, size).unwrap();
+        let config = EngineConfig {
+            lease: Duration::from_millis(300),
+            renew_interval: Duration::from_millis(50),
+            ..EngineConfig::default()
+        };
+        let engine = Engine::with_config(
+            "v1",
+            size,
+            vec![Arc::new(member)],
+            Arc::new(Refusing),
+            config,
+        )
+        .unwrap();
+        let renewing = engine.clone();
+        let lease = tokio::spawn(async move { renewing.keep_lease(std::future::pending()).await });
+        let watcher = tokio::spawn(watch_engine(engine.clone(), Duration::from_millis(20)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!watcher.is_finished(), "the lease has not lapsed yet");
+        let seen = tokio::time::timeout(Duration::from_secs(5), watcher)
+            .await
+            .expect("the watcher notices within the lease")
+            .unwrap();
+        assert_eq!(seen, EngineState::LeaseExpired);
+        lease.abort();
+    }
 }

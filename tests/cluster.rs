@@ -60,12 +60,19 @@ struct Cluster {
 }
 
 fn spawn(args: &[String]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_palisade"))
-        .args(args)
+    spawn_logging(args, None)
+}
+
+/// Spawns palisade with its log (standard error) going to `log` when given.
+fn spawn_logging(args: &[String], log: Option<&Path>) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_palisade"));
+    cmd.args(args)
         .env("RUST_LOG", log_level())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn palisade")
+        .stdout(Stdio::null());
+    if let Some(log) = log {
+        cmd.stderr(std::fs::File::create(log).expect("create the log file"));
+    }
+    cmd.spawn().expect("spawn palisade")
 }
 
 /// Like [`spawn`], with the standard error (the log) going to `log`.
@@ -175,13 +182,18 @@ impl Cluster {
 
     /// Starts a killed node again with the same arguments.
     async fn restart_node(&mut self, id: &str) {
+        self.restart_node_logging(id, None).await;
+    }
+
+    /// Starts a killed node again with the same arguments, its log going to `log` if given.
+    async fn restart_node_logging(&mut self, id: &str, log: Option<&Path>) {
         self.kill9(id);
         let node = self
             .nodes
             .iter_mut()
             .find(|n| n.id == id)
             .expect("a node of the cluster");
-        node.child = Some(spawn(&node.args));
+        node.child = Some(spawn_logging(&node.args, log));
         let socket = node.socket.clone();
         self.wait_for_csi(&socket).await;
     }
@@ -1092,6 +1104,13 @@ fn cleanup_mounts(root: &Path) {
             }
         }
     }
+    // nbdfuse outlives a killed node process; its mount is gone by now, so it may go too.
+    for (pid, _) in processes_naming(root) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
 }
 
 /// The replicated data path end to end: a 3-replica volume attached on n1 through the
@@ -1394,4 +1413,506 @@ async fn ready_cluster(cluster: &Cluster) -> ControllerClient<Channel> {
         .wait_nodes("3 nodes up", |n| n.len() == 3 && n.iter().all(up))
         .await;
     cluster.controller_client().await
+}
+
+/// A client of a node's CSI socket.
+async fn node_client(cluster: &Cluster, node: &str) -> NodeClient<Channel> {
+    NodeClient::new(
+        palisade::csi_server::connect(&cluster.node(node).socket)
+            .await
+            .expect("connect to the node's CSI socket"),
+    )
+}
+
+/// The node's home (its state directory), where `stage_and_publish` stages and publishes.
+fn node_home(cluster: &Cluster, node: &str) -> PathBuf {
+    cluster
+        .node(node)
+        .socket
+        .parent()
+        .expect("node home")
+        .to_path_buf()
+}
+
+/// The staging and target paths `stage_and_publish` uses for a volume on a node.
+fn staging_and_target(cluster: &Cluster, node: &str, volume_id: &str) -> (PathBuf, PathBuf) {
+    let home = node_home(cluster, node);
+    (
+        home.join(format!("staging-{volume_id}")),
+        home.join(format!("target-{volume_id}")),
+    )
+}
+
+/// Whether something is mounted at `path`, per the kernel.
+fn is_mounted(path: &Path) -> bool {
+    let path = path.display().to_string();
+    mounts_under(Path::new(&path)).contains(&path)
+}
+
+/// Mount points at or under `dir`, per the kernel.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let dir = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|p| p.starts_with(&dir))
+        .collect()
+}
+
+/// Loop devices whose backing file is under `dir`, with that file.
+fn loops_under(dir: &Path) -> Vec<(String, String)> {
+    let dir = dir.display().to_string();
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/sys/block") {
+        for e in entries.flatten() {
+            let b = std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
+            if b.starts_with(&dir) {
+                found.push((
+                    format!("/dev/{}", e.file_name().to_string_lossy()),
+                    b.trim_end().to_string(),
+                ));
+            }
+        }
+    }
+    found
+}
+
+/// Live processes whose command line names a path under `dir` (nbdfuse serving a FUSE mount
+/// of a node's state directory).
+fn processes_naming(dir: &Path) -> Vec<(i32, String)> {
+    let dir = dir.display().to_string();
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if args.iter().skip(1).any(|a| a.starts_with(&dir)) && args[0].ends_with("nbdfuse") {
+                found.push((pid, args.join(" ")));
+            }
+        }
+    }
+    found
+}
+
+/// NodeGetVolumeStats of a path on a node.
+async fn volume_stats(
+    client: &mut NodeClient<Channel>,
+    volume_id: &str,
+    path: &Path,
+) -> Result<pb::NodeGetVolumeStatsResponse, tonic::Status> {
+    client
+        .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+            volume_id: volume_id.to_string(),
+            volume_path: path.display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// NodeUnpublishVolume then NodeUnstageVolume, both of which must succeed.
+async fn unpublish_and_unstage(
+    client: &mut NodeClient<Channel>,
+    volume_id: &str,
+    staging: &Path,
+    target: &Path,
+) {
+    client
+        .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+            volume_id: volume_id.to_string(),
+            target_path: target.display().to_string(),
+        })
+        .await
+        .expect("NodeUnpublishVolume");
+    client
+        .node_unstage_volume(pb::NodeUnstageVolumeRequest {
+            volume_id: volume_id.to_string(),
+            staging_target_path: staging.display().to_string(),
+        })
+        .await
+        .expect("NodeUnstageVolume");
+}
+
+/// Creates a volume of `replicas` replicas with the mount capability and publishes it to
+/// `node`; returns its id and publish context.
+async fn create_and_publish(
+    csi: &mut ControllerClient<Channel>,
+    name: &str,
+    replicas: &str,
+    policy: Option<&str>,
+    node: &str,
+) -> (String, std::collections::HashMap<String, String>) {
+    let mut request = create_request(name, 32 * MIB, replicas);
+    request.volume_capabilities = vec![mount_cap()];
+    if let Some(policy) = policy {
+        request
+            .parameters
+            .insert("volumeAttachmentRecoveryPolicy".into(), policy.into());
+    }
+    let id = csi
+        .create_volume(request)
+        .await
+        .expect("CreateVolume")
+        .into_inner()
+        .volume
+        .expect("volume")
+        .volume_id;
+    let ctx = csi
+        .controller_publish_volume(pb::ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: node.to_string(),
+            volume_capability: Some(mount_cap()),
+            ..Default::default()
+        })
+        .await
+        .expect("ControllerPublishVolume")
+        .into_inner()
+        .publish_context;
+    (id, ctx)
+}
+
+/// Runs a scenario on a fresh three-node cluster, then stops every process and removes
+/// every mount, loop device and nbdfuse process the test left, whether it passed or not.
+async fn with_cluster(scenario: for<'a> fn(&'a mut Cluster) -> futures::future::BoxFuture<'a, ()>) {
+    let mut cluster = Cluster::start(3).await;
+    let root = cluster.dir.path().to_path_buf();
+    let result =
+        futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(scenario(&mut cluster)))
+            .await;
+    stop_all(&mut cluster);
+    cleanup_mounts(&root);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// kill -9 of a node process with replicated volumes staged, published and written: the
+/// engines die with it, and the FUSE mounts, loop devices, staging and target mounts over
+/// them are dead. The restarted node tears all that down at start-up (and nothing of another
+/// node's): at once where nothing holds the mounts, lazily where a process still has a file
+/// open on one (as a pod would), the loop device going when that file is closed. It reports
+/// the pods' paths abnormal until the kubelet unpublishes and unstages them, which succeed;
+/// a fresh stage brings each volume back with every fsynced write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_tears_down_its_dead_data_path_and_stages_again() {
+    with_cluster(|cluster| Box::pin(restart_scenario(cluster))).await;
+}
+
+async fn restart_scenario(cluster: &mut Cluster) {
+    let mut csi = ready_cluster(cluster).await;
+    // Two volumes on n1: one whose mounts nothing holds, one with a file held open.
+    let mut volumes = Vec::new();
+    for name in ["restarted", "held"] {
+        let (id, ctx) = create_and_publish(&mut csi, name, "2", None, "n1").await;
+        let target = stage_and_publish(cluster, "n1", &id, &ctx).await;
+        let (staging, _) = staging_and_target(cluster, "n1", &id);
+        let mut written = Vec::new();
+        for i in 0..3u64 {
+            let (file, data) = (format!("file-{i}"), pattern(i, 1 << 20));
+            write_synced(&target.join(&file), &data).expect("write before the kill");
+            written.push((file, data));
+        }
+        volumes.push((id, ctx, staging, target, written));
+    }
+    let held = std::fs::File::open(volumes[1].3.join("file-0")).expect("hold a file open");
+    // Another node's volume, which n1's start-up must leave alone.
+    let (other, other_ctx) = create_and_publish(&mut csi, "neighbour", "1", None, "n2").await;
+    let other_target = stage_and_publish(cluster, "n2", &other, &other_ctx).await;
+    write_synced(&other_target.join("kept"), b"n2's data").expect("write on n2");
+
+    let home = node_home(cluster, "n1");
+    let fuse_root = home.join("fuse");
+    assert_eq!(
+        loops_under(&fuse_root).len(),
+        2,
+        "{:?}",
+        loops_under(&fuse_root)
+    );
+
+    cluster.kill9("n1");
+    // What the dead process left: every layer is still mounted, none can serve.
+    for (id, _, staging, target, _) in &volumes {
+        assert!(is_mounted(&fuse_root.join(id)) && is_mounted(staging) && is_mounted(target));
+    }
+    assert_eq!(processes_naming(&fuse_root).len(), 2, "orphaned nbdfuse");
+
+    cluster.restart_node("n1").await;
+    // Start-up tore down the dead layers of n1, and only those: nothing is mounted any
+    // more; the held volume's loop device goes once its file is closed.
+    assert_eq!(
+        mounts_under(&home),
+        Vec::<String>::new(),
+        "mounts left on n1"
+    );
+    let loops = loops_under(&fuse_root);
+    assert!(
+        loops.iter().all(|(_, b)| !b.contains("/restarted/")),
+        "the loop device of the volume nothing held is left: {loops:?}"
+    );
+    assert_eq!(processes_naming(&fuse_root), vec![], "nbdfuse left for n1");
+    for (id, ..) in &volumes {
+        assert!(!home.join("engines").join(format!("{id}.sock")).exists());
+    }
+    let n2_home = node_home(cluster, "n2");
+    assert_eq!(loops_under(&n2_home.join("fuse")).len(), 1, "n2's loop");
+    assert_eq!(
+        std::fs::read(other_target.join("kept")).expect("n2's volume is still mounted"),
+        b"n2's data"
+    );
+
+    // The pods' paths are reported abnormal, saying the volume must be staged again.
+    let mut n1 = node_client(cluster, "n1").await;
+    for (id, _, staging, target, _) in &volumes {
+        for path in [target, staging] {
+            let stats = volume_stats(&mut n1, id, path)
+                .await
+                .expect("NodeGetVolumeStats of a torn-down path");
+            let condition = stats.volume_condition.expect("a volume condition");
+            assert!(condition.abnormal, "{path:?}: {condition:?}");
+            assert!(
+                condition.message.contains("engine") && condition.message.contains("staged again"),
+                "{path:?}: {}",
+                condition.message
+            );
+        }
+    }
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !loops_under(&fuse_root).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the held volume's loop device stayed after its file was closed: {:?}",
+            loops_under(&fuse_root)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The kubelet's unpublish and unstage succeed (twice) and leave nothing behind.
+    cluster
+        .wait_nodes("n1 up again", |n| {
+            n.iter().any(|x| x["id"] == "n1" && up(x))
+        })
+        .await;
+    for (id, ctx, staging, target, written) in &volumes {
+        unpublish_and_unstage(&mut n1, id, staging, target).await;
+        unpublish_and_unstage(&mut n1, id, staging, target).await;
+        assert!(!target.exists() && !staging.exists());
+        assert_eq!(
+            volume_stats(&mut n1, id, target)
+                .await
+                .map_err(|s| s.code()),
+            Err(tonic::Code::NotFound)
+        );
+        // A fresh stage on the restarted node serves every fsynced write.
+        let target = stage_and_publish(cluster, "n1", id, ctx).await;
+        for (file, data) in written {
+            let read = std::fs::read(target.join(file)).expect("a file written before the kill");
+            assert!(read == *data, "{id}: {file} differs after the restart");
+        }
+        write_synced(&target.join("after"), b"written by the new engine").expect("write again");
+        let stats = volume_stats(&mut n1, id, &target).await.expect("stats");
+        assert_eq!(
+            stats.volume_condition.map(|c| c.abnormal),
+            Some(false),
+            "a restaged volume is healthy"
+        );
+        unpublish_and_unstage(&mut n1, id, staging, &target).await;
+    }
+    assert_nothing_left(&home);
+    assert!(
+        !home.join("torn-down").join("restarted.json").exists(),
+        "the record of torn-down paths outlived the unstage"
+    );
+
+    let mut n2 = node_client(cluster, "n2").await;
+    let (other_staging, _) = staging_and_target(cluster, "n2", &other);
+    unpublish_and_unstage(&mut n2, &other, &other_staging, &other_target).await;
+}
+
+/// Polls NodeGetVolumeStats of `path` until it reports the volume abnormal; returns the
+/// message.
+async fn wait_abnormal(
+    client: &mut NodeClient<Channel>,
+    volume_id: &str,
+    path: &Path,
+    within: Duration,
+) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let stats = volume_stats(client, volume_id, path)
+            .await
+            .unwrap_or_else(|s| panic!("NodeGetVolumeStats of {path:?}: {s:?}"));
+        let condition = stats.volume_condition.expect("a volume condition");
+        if condition.abnormal {
+            return condition.message;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{volume_id} at {path:?} still reported healthy after {within:?}: {}",
+            condition.message
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Engines that stop on their own are noticed by their node, which logs it as an error,
+/// reports the volume abnormal with the reason, and still unstages it completely:
+/// - fenced: n1 freezes, the volume is taken over by n2 (policy immediate) and staged there;
+///   n1's first write after it resumes meets the newer epoch at the replicas;
+/// - lease expired: the controller freezes, so n1 (started with a 3 s lease) cannot renew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_that_stop_on_their_own_are_reported_and_unstaged() {
+    with_cluster(|cluster| Box::pin(stopped_engines_scenario(cluster))).await;
+}
+
+/// Waits (a few seconds at most) for an error line in `log` saying that the engine of
+/// `volume` stopped, in `state`.
+async fn assert_logged_stop(log: &Path, volume: &str, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let logged = std::fs::read_to_string(log).expect("the node's log");
+        if logged.lines().any(|l| {
+            l.contains("ERROR")
+                && l.contains("the engine stopped serving I/O")
+                && l.contains(&format!("volume={volume}"))
+                && l.contains(&format!("state={state}"))
+        }) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no error logged for {volume} ({state}):\n{logged}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Asserts that nothing of any volume is left on the node with home `home`: no mount, no
+/// loop device over its FUSE files, no nbdfuse, no engine socket.
+#[track_caller]
+fn assert_nothing_left(home: &Path) {
+    assert_eq!(mounts_under(home), Vec::<String>::new(), "mounts left");
+    assert_eq!(loops_under(&home.join("fuse")), vec![], "loop devices left");
+    assert_eq!(processes_naming(&home.join("fuse")), vec![], "nbdfuse left");
+    let sockets: Vec<_> = std::fs::read_dir(home.join("engines"))
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert_eq!(sockets, Vec::<PathBuf>::new(), "engine sockets left");
+}
+
+/// Sets a node's `--lease-seconds` for its next start.
+fn set_lease(cluster: &mut Cluster, node: &str, seconds: u64) {
+    let args = &mut cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.id == node)
+        .expect("a node of the cluster")
+        .args;
+    if let Some(i) = args.iter().position(|a| a == "--lease-seconds") {
+        args.drain(i..=i + 1);
+    }
+    args.extend(["--lease-seconds".to_string(), seconds.to_string()]);
+}
+
+async fn stopped_engines_scenario(cluster: &mut Cluster) {
+    let home = node_home(cluster, "n1");
+    let log = home.join("n1.log");
+    // A lease far longer than the freeze below, so that the engine is fenced, not expired.
+    set_lease(cluster, "n1", 120);
+    cluster.restart_node_logging("n1", Some(&log)).await;
+    let mut csi = ready_cluster(cluster).await;
+
+    // Fenced.
+    let (id, ctx) = create_and_publish(&mut csi, "fenced", "3", Some("immediate"), "n1").await;
+    let target = stage_and_publish(cluster, "n1", &id, &ctx).await;
+    write_synced(&target.join("a"), b"before").expect("write on n1");
+    let (staging, _) = staging_and_target(cluster, "n1", &id);
+    let mut n1 = node_client(cluster, "n1").await;
+    let stats = volume_stats(&mut n1, &id, &staging).await.expect("stats");
+    assert_eq!(stats.volume_condition.map(|c| c.abnormal), Some(false));
+
+    let n1_pid =
+        nix::unistd::Pid::from_raw(cluster.node("n1").child.as_ref().expect("n1 runs").id() as i32);
+    nix::sys::signal::kill(n1_pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP n1");
+    let frozen = Instant::now();
+    let ctx2 = loop {
+        let request = pb::ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "n2".into(),
+            volume_capability: Some(mount_cap()),
+            ..Default::default()
+        };
+        match csi.controller_publish_volume(request).await {
+            Ok(r) => break r.into_inner().publish_context,
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                assert!(
+                    frozen.elapsed() < Duration::from_secs(HEARTBEAT_TIMEOUT_S + 30),
+                    "no take-over: {}",
+                    s.message()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("ControllerPublish to n2: {s:?}"),
+        }
+    };
+    let n2_target = stage_and_publish(cluster, "n2", &id, &ctx2).await;
+    nix::sys::signal::kill(n1_pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT n1");
+    let late = write_synced(&target.join("late"), &pattern(7, 1 << 20));
+    assert!(late.is_err(), "the fenced node's write was acknowledged");
+    for path in [&staging, &target] {
+        let message = wait_abnormal(&mut n1, &id, path, Duration::from_secs(10)).await;
+        assert!(
+            message.contains("fenced by a newer attachment on another node"),
+            "{path:?}: {message}"
+        );
+    }
+    assert_logged_stop(&log, &id, "Fenced").await;
+    unpublish_and_unstage(&mut n1, &id, &staging, &target).await;
+    assert_nothing_left(&home);
+    assert_eq!(
+        std::fs::read(n2_target.join("a")).expect("read on n2"),
+        b"before"
+    );
+    assert!(!n2_target.join("late").exists());
+    let mut n2 = node_client(cluster, "n2").await;
+    let (n2_staging, _) = staging_and_target(cluster, "n2", &id);
+    unpublish_and_unstage(&mut n2, &id, &n2_staging, &n2_target).await;
+
+    // Lease expired: n1 again, with a lease of 3 s.
+    let log = home.join("n1-short-lease.log");
+    set_lease(cluster, "n1", 3);
+    cluster.restart_node_logging("n1", Some(&log)).await;
+    let mut csi = ready_cluster(cluster).await;
+    let (id, ctx) = create_and_publish(&mut csi, "expired", "3", None, "n1").await;
+    let target = stage_and_publish(cluster, "n1", &id, &ctx).await;
+    write_synced(&target.join("a"), b"before").expect("write on n1");
+    let (staging, _) = staging_and_target(cluster, "n1", &id);
+    let mut n1 = node_client(cluster, "n1").await;
+    let controller_pid = nix::unistd::Pid::from_raw(
+        cluster
+            .controller
+            .as_ref()
+            .expect("the controller runs")
+            .id() as i32,
+    );
+    nix::sys::signal::kill(controller_pid, nix::sys::signal::Signal::SIGSTOP)
+        .expect("SIGSTOP the controller");
+    let message = wait_abnormal(&mut n1, &id, &staging, Duration::from_secs(15)).await;
+    nix::sys::signal::kill(controller_pid, nix::sys::signal::Signal::SIGCONT)
+        .expect("SIGCONT the controller");
+    assert!(message.contains("attachment lease expired"), "{message}");
+    assert!(
+        write_synced(&target.join("late"), b"after the lease").is_err(),
+        "a write was acknowledged after the lease expired"
+    );
+    assert_logged_stop(&log, &id, "LeaseExpired").await;
+    unpublish_and_unstage(&mut n1, &id, &staging, &target).await;
+    assert_nothing_left(&home);
 }

@@ -34,6 +34,7 @@ fn node_status(e: NodeError) -> Status {
                 Code::Unavailable
             }
             EngineLinkError::Start { .. } => Code::Internal,
+            EngineLinkError::StillStaged { .. } => Code::FailedPrecondition,
         },
     };
     super::status::status(code, &e)
