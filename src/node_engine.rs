@@ -608,7 +608,7 @@ mod tests {
         async fn remove_member(&self, _: &str, _: &str) -> Result<(), String> {
             Ok(())
         }
-        async fn renew_lease(&self) -> Result<(), String> {
+        async fn renew_lease(&self) -> Result<Duration, String> {
             Err("the attachment has moved on".into())
         }
     }
