@@ -11,6 +11,7 @@ pub mod csi;
 pub mod csi_server;
 pub mod ctl;
 pub mod engine;
+pub mod extents;
 pub mod fence;
 pub mod locks;
 pub mod model;

@@ -290,7 +290,11 @@ pub(crate) fn refusal(replica_id: &str, epoch: u64, response: Response) -> Repli
             replica,
             why: format!("the replica server closed the session: {why}"),
         },
-        Response::Done | Response::Opened { .. } | Response::Data(_) => ReplicaIoError::Io {
+        Response::Done
+        | Response::Opened { .. }
+        | Response::Data(_)
+        | Response::Extents(_)
+        | Response::Checksum(_) => ReplicaIoError::Io {
             replica,
             why: format!("unexpected answer {}", answer_name(&response)),
         },
@@ -302,6 +306,8 @@ fn answer_name(response: &Response) -> &'static str {
         Response::Done => "Done",
         Response::Opened { .. } => "Opened",
         Response::Data(_) => "Data",
+        Response::Extents(_) => "Extents",
+        Response::Checksum(_) => "Checksum",
         _ => "error",
     }
 }
@@ -501,6 +507,30 @@ impl ReplicaIo for ReplicaClient {
 
     async fn trim(&self, offset: u64, len: u32) -> Result<(), ReplicaIoError> {
         self.done(&Request::Trim { offset, len }).await
+    }
+
+    async fn extents(&self, offset: u64, len: u32) -> Result<Vec<(u64, u32)>, ReplicaIoError> {
+        match self.call(&Request::Extents { offset, len }).await? {
+            Response::Extents(extents) => Ok(extents),
+            other => Err(self.refused(other)),
+        }
+    }
+
+    async fn checksum(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<[u8; wire::CHECKSUM_LEN], ReplicaIoError> {
+        if usize::try_from(len).is_ok_and(|len| len > wire::MAX_IO_LEN) {
+            return Err(self.invalid(format!(
+                "a checksum covers at most {} bytes, not {len}",
+                wire::MAX_IO_LEN
+            )));
+        }
+        match self.call(&Request::Checksum { offset, len }).await? {
+            Response::Checksum(digest) => Ok(digest),
+            other => Err(self.refused(other)),
+        }
     }
 }
 

@@ -42,4 +42,20 @@ pub trait ReplicaIo: Send + Sync + 'static {
     async fn flush(&self) -> Result<(), ReplicaIoError>;
     /// Discards `len` bytes at `offset` (they read back as zeros).
     async fn trim(&self, offset: u64, len: u32) -> Result<(), ReplicaIoError>;
+
+    /// The ranges within `len` bytes at `offset` that hold data (the rest read as zeros), in
+    /// order, at most [`crate::wire::MAX_EXTENTS`]. By default the whole range, which is
+    /// always true, if wasteful.
+    async fn extents(&self, offset: u64, len: u32) -> Result<Vec<(u64, u32)>, ReplicaIoError> {
+        Ok(vec![(offset, len)])
+    }
+
+    /// The SHA-256 digest of `len` bytes at `offset`. By default by reading them.
+    async fn checksum(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<[u8; crate::wire::CHECKSUM_LEN], ReplicaIoError> {
+        Ok(crate::extents::digest(&self.read(offset, len).await?))
+    }
 }

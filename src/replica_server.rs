@@ -345,6 +345,25 @@ impl ReplicaIo for LocalSession {
     async fn trim(&self, offset: u64, len: u32) -> Result<(), ReplicaIoError> {
         self.done(self.inline(Request::Trim { offset, len }).await)
     }
+
+    async fn extents(&self, offset: u64, len: u32) -> Result<Vec<(u64, u32)>, ReplicaIoError> {
+        match self.inline(Request::Extents { offset, len }).await {
+            Response::Extents(extents) => Ok(extents),
+            other => Err(self.refused(other)),
+        }
+    }
+
+    async fn checksum(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<[u8; crate::wire::CHECKSUM_LEN], ReplicaIoError> {
+        let request = Request::Checksum { offset, len };
+        match execute(Arc::clone(&self.replica), self.epoch, request).await {
+            Response::Checksum(digest) => Ok(digest),
+            other => Err(self.refused(other)),
+        }
+    }
 }
 
 fn log_session_end(joined: Result<(), tokio::task::JoinError>) {
@@ -494,9 +513,10 @@ async fn serve_connection(
 /// waits for the disk (flush, FUA writes) runs on its own.
 fn runs_inline(request: &Request) -> bool {
     match request {
-        Request::Read { .. } | Request::Trim { .. } => true,
+        Request::Read { .. } | Request::Trim { .. } | Request::Extents { .. } => true,
         Request::Write { fua, .. } => !fua,
-        Request::Open(_) | Request::Flush => false,
+        // A checksum reads a whole chunk: the blocking pool.
+        Request::Open(_) | Request::Flush | Request::Checksum { .. } => false,
     }
 }
 
@@ -607,7 +627,8 @@ fn data_len(request: &Request) -> usize {
     match request {
         Request::Read { len, .. } => usize::try_from(*len).unwrap_or(usize::MAX),
         Request::Write { data, .. } => data.len(),
-        Request::Open(_) | Request::Flush | Request::Trim { .. } => 0,
+        Request::Checksum { len, .. } => usize::try_from(*len).unwrap_or(usize::MAX),
+        Request::Open(_) | Request::Flush | Request::Trim { .. } | Request::Extents { .. } => 0,
     }
 }
 
@@ -895,6 +916,18 @@ fn do_io(state: &ReplicaState, request: Request) -> Response {
                 return refusal;
             }
             punch_hole(file, offset, len).map(|()| Response::Done)
+        }
+        Request::Extents { offset, len } => {
+            if let Err(refusal) = check_range("extents", offset, u64::from(len), size) {
+                return refusal;
+            }
+            crate::extents::data_extents(file, offset, len).map(Response::Extents)
+        }
+        Request::Checksum { offset, len } => {
+            if let Err(refusal) = check_range("checksum", offset, u64::from(len), size) {
+                return refusal;
+            }
+            crate::extents::checksum(file, offset, len).map(Response::Checksum)
         }
         Request::Open(_) => return Response::Invalid("the session is open already".to_string()),
     };

@@ -65,6 +65,10 @@ pub const MAX_ID_LEN: usize = 255;
 pub const MAX_TOKEN_LEN: usize = 128;
 /// The longest error message; longer ones are cut (at a character boundary) when encoded.
 pub const MAX_MESSAGE_LEN: usize = 1024;
+/// The most extents one Extents answer lists; a range with more is asked for in pieces.
+pub const MAX_EXTENTS: usize = 4096;
+/// The length of a Checksum answer's digest (SHA-256).
+pub const CHECKSUM_LEN: usize = 32;
 
 /// The flag bit of a Write that asks for it to be on stable storage before it is answered.
 const FLAG_FUA: u8 = 1;
@@ -74,10 +78,14 @@ const OP_READ: u8 = 2;
 const OP_WRITE: u8 = 3;
 const OP_FLUSH: u8 = 4;
 const OP_TRIM: u8 = 5;
+const OP_EXTENTS: u8 = 6;
+const OP_CHECKSUM: u8 = 7;
 
 const ST_DONE: u8 = 0;
 const ST_OPENED: u8 = 1;
 const ST_DATA: u8 = 2;
+const ST_EXTENTS: u8 = 3;
+const ST_CHECKSUM: u8 = 4;
 const ST_STALE_EPOCH: u8 = 16;
 const ST_FENCED: u8 = 17;
 const ST_BAD_TOKEN: u8 = 18;
@@ -116,6 +124,11 @@ pub enum Request {
     Flush,
     /// Discards `len` bytes at `offset`; they read back as zeros.
     Trim { offset: u64, len: u32 },
+    /// Lists the ranges within `len` bytes at `offset` that hold data (the rest are holes
+    /// and read as zeros), for a rebuild that copies no holes.
+    Extents { offset: u64, len: u32 },
+    /// The SHA-256 digest of the `len` bytes at `offset`, for a rebuild's verification.
+    Checksum { offset: u64, len: u32 },
 }
 
 /// A replica server's answer to one request.
@@ -127,6 +140,12 @@ pub enum Response {
     Opened { size: u64, epoch: u64 },
     /// A Read's bytes.
     Data(Bytes),
+    /// An Extents answer: the (offset, length) of each range with data, in order. At most
+    /// [`MAX_EXTENTS`]; when there are more, the last one listed ends where the answer stops
+    /// covering the range, and the caller asks again from there.
+    Extents(Vec<(u64, u32)>),
+    /// A Checksum answer.
+    Checksum([u8; CHECKSUM_LEN]),
     /// Open refused: the replica has accepted the higher epoch `current`.
     StaleEpoch { current: u64 },
     /// Refused: a session with the newer epoch `current` has been opened on the replica.
@@ -196,6 +215,11 @@ pub fn encode_request(tag: Tag, request: &Request, out: &mut BytesMut) -> Result
         }
         Request::Flush => (OP_FLUSH, 0),
         Request::Trim { .. } => (OP_TRIM, 8 + 4),
+        Request::Extents { .. } => (OP_EXTENTS, 8 + 4),
+        Request::Checksum { len, .. } => {
+            check_len("checksum length", widen(*len), MAX_IO_LEN)?;
+            (OP_CHECKSUM, 8 + 4)
+        }
     };
     // The checks above bound body_len far below u32::MAX and MAX_FRAME_LEN.
     put_header(out, opcode, tag, body_len);
@@ -206,7 +230,10 @@ pub fn encode_request(tag: Tag, request: &Request, out: &mut BytesMut) -> Result
             out.put_u64(open.epoch);
             put_str(out, &open.token);
         }
-        Request::Read { offset, len } | Request::Trim { offset, len } => {
+        Request::Read { offset, len }
+        | Request::Trim { offset, len }
+        | Request::Extents { offset, len }
+        | Request::Checksum { offset, len } => {
             out.put_u64(*offset);
             out.put_u32(*len);
         }
@@ -235,6 +262,24 @@ pub fn encode_response(tag: Tag, response: &Response, out: &mut BytesMut) -> Res
             check_len("read data", data.len(), MAX_IO_LEN)?;
             put_header(out, ST_DATA, tag, data.len());
             out.put_slice(data);
+        }
+        Response::Extents(extents) => {
+            check_len("extent list", extents.len(), MAX_EXTENTS)?;
+            put_header(
+                out,
+                ST_EXTENTS,
+                tag,
+                extents.len().saturating_mul(12).saturating_add(4),
+            );
+            out.put_u32(extents.len() as u32);
+            for (offset, len) in extents {
+                out.put_u64(*offset);
+                out.put_u32(*len);
+            }
+        }
+        Response::Checksum(digest) => {
+            put_header(out, ST_CHECKSUM, tag, CHECKSUM_LEN);
+            out.put_slice(digest);
         }
         Response::StaleEpoch { current } => {
             put_header(out, ST_STALE_EPOCH, tag, 8);
@@ -306,6 +351,19 @@ pub fn decode_request(buf: &mut BytesMut) -> Result<Option<(Tag, Request)>, Wire
             body.finish("trim request")?;
             Request::Trim { offset, len }
         }
+        OP_EXTENTS => {
+            let offset = body.u64("extents offset")?;
+            let len = body.u32("extents length")?;
+            body.finish("extents request")?;
+            Request::Extents { offset, len }
+        }
+        OP_CHECKSUM => {
+            let offset = body.u64("checksum offset")?;
+            let len = body.u32("checksum length")?;
+            body.finish("checksum request")?;
+            check_len("checksum length", widen(len), MAX_IO_LEN)?;
+            Request::Checksum { offset, len }
+        }
         other => return Err(WireError::UnknownOpcode(other)),
     };
     Ok(Some((tag, request)))
@@ -331,6 +389,26 @@ pub fn decode_response(buf: &mut BytesMut) -> Result<Option<(Tag, Response)>, Wi
             let data = body.rest();
             check_len("read data", data.len(), MAX_IO_LEN)?;
             Response::Data(data)
+        }
+        ST_EXTENTS => {
+            let count = widen(body.u32("extent count")?);
+            check_len("extent list", count, MAX_EXTENTS)?;
+            let mut extents = Vec::with_capacity(count);
+            for _ in 0..count {
+                let offset = body.u64("extent offset")?;
+                let len = body.u32("extent length")?;
+                extents.push((offset, len));
+            }
+            body.finish("extents response")?;
+            Response::Extents(extents)
+        }
+        ST_CHECKSUM => {
+            let mut digest = [0u8; CHECKSUM_LEN];
+            for byte in digest.iter_mut() {
+                *byte = body.u8("checksum")?;
+            }
+            body.finish("checksum response")?;
+            Response::Checksum(digest)
         }
         ST_STALE_EPOCH => {
             let current = body.u64("current epoch")?;
@@ -759,6 +837,9 @@ mod tests {
                 .prop_map(|(offset, fua, data)| Request::Write { offset, fua, data }),
             Just(Request::Flush),
             (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| Request::Trim { offset, len }),
+            (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| Request::Extents { offset, len }),
+            (any::<u64>(), 0..=MAX_IO_LEN as u32)
+                .prop_map(|(offset, len)| Request::Checksum { offset, len }),
         ]
     }
 
@@ -767,6 +848,9 @@ mod tests {
             Just(Response::Done),
             (any::<u64>(), any::<u64>()).prop_map(|(size, epoch)| Response::Opened { size, epoch }),
             arb_data().prop_map(Response::Data),
+            proptest::collection::vec((any::<u64>(), any::<u32>()), 0..64)
+                .prop_map(Response::Extents),
+            any::<[u8; CHECKSUM_LEN]>().prop_map(Response::Checksum),
             any::<u64>().prop_map(|current| Response::StaleEpoch { current }),
             any::<u64>().prop_map(|current| Response::Fenced { current }),
             Just(Response::BadToken),

@@ -186,6 +186,28 @@ impl ReplicaIo for FileReplica {
         })
         .await
     }
+
+    async fn extents(&self, offset: u64, len: u32) -> Result<Vec<(u64, u32)>, ReplicaIoError> {
+        self.check(offset, u64::from(len))?;
+        let file = Arc::clone(&self.file);
+        self.blocking("map extents", move || {
+            crate::extents::data_extents(&file, offset, len)
+        })
+        .await
+    }
+
+    async fn checksum(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<[u8; crate::wire::CHECKSUM_LEN], ReplicaIoError> {
+        self.check(offset, u64::from(len))?;
+        let file = Arc::clone(&self.file);
+        self.blocking("checksum", move || {
+            crate::extents::checksum(&file, offset, len)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
