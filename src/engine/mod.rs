@@ -31,6 +31,7 @@
 
 mod file_replica;
 mod range_lock;
+mod rebuild;
 mod server;
 
 use std::future::Future;
@@ -50,6 +51,7 @@ use crate::replica_io::{ReplicaIo, ReplicaIoError};
 
 pub use file_replica::{FileIo, FileReplica};
 use range_lock::{RangeLock, RangeLocks};
+pub use rebuild::{RebuildState, RebuildStatus, REBUILD_CHUNK};
 
 /// The largest write of zeroes sent to members at once for a `NO_HOLE` write-zeroes.
 const ZERO_CHUNK: u32 = 1 << 20;
@@ -66,6 +68,15 @@ pub trait Membership: Send + Sync + 'static {
     /// only once the removal is persisted; removing a replica that is no longer a member is
     /// Ok. The engine acknowledges writes the replica missed only after this returned Ok.
     async fn remove_member(&self, replica_id: &str, reason: &str) -> Result<(), String>;
+
+    /// Makes `replica_id`, rebuilt by this engine, a member of the volume, durably (checked
+    /// against this engine's attachment epoch). The engine counts it as a member — reads
+    /// from it, requires it for acknowledgements — only after this returned Ok.
+    async fn promote_member(&self, replica_id: &str) -> Result<(), String> {
+        Err(format!(
+            "this engine's membership cannot promote a rebuilt replica ({replica_id})"
+        ))
+    }
 
     /// Renews this engine's attachment lease from the moment of the call, for the length
     /// returned (the engine keeps the shorter of it and [`EngineConfig::lease`]). Must fail
@@ -91,6 +102,8 @@ pub struct EngineConfig {
     pub handshake_timeout: Duration,
     /// How long a shutdown waits for in-flight requests before it drops the connections.
     pub shutdown_grace: Duration,
+    /// The bytes a rebuild copies under one range lock (writes to them wait meanwhile).
+    pub rebuild_chunk: u32,
 }
 
 impl Default for EngineConfig {
@@ -103,6 +116,7 @@ impl Default for EngineConfig {
             max_in_flight_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            rebuild_chunk: REBUILD_CHUNK,
         }
     }
 }
@@ -251,6 +265,8 @@ struct Inner {
     /// The current members; replaced whole (never edited in place) when one is removed.
     /// Members are only ever removed, so any member now was in every earlier snapshot.
     members: RwLock<Arc<Vec<Member>>>,
+    /// Replicas being rebuilt: they receive every mutation and flush, and are not members.
+    targets: RwLock<Arc<Vec<Arc<rebuild::Target>>>>,
     membership: Arc<dyn Membership>,
     /// Serialises membership changes.
     removal: tokio::sync::Mutex<()>,
@@ -313,6 +329,12 @@ impl Engine {
                 return Err(refuse(format!("member {} is listed twice", m.id())));
             }
         }
+        if config.rebuild_chunk == 0 || config.rebuild_chunk as usize > crate::wire::MAX_IO_LEN {
+            return Err(refuse(format!(
+                "the rebuild chunk must be 1 to {} bytes",
+                crate::wire::MAX_IO_LEN
+            )));
+        }
         if config.max_in_flight_requests == 0
             || config.max_in_flight_bytes < nbd::MAX_PAYLOAD as usize
         {
@@ -327,6 +349,7 @@ impl Engine {
                 volume_id,
                 size,
                 members: RwLock::new(Arc::new(members)),
+                targets: RwLock::default(),
                 membership,
                 removal: tokio::sync::Mutex::new(()),
                 state: AtomicU8::new(SERVING),
@@ -709,7 +732,29 @@ impl Engine {
     ) -> Result<(), EngineError> {
         self.check_serving()?;
         let members = self.snapshot();
-        let results = join_all(members.iter().map(|m| op(Arc::clone(m))).collect()).await;
+        // Rebuilding replicas get every mutation too; what they fail stops their rebuild
+        // only.
+        let targets: Vec<Arc<rebuild::Target>> = self
+            .targets()
+            .iter()
+            .filter(|t| !t.is_failed())
+            .cloned()
+            .collect();
+        let futures = members
+            .iter()
+            .cloned()
+            .chain(targets.iter().map(|t| Arc::clone(&t.member)))
+            .map(&op)
+            .collect();
+        let mut results = join_all(futures).await;
+        let target_results = results.split_off(members.len());
+        for (target, result) in targets.iter().zip(target_results) {
+            match result {
+                Ok(()) => {}
+                Err(e @ ReplicaIoError::Fenced { .. }) => return Err(self.fenced(&e)),
+                Err(e) => self.target_failed(target, what, &e),
+            }
+        }
         let mut failed = Vec::new();
         for (member, result) in members.iter().zip(results) {
             match result {

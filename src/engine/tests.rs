@@ -154,6 +154,8 @@ struct TestMembership {
     gate: Option<tokio::sync::Semaphore>,
     refuse_renewals: AtomicBool,
     renewals: AtomicU64,
+    promotions: Mutex<Vec<String>>,
+    refuse_promotions: AtomicBool,
 }
 
 impl TestMembership {
@@ -181,6 +183,14 @@ impl Membership for TestMembership {
         }
         self.renewals.fetch_add(1, Ordering::SeqCst);
         Ok(Duration::MAX)
+    }
+
+    async fn promote_member(&self, replica_id: &str) -> Result<(), String> {
+        if self.refuse_promotions.load(Ordering::SeqCst) {
+            return Err("store unavailable".into());
+        }
+        self.promotions.lock().unwrap().push(replica_id.to_string());
+        Ok(())
     }
 }
 
@@ -580,4 +590,103 @@ async fn bad_ranges_and_bad_configurations_are_refused() {
     assert!(Engine::new("v", SIZE, vec![], Arc::clone(&membership)).is_err());
     assert!(Engine::new("v", 0, vec![member("a")], Arc::clone(&membership)).is_err());
     assert!(Engine::new("v", SIZE, vec![member("a"), member("a")], membership).is_err());
+}
+
+/// Random 4 KiB writes until `stop`, returning how many were acknowledged.
+async fn write_until(e: Engine, stop: Arc<AtomicBool>, seed: u64) -> u64 {
+    let mut x = seed | 1;
+    let mut acked = 0;
+    while !stop.load(Ordering::SeqCst) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let offset = (x % (SIZE / 4096)) * 4096;
+        e.write(offset, block((x >> 32) as u8), false)
+            .await
+            .unwrap();
+        acked += 1;
+        tokio::task::yield_now().await;
+    }
+    acked
+}
+
+/// A replica joining under writes is filled, verified and promoted; it then holds exactly
+/// what the members hold, stale bytes it had included, and is a member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_replica_catches_up_under_writes_and_becomes_a_member() {
+    let replicas = three();
+    let membership = Arc::new(TestMembership::default());
+    // Small chunks, so that the writer's writes land before, inside and after the copy.
+    let config = EngineConfig {
+        rebuild_chunk: 16 << 10,
+        ..EngineConfig::default()
+    };
+    let e = engine_with(&replicas, Arc::clone(&membership), config);
+    for i in 0..64u64 {
+        e.write(i * 16384, block(i as u8 + 1), false).await.unwrap();
+    }
+    let target = MemReplica::with_jitter("r-new", false, 50);
+    // A returning replica: stale bytes everywhere.
+    target.data.lock().unwrap().fill(0xee);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(write_until(e.clone(), Arc::clone(&stop), 7));
+    let rebuild = e.start_rebuild(Arc::clone(&target) as Member).unwrap();
+    assert_eq!(e.rebuilds().len(), 1);
+    let status = rebuild.await.unwrap();
+    stop.store(true, Ordering::SeqCst);
+    let acked = writer.await.unwrap();
+    // Writes went on while the copy ran (64 chunks, each a write to the target), so some
+    // reached the target directly.
+    assert!(acked >= 10, "only {acked} writes during the rebuild");
+    assert!(target.writes.load(Ordering::SeqCst) > 64);
+    assert_eq!(status.state, RebuildState::Done, "{status:?}");
+    assert_eq!(status.done, SIZE);
+    assert_eq!(
+        *membership.promotions.lock().unwrap(),
+        vec!["r-new".to_string()]
+    );
+    assert!(e.member_ids().contains(&"r-new".to_string()));
+    assert!(e.rebuilds().is_empty());
+    // Writes after the promotion reach it as a member.
+    e.write(0, block(0x42), false).await.unwrap();
+    let expected = replicas[0].all();
+    for r in replicas.iter().chain([&target]) {
+        assert!(r.all() == expected, "{} differs from the members", r.id);
+    }
+    assert_eq!(target.bytes(0, 4096), block(0x42).to_vec());
+}
+
+/// A target that fails stops only its rebuild: the writes are acknowledged, nobody is
+/// removed, nothing is promoted; a failed promotion leaves it out too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_target_stops_its_rebuild_and_nothing_else() {
+    let replicas = three();
+    let membership = Arc::new(TestMembership::default());
+    let e = engine(&replicas, Arc::clone(&membership));
+    let target = MemReplica::new("r-bad", false);
+    target.fail_writes_after.store(0, Ordering::SeqCst);
+    let status = e
+        .start_rebuild(Arc::clone(&target) as Member)
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(status.state, RebuildState::Failed);
+    assert!(status.error.unwrap().contains("target"));
+    e.write(4096, block(9), false).await.unwrap();
+    assert!(membership.removed().is_empty());
+    assert!(membership.promotions.lock().unwrap().is_empty());
+    assert!(!e.member_ids().contains(&"r-bad".to_string()));
+
+    membership.refuse_promotions.store(true, Ordering::SeqCst);
+    let target = MemReplica::new("r-unpromoted", false);
+    let status = e
+        .start_rebuild(Arc::clone(&target) as Member)
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(status.state, RebuildState::Failed);
+    assert!(status.error.unwrap().contains("promotion"));
+    assert!(!e.member_ids().contains(&"r-unpromoted".to_string()));
+    // And a member cannot be rebuilt onto itself.
+    assert!(e.start_rebuild(Arc::clone(&replicas[0]) as Member).is_err());
 }
