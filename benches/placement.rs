@@ -79,6 +79,7 @@ fn replicas(rng: &mut Lcg) -> Vec<Replica> {
                 path: PathBuf::from(format!("/mnt/disk{d}/vol-{i}")),
                 size: (1 + rng.next() % 20) * GIB,
                 state: ReplicaState::Ready,
+                failed_ms: 0,
             }
         })
         .collect()

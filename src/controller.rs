@@ -7,6 +7,9 @@
 //! CreateVolume with its name (or by `reconcile` at start-up), a volume in `Deleting` is
 //! finished by the next DeleteVolume or by `reconcile`.
 
+mod lifecycle;
+pub use lifecycle::RebuildReport;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -213,6 +216,8 @@ pub enum MemberError {
     VolumeNotFound(String),
     #[error("replica {replica:?} is not a replica of volume {volume:?}")]
     ReplicaNotFound { volume: String, replica: String },
+    #[error("replica {replica} is not being rebuilt (it is {state})")]
+    NotRebuilding { replica: String, state: String },
     #[error("volume {volume:?}: epoch {epoch} of node {node:?} is superseded ({current})")]
     Superseded {
         volume: String,
@@ -289,6 +294,8 @@ pub struct Controller {
     fencing: Option<Fencing>,
     /// The engines' attachment leases, as granted.
     leases: Leases,
+    /// The engines' last reports on the rebuilds they run, by replica id.
+    rebuilds: std::sync::Mutex<HashMap<String, lifecycle::RebuildReport>>,
 }
 
 /// What the controller fences with.
@@ -310,6 +317,7 @@ impl Controller {
             scheduled: std::sync::Mutex::new(None),
             fencing: None,
             leases: Leases::default(),
+            rebuilds: std::sync::Mutex::default(),
         }
     }
 
@@ -352,6 +360,30 @@ impl Controller {
             .into_iter()
             .filter(|r| r.value.state == ReplicaState::Ready)
             .collect();
+        // Replicas being rebuilt by the old engine are fenced too, and fail: the new engine
+        // starts their rebuild over.
+        for r in self.volume_replicas(volume_id).await? {
+            if r.value.state == ReplicaState::Rebuilding {
+                let address = nodes
+                    .iter()
+                    .find(|n| n.id == r.value.node_id)
+                    .map(|n| n.address.clone())
+                    .unwrap_or_default();
+                if !address.is_empty() {
+                    let fenced = fencing
+                        .fencer
+                        .fence(&address, volume_id, &r.value.id, epoch, &token)
+                        .await;
+                    if let Err(why) = fenced {
+                        warn!(volume = %volume_id, replica = %r.value.id, error = %why, "could not fence a rebuilding replica");
+                    }
+                }
+                let mut failed = (*r.value).clone();
+                failed.state = ReplicaState::Failed;
+                failed.failed_ms = now_ms();
+                self.put_replica(failed, Some(&r)).await?;
+            }
+        }
         let attempts = members.iter().map(|r| {
             let address = nodes
                 .iter()
@@ -382,6 +414,7 @@ impl Controller {
                     warn!(volume = %volume_id, replica = %replica.value.id, epoch, error = %why, "could not fence a member: marking it failed");
                     let mut failed = (*replica.value).clone();
                     failed.state = ReplicaState::Failed;
+                    failed.failed_ms = now_ms();
                     self.put_replica(failed, Some(replica)).await?;
                     outcome
                         .failures
@@ -567,6 +600,7 @@ impl Controller {
                 path,
                 size,
                 state: ReplicaState::Ready,
+                failed_ms: 0,
             });
         }
         let version = self.store.volumes().put(id, volume.clone(), None).await?;
@@ -1048,13 +1082,11 @@ impl Controller {
             .ok_or_else(|| MemberError::VolumeNotFound(volume_id.to_string()))?;
         check_attachment(&volume.value, node_id, epoch)?;
         let replicas = self.volume_replicas(volume_id).await?;
+        // A replica that is gone (retired) or failed already is no longer a member.
         let Some(replica) = replicas.iter().find(|r| r.value.id == replica_id) else {
-            return Err(MemberError::ReplicaNotFound {
-                volume: volume_id.to_string(),
-                replica: replica_id.to_string(),
-            });
+            return Ok(());
         };
-        if replica.value.state == ReplicaState::Failed {
+        if replica.value.state != ReplicaState::Ready {
             return Ok(());
         }
         let others = replicas
@@ -1069,6 +1101,7 @@ impl Controller {
         }
         let mut failed = (*replica.value).clone();
         failed.state = ReplicaState::Failed;
+        failed.failed_ms = now_ms();
         self.put_replica(failed, Some(replica)).await?;
         warn!(volume = %volume_id, replica = %replica_id, node = %node_id, epoch, reason, "member removed by its engine");
         Ok(())

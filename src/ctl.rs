@@ -262,7 +262,10 @@ impl Ctl {
                 let replicas: Vec<String> = v
                     .replicas
                     .iter()
-                    .map(|r| format!("{}:{}", r.node_id, r.state))
+                    .map(|r| match &r.rebuild {
+                        Some(p) => format!("{}:{}({})", r.node_id, r.state, p.describe()),
+                        None => format!("{}:{}", r.node_id, r.state),
+                    })
                     .collect();
                 vec![
                     v.id.clone(),
@@ -350,7 +353,10 @@ impl Ctl {
                     r.node_id.clone(),
                     if r.node_up { "up" } else { "down" }.to_string(),
                     r.disk_id.clone(),
-                    r.state.clone(),
+                    match &r.rebuild {
+                        Some(p) => format!("{} {}", r.state, p.describe()),
+                        None => r.state.clone(),
+                    },
                     dash(&r.node_address),
                     r.path.clone(),
                 ]
@@ -603,6 +609,35 @@ pub struct ReplicaJson {
     pub path: String,
     pub size: u64,
     pub state: String,
+    /// While it is rebuilt: the engine's last progress report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<RebuildJson>,
+}
+
+/// A rebuild's progress.
+#[derive(Debug, Serialize)]
+pub struct RebuildJson {
+    pub done: u64,
+    pub size: u64,
+    pub copied: u64,
+    pub bytes_per_second: f64,
+    pub eta_seconds: Option<u64>,
+}
+
+impl RebuildJson {
+    /// "37% 120 MiB/s eta 8s".
+    fn describe(&self) -> String {
+        let pct = self
+            .done
+            .saturating_mul(100)
+            .checked_div(self.size)
+            .unwrap_or(0);
+        let mut text = format!("{pct}% {}/s", human(self.bytes_per_second as u64));
+        if let Some(eta) = self.eta_seconds {
+            text.push_str(&format!(" eta {eta}s"));
+        }
+        text
+    }
 }
 
 /// A volume's attachment.
@@ -645,6 +680,13 @@ impl From<pb::VolumeStatus> for VolumeJson {
                     path: r.path,
                     size: r.size,
                     state: r.state,
+                    rebuild: r.rebuild.map(|p| RebuildJson {
+                        done: p.done,
+                        size: p.size,
+                        copied: p.copied,
+                        bytes_per_second: p.bytes_per_second,
+                        eta_seconds: (p.eta_seconds > 0).then_some(p.eta_seconds),
+                    }),
                 })
                 .collect(),
             attachment: v.attachment.map(AttachmentJson::from),

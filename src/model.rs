@@ -143,6 +143,9 @@ pub enum ReplicaState {
     /// covers them until every one exists.
     Creating,
     Ready,
+    /// Being filled by the attached engine's online rebuild: it receives every write but is
+    /// not a member until the engine promotes it (then `Ready`).
+    Rebuilding,
     Failed,
 }
 
@@ -157,6 +160,9 @@ pub struct Replica {
     pub path: PathBuf,
     pub size: u64,
     pub state: ReplicaState,
+    /// When it was marked `Failed` (ms since the epoch); 0 otherwise.
+    #[serde(default)]
+    pub failed_ms: u64,
 }
 
 /// Maps a CSI volume name to its volume id. Names that are already safe as ids and paths

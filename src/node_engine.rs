@@ -18,7 +18,9 @@ use tracing::{error, info, warn};
 use crate::api::v1 as pb;
 use crate::api::ControlClient;
 use crate::controller::{CONTEXT_EPOCH, CONTEXT_TOKEN};
-use crate::engine::{Engine, EngineConfig, EngineState, Member, Membership};
+use crate::engine::{
+    Engine, EngineConfig, EngineState, Member, Membership, RebuildState, RebuildStatus,
+};
 use crate::node_reconcile::{self, Reconciler, FUSE_FILE};
 use crate::replica_client::ReplicaClient;
 use crate::replica_server::LocalReplicas;
@@ -84,6 +86,204 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Watches an engine until it stops serving on its own (fenced, or its lease lapsed), logs
 /// that as an error naming the volume and the reason, and returns the state it saw.
+/// Opens a session on one replica: in process when it is `node_id`'s, else over TCP.
+async fn open_replica(
+    local: Option<&LocalReplicas>,
+    node_id: &str,
+    timeout: Duration,
+    volume_id: &str,
+    r: &pb::ReplicaStatus,
+    epoch: u64,
+    token: &str,
+) -> Result<Member, String> {
+    let is_local = r.node_id == node_id;
+    let opened = match (local, is_local) {
+        (Some(replicas), true) => {
+            tokio::time::timeout(timeout, replicas.open(volume_id, &r.id, epoch, token))
+                .await
+                .map(|opened| opened.map(|session| Arc::new(session) as Member))
+        }
+        _ => tokio::time::timeout(
+            timeout,
+            ReplicaClient::connect(
+                r.node_address.as_str(),
+                volume_id,
+                &r.id,
+                epoch,
+                token,
+                is_local,
+            ),
+        )
+        .await
+        .map(|opened| opened.map(|client| Arc::new(client) as Member)),
+    };
+    match opened {
+        Ok(Ok(member)) => Ok(member),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer".to_string()),
+    }
+}
+
+/// How often an engine's node looks for replicas to rebuild and reports progress.
+const FOLLOW_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Follows the volume's replicas in the store for its engine: starts rebuilding each
+/// replica the controller marked `rebuilding` (in process when local), reports the rebuilds'
+/// progress and outcome, and drops members the store no longer counts (retired replicas).
+struct Follower {
+    control: ControlClient,
+    local: Option<LocalReplicas>,
+    node_id: String,
+    timeout: Duration,
+    engine: Engine,
+    epoch: u64,
+    token: String,
+}
+
+impl Follower {
+    async fn run(self) {
+        let mut finished: Vec<RebuildStatus> = Vec::new();
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<RebuildStatus>();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(FOLLOW_INTERVAL) => {}
+                Some(status) = done_rx.recv() => finished.push(status),
+            }
+            while let Ok(status) = done_rx.try_recv() {
+                finished.push(status);
+            }
+            if self.engine.state() != EngineState::Serving {
+                return;
+            }
+            let volume_id = self.engine.volume_id().to_string();
+            let mut reports: Vec<RebuildStatus> = self.engine.rebuilds();
+            reports.append(&mut finished);
+            if !reports.is_empty() {
+                if let Err(why) = self.report(&volume_id, &reports).await {
+                    warn!(volume = %volume_id, %why, "could not report rebuild progress");
+                    // Outcomes are reported again next time.
+                    finished.extend(
+                        reports
+                            .into_iter()
+                            .filter(|r| r.state != RebuildState::Running),
+                    );
+                }
+            }
+            let mut control = self.control.clone();
+            let status = match tokio::time::timeout(
+                self.timeout,
+                control.get_volume(pb::GetVolumeRequest {
+                    volume: volume_id.clone(),
+                }),
+            )
+            .await
+            {
+                Ok(Ok(status)) => status.into_inner(),
+                Ok(Err(s)) => {
+                    warn!(volume = %volume_id, error = %s.message(), "cannot read the volume's replicas");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let members = self.engine.member_ids();
+            let running: Vec<String> = self
+                .engine
+                .rebuilds()
+                .into_iter()
+                .map(|r| r.replica)
+                .collect();
+            for r in status.replicas.iter().filter(|r| r.state == "rebuilding") {
+                if members.contains(&r.id) || running.contains(&r.id) {
+                    continue;
+                }
+                let opened = open_replica(
+                    self.local.as_ref(),
+                    &self.node_id,
+                    self.timeout,
+                    &volume_id,
+                    r,
+                    self.epoch,
+                    &self.token,
+                )
+                .await;
+                let rebuild =
+                    opened.and_then(|m| self.engine.start_rebuild(m).map_err(|e| e.to_string()));
+                match rebuild {
+                    Ok(task) => {
+                        let done = done_tx.clone();
+                        tokio::spawn(async move {
+                            if let Ok(status) = task.await {
+                                let _ = done.send(status);
+                            }
+                        });
+                    }
+                    Err(why) => {
+                        warn!(volume = %volume_id, replica = %r.id, %why, "cannot start a rebuild");
+                        finished.push(failed_start(&r.id, why));
+                    }
+                }
+            }
+            // Members the store no longer counts (retired) leave the engine.
+            for id in members {
+                let counted = status
+                    .replicas
+                    .iter()
+                    .any(|r| r.id == id && r.state == "ready");
+                if !counted && self.engine.forget_member(&id) {
+                    info!(volume = %volume_id, replica = %id, "replica is no longer a member in the store; the engine drops it");
+                }
+            }
+        }
+    }
+
+    async fn report(&self, volume_id: &str, reports: &[RebuildStatus]) -> Result<(), String> {
+        let mut control = self.control.clone();
+        let request = pb::ReportRebuildsRequest {
+            volume_id: volume_id.to_string(),
+            node_id: self.node_id.clone(),
+            epoch: self.epoch,
+            rebuilds: reports
+                .iter()
+                .map(|r| pb::RebuildProgress {
+                    replica_id: r.replica.clone(),
+                    size: r.size,
+                    done: r.done,
+                    copied: r.copied,
+                    bytes_per_second: r.bytes_per_second,
+                    eta_seconds: r.eta.map_or(0, |d| d.as_secs().max(1)),
+                    state: match r.state {
+                        RebuildState::Running => "running",
+                        RebuildState::Done => "done",
+                        RebuildState::Failed => "failed",
+                    }
+                    .to_string(),
+                    error: r.error.clone().unwrap_or_default(),
+                })
+                .collect(),
+        };
+        match tokio::time::timeout(self.timeout, control.report_rebuilds(request)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(s)) => Err(s.message().to_string()),
+            Err(_) => Err("no answer".to_string()),
+        }
+    }
+}
+
+/// The status reported for a rebuild that could not start.
+fn failed_start(replica: &str, why: String) -> RebuildStatus {
+    RebuildStatus {
+        replica: replica.to_string(),
+        size: 0,
+        done: 0,
+        copied: 0,
+        bytes_per_second: 0.0,
+        eta: None,
+        elapsed: Duration::ZERO,
+        state: RebuildState::Failed,
+        error: Some(why),
+    }
+}
+
 async fn watch_engine(engine: Engine, every: Duration) -> EngineState {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -117,6 +317,8 @@ struct Runtime {
     fuse: tokio::process::Child,
     fuse_dir: PathBuf,
     membership: Arc<ControlMembership>,
+    /// Starts and reports the engine's rebuilds.
+    follower: tokio::task::JoinHandle<()>,
     engine: Engine,
     /// Logs the engine stopping on its own.
     watcher: tokio::task::JoinHandle<EngineState>,
@@ -172,6 +374,17 @@ impl Membership for ControlMembership {
         });
         let granted = self.call(call).await?;
         Ok(Duration::from_millis(granted.lease_ms))
+    }
+
+    async fn promote_member(&self, replica_id: &str) -> Result<(), String> {
+        let mut control = self.control.clone();
+        let call = control.promote_member(pb::PromoteMemberRequest {
+            volume_id: self.volume_id.clone(),
+            replica_id: replica_id.to_string(),
+            node_id: self.node_id.clone(),
+            epoch: self.epoch,
+        });
+        self.call(call).await.map(|_| ())
     }
 }
 
@@ -366,6 +579,18 @@ impl ClusterLink {
             fuse,
             fuse_dir,
             membership: Arc::clone(&membership),
+            follower: tokio::spawn(
+                Follower {
+                    control: self.control.clone(),
+                    local: self.local.clone(),
+                    node_id: self.node_id.clone(),
+                    timeout: self.call_timeout,
+                    engine: engine.clone(),
+                    epoch,
+                    token: token.clone(),
+                }
+                .run(),
+            ),
             watcher: tokio::spawn(watch_engine(engine.clone(), WATCH_INTERVAL)),
             engine: engine.clone(),
         };
@@ -414,32 +639,9 @@ impl ClusterLink {
         let mut members: Vec<Member> = Vec::new();
         let mut failures = Vec::new();
         for r in status.replicas.iter().filter(|r| r.state == "ready") {
-            let local = r.node_id == self.node_id;
-            let opened = match (&self.local, local) {
-                (Some(replicas), true) => tokio::time::timeout(
-                    self.call_timeout,
-                    replicas.open(volume_id, &r.id, epoch, token),
-                )
-                .await
-                .map(|opened| opened.map(|session| Arc::new(session) as Member)),
-                _ => tokio::time::timeout(
-                    self.call_timeout,
-                    ReplicaClient::connect(
-                        r.node_address.as_str(),
-                        volume_id,
-                        &r.id,
-                        epoch,
-                        token,
-                        local,
-                    ),
-                )
-                .await
-                .map(|opened| opened.map(|client| Arc::new(client) as Member)),
-            };
-            match opened {
-                Ok(Ok(member)) => members.push(member),
-                Ok(Err(e)) => failures.push((r.id.clone(), e.to_string())),
-                Err(_) => failures.push((r.id.clone(), "no answer".to_string())),
+            match self.open_replica(volume_id, r, epoch, token).await {
+                Ok(member) => members.push(member),
+                Err(why) => failures.push((r.id.clone(), why)),
             }
         }
         if members.is_empty() {
@@ -462,6 +664,26 @@ impl ClusterLink {
                 })?;
         }
         Ok(members)
+    }
+
+    /// Opens a session on one replica: in process when it is this node's, else over TCP.
+    async fn open_replica(
+        &self,
+        volume_id: &str,
+        r: &pb::ReplicaStatus,
+        epoch: u64,
+        token: &str,
+    ) -> Result<Member, String> {
+        open_replica(
+            self.local.as_ref(),
+            &self.node_id,
+            self.call_timeout,
+            volume_id,
+            r,
+            epoch,
+            token,
+        )
+        .await
     }
 
     /// Stops the volume's nbdfuse and engine; Ok when none runs.
@@ -552,6 +774,7 @@ impl ClusterLink {
 
     async fn stop_runtime(&self, volume_id: &str, mut r: Runtime) {
         r.watcher.abort();
+        r.follower.abort();
         if let Err(e) = crate::mount::unmount(&r.fuse_dir) {
             warn!(volume = %volume_id, error = %e, "unmounting the nbdfuse mount failed");
         }

@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use palisade::api::v1 as api;
@@ -1409,8 +1410,11 @@ async fn ready_cluster(cluster: &Cluster) -> ControllerClient<Channel> {
         "storage-minimal-available-percentage",
         "0",
     ]);
+    let count = cluster.nodes.len();
     cluster
-        .wait_nodes("3 nodes up", |n| n.len() == 3 && n.iter().all(up))
+        .wait_nodes(&format!("{count} nodes up"), |n| {
+            n.len() == count && n.iter().all(up)
+        })
         .await;
     cluster.controller_client().await
 }
@@ -1916,4 +1920,131 @@ async fn stopped_engines_scenario(cluster: &mut Cluster) {
     assert_logged_stop(&log, &id, "LeaseExpired").await;
     unpublish_and_unstage(&mut n1, &id, &staging, &target).await;
     assert_nothing_left(&home);
+}
+
+/// The ready replicas of a volume as `ctl volume --json` shows them: (node, data file).
+fn ready_replicas(volume: &Value) -> Vec<(String, PathBuf)> {
+    volume["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .filter(|r| r["state"] == "ready")
+        .map(|r| {
+            (
+                r["node_id"].as_str().unwrap_or_default().to_string(),
+                PathBuf::from(r["path"].as_str().unwrap_or_default()).join(DATA_FILE),
+            )
+        })
+        .collect()
+}
+
+/// Rebuild under load: a writer writes and fsyncs files through the mount while a replica's
+/// node is killed; the controller places a replacement on the spare node (the replenishment
+/// wait set to 0), the attached engine rebuilds it online and promotes it. Afterwards the
+/// volume has three ready replicas again, every acknowledged file reads back, and the three
+/// members' data files are byte-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_replica_is_replaced_and_rebuilt_under_load() {
+    let mut cluster = Cluster::start(4).await;
+    let root = cluster.dir.path().to_path_buf();
+    let result = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(rebuild_scenario(
+        &mut cluster,
+    )))
+    .await;
+    stop_all(&mut cluster);
+    cleanup_mounts(&root);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn rebuild_scenario(cluster: &mut Cluster) {
+    let mut csi = ready_cluster(cluster).await;
+    cluster.ctl_ok(&[
+        "settings",
+        "set",
+        "replica-replenishment-wait-interval",
+        "0",
+    ]);
+    let (id, ctx) = create_and_publish(&mut csi, "heal", "3", Some("immediate"), "n1").await;
+    let target = stage_and_publish(cluster, "n1", &id, &ctx).await;
+    let before = cluster.ctl_json(&["volume", &id]);
+    let first = ready_replicas(&before);
+    assert_eq!(first.len(), 3, "{before:#}");
+    let victim = first
+        .iter()
+        .map(|(node, _)| node.clone())
+        .find(|n| n != "n1")
+        .expect("a replica away from the attached node");
+
+    // The writer: 40 files of 256 KiB rewritten in turn, each write fsynced; for each file,
+    // the content of its last acknowledged write.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, target) = (Arc::clone(&stop), target.clone());
+        std::thread::spawn(move || {
+            let mut acknowledged = std::collections::BTreeMap::new();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let name = format!("w-{}", i % 40);
+                match write_synced(&target.join(&name), &pattern(i, 256 << 10)) {
+                    Ok(()) => acknowledged.insert(name, i),
+                    Err(e) => panic!("write {name} failed during the rebuild: {e}"),
+                };
+                i += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (i, acknowledged)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.kill9(&victim);
+
+    // Failed, replaced, rebuilt, promoted: three ready replicas, none on the dead node.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut seen_rebuilding = false;
+    let healed = loop {
+        let v = cluster.ctl_json(&["volume", &id]);
+        seen_rebuilding |= v["replicas"]
+            .as_array()
+            .is_some_and(|rs| rs.iter().any(|r| r["state"] == "rebuilding"));
+        let ready = ready_replicas(&v);
+        if ready.len() == 3 && ready.iter().all(|(n, _)| *n != victim) {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "the volume did not heal: {v:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        seen_rebuilding,
+        "no replica was seen rebuilding: {healed:#}"
+    );
+    assert!(
+        healed["degraded_reason"].is_null(),
+        "healed but still degraded: {healed:#}"
+    );
+    // Writes go on to the new member for a while.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (writes, acknowledged) = writer.join().expect("the writer");
+    assert!(writes > 40, "only {writes} writes");
+    for (name, seed) in &acknowledged {
+        let read = std::fs::read(target.join(name)).expect("an acknowledged file");
+        assert!(read == pattern(*seed, 256 << 10), "{name} differs");
+    }
+
+    // Detach (the engine flushes and stops), then compare the members' files.
+    let (staging, _) = staging_and_target(cluster, "n1", &id);
+    let mut n1 = node_client(cluster, "n1").await;
+    unpublish_and_unstage(&mut n1, &id, &staging, &target).await;
+    let members = ready_replicas(&cluster.ctl_json(&["volume", &id]));
+    let expected = std::fs::read(&members[0].1).expect("a member's data file");
+    for (node, file) in &members[1..] {
+        let bytes = std::fs::read(file).expect("a member's data file");
+        assert!(
+            bytes == expected,
+            "the member on {node} differs from the one on {}",
+            members[0].0
+        );
+    }
 }

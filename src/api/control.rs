@@ -92,6 +92,7 @@ fn replica_state(r: &controller::ReplicaStatus) -> &'static str {
     match r.replica.state {
         ReplicaState::Creating => "creating",
         ReplicaState::Ready => "ready",
+        ReplicaState::Rebuilding => "rebuilding",
         ReplicaState::Failed => "failed",
     }
 }
@@ -108,7 +109,24 @@ fn attachment(a: &model::Attachment) -> pb::AttachmentStatus {
 /// What the volume views say about each node: its replica server address and health.
 type NodeFacts = HashMap<String, (String, bool)>;
 
-fn volume(v: &controller::VolumeStatus, nodes: &NodeFacts) -> pb::VolumeStatus {
+fn rebuild_progress(r: controller::RebuildReport) -> pb::RebuildProgress {
+    pb::RebuildProgress {
+        replica_id: r.replica_id,
+        size: r.size,
+        done: r.done,
+        copied: r.copied,
+        bytes_per_second: r.bytes_per_second,
+        eta_seconds: r.eta_seconds,
+        state: r.state,
+        error: r.error,
+    }
+}
+
+fn volume(
+    v: &controller::VolumeStatus,
+    nodes: &NodeFacts,
+    controller: &Controller,
+) -> pb::VolumeStatus {
     let vol = &v.volume;
     pb::VolumeStatus {
         id: vol.id.clone(),
@@ -131,6 +149,9 @@ fn volume(v: &controller::VolumeStatus, nodes: &NodeFacts) -> pb::VolumeStatus {
                     state: replica_state(r).to_string(),
                     node_address,
                     node_up,
+                    rebuild: controller
+                        .rebuild_progress(&r.replica.id)
+                        .map(rebuild_progress),
                 }
             })
             .collect(),
@@ -258,7 +279,7 @@ impl ControlPlane for ControlPlaneService {
             .volume_statuses()
             .await?
             .iter()
-            .map(|v| volume(v, &nodes))
+            .map(|v| volume(v, &nodes, &self.controller))
             .collect();
         Ok(Response::new(pb::ListVolumesResponse { volumes }))
     }
@@ -269,7 +290,7 @@ impl ControlPlane for ControlPlaneService {
     ) -> Result<Response<pb::VolumeStatus>, Status> {
         let found = self.find_volume(&request.into_inner().volume).await?;
         let nodes = self.node_facts().await?;
-        Ok(Response::new(volume(&found, &nodes)))
+        Ok(Response::new(volume(&found, &nodes, &self.controller)))
     }
 
     async fn get_settings(
@@ -331,6 +352,70 @@ impl ControlPlane for ControlPlaneService {
             .remove_member(&r.volume_id, &r.replica_id, &r.node_id, r.epoch, &r.reason)
             .await?;
         Ok(Response::new(pb::RemoveMemberResponse {}))
+    }
+
+    async fn promote_member(
+        &self,
+        request: Request<pb::PromoteMemberRequest>,
+    ) -> Result<Response<pb::PromoteMemberResponse>, Status> {
+        let r = request.into_inner();
+        for (value, field) in [
+            (&r.volume_id, "volume_id"),
+            (&r.replica_id, "replica_id"),
+            (&r.node_id, "node_id"),
+        ] {
+            if value.is_empty() {
+                return Err(Status::invalid_argument(format!("{field} is required")));
+            }
+        }
+        self.controller
+            .promote_member(&r.volume_id, &r.replica_id, &r.node_id, r.epoch)
+            .await?;
+        Ok(Response::new(pb::PromoteMemberResponse {}))
+    }
+
+    async fn report_rebuilds(
+        &self,
+        request: Request<pb::ReportRebuildsRequest>,
+    ) -> Result<Response<pb::ReportRebuildsResponse>, Status> {
+        let r = request.into_inner();
+        if r.volume_id.is_empty() || r.node_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "volume_id and node_id are required",
+            ));
+        }
+        let mut reports = Vec::with_capacity(r.rebuilds.len());
+        for (i, p) in r.rebuilds.into_iter().enumerate() {
+            if p.replica_id.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "rebuilds[{i}].replica_id is required"
+                )));
+            }
+            if !matches!(p.state.as_str(), "running" | "done" | "failed") {
+                return Err(Status::invalid_argument(format!(
+                    "rebuilds[{i}].state must be running, done or failed, not {:?}",
+                    p.state
+                )));
+            }
+            reports.push(controller::RebuildReport {
+                replica_id: p.replica_id,
+                size: p.size,
+                done: p.done,
+                copied: p.copied,
+                bytes_per_second: if p.bytes_per_second.is_finite() {
+                    p.bytes_per_second
+                } else {
+                    0.0
+                },
+                eta_seconds: p.eta_seconds,
+                state: p.state,
+                error: p.error,
+            });
+        }
+        self.controller
+            .report_rebuilds(&r.volume_id, &r.node_id, r.epoch, reports)
+            .await?;
+        Ok(Response::new(pb::ReportRebuildsResponse {}))
     }
 
     async fn renew_lease(

@@ -37,9 +37,9 @@ impl From<MemberError> for Status {
             e @ (MemberError::VolumeNotFound(_) | MemberError::ReplicaNotFound { .. }) => {
                 status(Code::NotFound, &e)
             }
-            e @ (MemberError::Superseded { .. } | MemberError::LastMember { .. }) => {
-                status(Code::FailedPrecondition, &e)
-            }
+            e @ (MemberError::Superseded { .. }
+            | MemberError::LastMember { .. }
+            | MemberError::NotRebuilding { .. }) => status(Code::FailedPrecondition, &e),
             MemberError::Store(s) => Status::from(s),
         }
     }

@@ -28,6 +28,9 @@ use crate::token;
 /// How long fencing waits for one replica before counting it unreachable.
 const FENCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// How often the controller looks for volumes to heal, grow, shrink or localise.
+const LIFECYCLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The file in the state directory that holds the cluster secret.
 pub const SECRET_FILE: &str = "cluster.secret";
 /// The file in the state directory that holds the store.
@@ -106,6 +109,19 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
         })
     };
 
+    // The replica lifecycle of attached volumes: reuse, replacement, retirement, locality.
+    let lifecycle = {
+        let controller = controller.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LIFECYCLE_INTERVAL).await;
+                if let Err(e) = controller.reconcile_replicas().await {
+                    warn!(error = %e, "the replica lifecycle pass failed; retrying");
+                }
+            }
+        })
+    };
+
     info!(endpoint = %cfg.endpoint, api = %api_address, heartbeat_timeout_s = cfg.heartbeat_timeout.as_secs_f64(), "serving CSI identity and controller, and the control plane API");
     let readiness = Arc::new(LocalReadiness {
         store: Some(store.clone()),
@@ -147,6 +163,7 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
     })
     .await;
     reconcile.abort();
+    lifecycle.abort();
     let _ = std::fs::remove_file(&socket);
     info!("stopped");
     result.map_err(ClusterError::from)

@@ -821,6 +821,31 @@ impl Engine {
         Ok(())
     }
 
+    /// Drops `replica` from the engine's members without telling the membership (the store
+    /// no longer counts it: it was retired). Never the last member. True if it was dropped.
+    pub fn forget_member(&self, replica: &str) -> bool {
+        let members = self.snapshot();
+        if members.len() < 2 || !members.iter().any(|m| m.id() == replica) {
+            return false;
+        }
+        let mut current = self
+            .inner
+            .members
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if current.len() < 2 {
+            return false;
+        }
+        let kept: Vec<Member> = current
+            .iter()
+            .filter(|m| m.id() != replica)
+            .cloned()
+            .collect();
+        let dropped = kept.len() < current.len();
+        *current = Arc::new(kept);
+        dropped
+    }
+
     fn drop_member(&self, replica: &str) {
         let mut members = self
             .inner

@@ -61,6 +61,7 @@ fn replica(volume: &str, n: usize, node_id: &str, disk_id: &str, size: u64) -> R
         path: PathBuf::from(format!("/r/{volume}-{n}")),
         size,
         state: ReplicaState::Ready,
+        failed_ms: 0,
     }
 }
 

@@ -453,6 +453,7 @@ mod tests {
             path: PathBuf::from(format!("/var/lib/palisade/replicas/{volume_id}-r-{n}")),
             size: 1 << 30,
             state: ReplicaState::Ready,
+            failed_ms: 0,
         }
     }
 
