@@ -8,7 +8,7 @@
 //! finished by the next DeleteVolume or by `reconcile`.
 
 mod lifecycle;
-pub use lifecycle::RebuildReport;
+pub use lifecycle::{RebuildReport, UpdateError};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

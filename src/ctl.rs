@@ -81,6 +81,18 @@ pub enum VolumeAction {
         /// The volume's id or CSI name.
         name: String,
     },
+    /// Changes the volume's numberOfReplicas and/or dataLocality; the controller then adds
+    /// and rebuilds or retires replicas (while the volume is attached).
+    Set {
+        /// The volume's id or CSI name.
+        name: String,
+        /// The new numberOfReplicas (1 to 20).
+        #[arg(long)]
+        replicas: Option<u32>,
+        /// The new dataLocality: disabled or best-effort.
+        #[arg(long)]
+        data_locality: Option<String>,
+    },
 }
 
 /// `palisade ctl settings` actions.
@@ -153,6 +165,25 @@ pub async fn run(args: CtlArgs, out: &mut dyn Write) -> Result<(), CtlError> {
                 )));
             }
             ctl.force_detach(&name, out).await
+        }
+        CtlCommand::Volume(VolumeArgs {
+            action:
+                Some(VolumeAction::Set {
+                    name,
+                    replicas,
+                    data_locality,
+                }),
+            ..
+        }) => {
+            if replicas == Some(0) {
+                return Err(CtlError::Usage("--replicas must be 1 to 20".to_string()));
+            }
+            if replicas.is_none() && data_locality.is_none() {
+                return Err(CtlError::Usage(
+                    "volume set needs --replicas N and/or --data-locality MODE".to_string(),
+                ));
+            }
+            ctl.update_volume(&name, replicas, data_locality, out).await
         }
         CtlCommand::Volume(VolumeArgs {
             name: Some(name),
@@ -434,6 +465,25 @@ impl Ctl {
         }
         writeln!(out, "{} = {}", setting.name, setting.value)?;
         Ok(())
+    }
+
+    async fn update_volume(
+        &self,
+        name: &str,
+        replicas: Option<u32>,
+        data_locality: Option<String>,
+        out: &mut dyn Write,
+    ) -> Result<(), CtlError> {
+        self.client
+            .clone()
+            .update_volume(pb::UpdateVolumeRequest {
+                volume: name.to_string(),
+                number_of_replicas: replicas.unwrap_or(0),
+                data_locality: data_locality.unwrap_or_default(),
+            })
+            .await
+            .map_err(self.failed("updating the volume"))?;
+        self.volume(name, out).await
     }
 
     async fn force_detach(&self, name: &str, out: &mut dyn Write) -> Result<(), CtlError> {

@@ -2048,3 +2048,193 @@ async fn rebuild_scenario(cluster: &mut Cluster) {
         );
     }
 }
+
+/// Waits until the volume's ready replicas satisfy `ok` (by their nodes), and returns the
+/// volume as `ctl` shows it.
+async fn wait_ready(
+    cluster: &Cluster,
+    id: &str,
+    what: &str,
+    ok: impl Fn(&[String]) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = cluster.ctl_json(&["volume", id]);
+        let nodes: Vec<String> = ready_replicas(&v).into_iter().map(|(n, _)| n).collect();
+        if ok(&nodes) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {v:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Best-effort data locality and numberOfReplicas changes on an attached volume: attached
+/// on a node without a replica, a local replica is added and rebuilt and a remote one
+/// retired; `ctl volume set --replicas` grows and shrinks the volume (never dropping the
+/// local replica); data written before and after reads back, and the members end identical.
+/// Where no local disk qualifies, the volume's status says so and nothing loops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locality_and_replica_count_follow_the_volume() {
+    let mut cluster = Cluster::start(4).await;
+    let root = cluster.dir.path().to_path_buf();
+    let result = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(locality_scenario(
+        &mut cluster,
+    )))
+    .await;
+    stop_all(&mut cluster);
+    cleanup_mounts(&root);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn locality_scenario(cluster: &mut Cluster) {
+    // n1..n3 carry the tag "ssd"; n4 does not.
+    for id in ["n1", "n2", "n3"] {
+        let node = cluster
+            .nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .expect("a node");
+        node.args
+            .extend(["--node-tags".to_string(), "ssd".to_string()]);
+        cluster.restart_node(id).await;
+    }
+    let mut csi = ready_cluster(cluster).await;
+    cluster.ctl_ok(&[
+        "settings",
+        "set",
+        "replica-replenishment-wait-interval",
+        "0",
+    ]);
+
+    // Best-effort locality: a 2-replica volume attached where it has no replica.
+    let mut request = create_request("local", 32 * MIB, "2");
+    request.volume_capabilities = vec![mount_cap()];
+    request
+        .parameters
+        .insert("dataLocality".into(), "best-effort".into());
+    request
+        .parameters
+        .insert("nodeSelector".into(), "ssd".into());
+    let id = csi
+        .create_volume(request)
+        .await
+        .expect("CreateVolume")
+        .into_inner()
+        .volume
+        .expect("volume")
+        .volume_id;
+    let placed: Vec<String> = ready_replicas(&cluster.ctl_json(&["volume", &id]))
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let consumer = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| !placed.iter().any(|p| p == n))
+        .expect("an ssd node without a replica");
+    let ctx = csi
+        .controller_publish_volume(pb::ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: consumer.to_string(),
+            volume_capability: Some(mount_cap()),
+            ..Default::default()
+        })
+        .await
+        .expect("ControllerPublish")
+        .into_inner()
+        .publish_context;
+    let target = stage_and_publish(cluster, consumer, &id, &ctx).await;
+    write_synced(&target.join("before"), &pattern(1, 4 << 20)).expect("write");
+    let v = wait_ready(cluster, &id, "a local replica and one remote", |nodes| {
+        nodes.len() == 2 && nodes.iter().any(|n| n == consumer)
+    })
+    .await;
+    assert!(v["degraded_reason"].is_null(), "{v:#}");
+    write_synced(&target.join("after-local"), &pattern(2, 4 << 20)).expect("write");
+
+    // numberOfReplicas 2 -> 3 -> 1, attached: grows, then shrinks to the local replica.
+    cluster.ctl_ok(&["volume", "set", &id, "--replicas", "3"]);
+    wait_ready(cluster, &id, "three ready replicas", |nodes| {
+        nodes.len() == 3
+    })
+    .await;
+    write_synced(&target.join("after-grow"), &pattern(3, 4 << 20)).expect("write");
+    cluster.ctl_ok(&["volume", "set", &id, "--replicas", "1"]);
+    let v = wait_ready(cluster, &id, "only the local replica", |nodes| {
+        nodes == [consumer.to_string()]
+    })
+    .await;
+    assert_eq!(
+        v["replicas"].as_array().expect("replicas").len(),
+        1,
+        "retired replicas are deleted: {v:#}"
+    );
+    cluster.ctl_ok(&["volume", "set", &id, "--replicas", "2"]);
+    wait_ready(cluster, &id, "two ready replicas", |nodes| nodes.len() == 2).await;
+    for (name, seed) in [("before", 1), ("after-local", 2), ("after-grow", 3)] {
+        let read = std::fs::read(target.join(name)).expect("a written file");
+        assert!(read == pattern(seed, 4 << 20), "{name} differs");
+    }
+    let refused = cluster.ctl(&["volume", "set", &id, "--data-locality", "strict-local"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("strict-local is decided when the volume is created"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let (staging, _) = staging_and_target(cluster, consumer, &id);
+    let mut node = node_client(cluster, consumer).await;
+    unpublish_and_unstage(&mut node, &id, &staging, &target).await;
+    let members = ready_replicas(&cluster.ctl_json(&["volume", &id]));
+    let expected = std::fs::read(&members[0].1).expect("a member's data file");
+    assert!(
+        std::fs::read(&members[1].1).expect("data file") == expected,
+        "members differ"
+    );
+
+    csi.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: consumer.to_string(),
+        ..Default::default()
+    })
+    .await
+    .expect("ControllerUnpublish");
+
+    // No qualifying local disk: attached on n4, which lacks the tag, the volume says why.
+    let ctx = csi
+        .controller_publish_volume(pb::ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "n4".to_string(),
+            volume_capability: Some(mount_cap()),
+            ..Default::default()
+        })
+        .await
+        .expect("ControllerPublish to n4")
+        .into_inner()
+        .publish_context;
+    let target4 = stage_and_publish(cluster, "n4", &id, &ctx).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let v = loop {
+        let v = cluster.ctl_json(&["volume", &id]);
+        if v["degraded_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("data locality best-effort") && r.contains("n4"))
+        {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no locality explanation: {v:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // And nothing loops: the replicas stay as they were.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = cluster.ctl_json(&["volume", &id]);
+    assert_eq!(
+        later["replicas"], v["replicas"],
+        "replicas changed: {later:#}"
+    );
+    let read = std::fs::read(target4.join("after-grow")).expect("read on n4");
+    assert!(read == pattern(3, 4 << 20));
+}

@@ -354,6 +354,35 @@ impl ControlPlane for ControlPlaneService {
         Ok(Response::new(pb::RemoveMemberResponse {}))
     }
 
+    async fn update_volume(
+        &self,
+        request: Request<pb::UpdateVolumeRequest>,
+    ) -> Result<Response<pb::VolumeStatus>, Status> {
+        let r = request.into_inner();
+        let found = self.find_volume(&r.volume).await?;
+        let id = found.volume.id.clone();
+        let locality = match r.data_locality.as_str() {
+            "" => None,
+            other => Some(
+                other
+                    .parse::<crate::params::DataLocality>()
+                    .map_err(|e| Status::invalid_argument(format!("data_locality: {e}")))?,
+            ),
+        };
+        let replicas = (r.number_of_replicas > 0).then_some(r.number_of_replicas);
+        self.controller
+            .update_volume(&id, replicas, locality)
+            .await
+            .map_err(|e| match e {
+                controller::UpdateError::NotFound(_) => Status::not_found(e.to_string()),
+                controller::UpdateError::Invalid(_) => Status::invalid_argument(e.to_string()),
+                controller::UpdateError::Store(s) => Status::from(s),
+            })?;
+        let found = self.find_volume(&id).await?;
+        let nodes = self.node_facts().await?;
+        Ok(Response::new(volume(&found, &nodes, &self.controller)))
+    }
+
     async fn promote_member(
         &self,
         request: Request<pb::PromoteMemberRequest>,

@@ -47,7 +47,72 @@ pub struct RebuildReport {
     pub error: String,
 }
 
+/// Why a volume's numberOfReplicas or dataLocality cannot change as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error("volume {0:?} does not exist")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 impl Controller {
+    /// Changes a volume's numberOfReplicas and/or dataLocality. The lifecycle pass then
+    /// grows or shrinks it (while it is attached). strict-local is a placement made at
+    /// creation (one replica, the volume pinned to its node): it can be neither set nor left.
+    pub async fn update_volume(
+        &self,
+        volume_id: &str,
+        number_of_replicas: Option<u32>,
+        data_locality: Option<DataLocality>,
+    ) -> Result<Arc<Volume>, UpdateError> {
+        let _guard = self.locks.lock(volume_id).await;
+        let current = self
+            .store
+            .volumes()
+            .get(volume_id)
+            .await?
+            .ok_or_else(|| UpdateError::NotFound(volume_id.to_string()))?;
+        let mut updated = (*current.value).clone();
+        let strict = updated.params.data_locality == DataLocality::StrictLocal;
+        if let Some(locality) = data_locality {
+            if locality != updated.params.data_locality
+                && (strict || locality == DataLocality::StrictLocal)
+            {
+                return Err(UpdateError::Invalid(format!(
+                    "dataLocality cannot change from {} to {locality}: strict-local is decided when the volume is created (one replica, the volume pinned to that node)",
+                    updated.params.data_locality
+                )));
+            }
+            updated.params.data_locality = locality;
+        }
+        if let Some(n) = number_of_replicas {
+            if !(1..=20).contains(&n) {
+                return Err(UpdateError::Invalid(format!(
+                    "numberOfReplicas must be 1 to 20, not {n}"
+                )));
+            }
+            if strict && n != 1 {
+                return Err(UpdateError::Invalid(
+                    "numberOfReplicas of a strict-local volume is 1: its one replica is on the consumer's node".to_string(),
+                ));
+            }
+            updated.params.number_of_replicas = n;
+        }
+        if updated.params == current.value.params {
+            return Ok(current.value);
+        }
+        info!(volume = %volume_id, replicas = updated.params.number_of_replicas,
+            data_locality = %updated.params.data_locality, "volume updated");
+        self.store
+            .volumes()
+            .put(volume_id, updated.clone(), Some(current.version))
+            .await?;
+        Ok(Arc::new(updated))
+    }
+
     /// An engine's rebuilt replica becomes a member. Idempotent: a replica that is a member
     /// already is Ok.
     pub async fn promote_member(
