@@ -2238,3 +2238,84 @@ async fn locality_scenario(cluster: &mut Cluster) {
     let read = std::fs::read(target4.join("after-grow")).expect("read on n4");
     assert!(read == pattern(3, 4 << 20));
 }
+
+/// Strict-local: one replica on the consumer's node, the volume pinned there; an attach
+/// anywhere else is refused with an explanation, and the lifecycle never adds a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_local_volume_stays_on_its_node() {
+    with_cluster(|cluster| Box::pin(strict_local_scenario(cluster))).await;
+}
+
+async fn strict_local_scenario(cluster: &mut Cluster) {
+    let mut csi = ready_cluster(cluster).await;
+    cluster.ctl_ok(&[
+        "settings",
+        "set",
+        "replica-replenishment-wait-interval",
+        "0",
+    ]);
+    let mut request = create_request("pinned", 32 * MIB, "1");
+    request.volume_capabilities = vec![mount_cap()];
+    request
+        .parameters
+        .insert("dataLocality".into(), "strict-local".into());
+    request.accessibility_requirements = Some(pb::TopologyRequirement {
+        requisite: vec![],
+        preferred: vec![pb::Topology {
+            segments: [(
+                palisade::model::TOPOLOGY_NODE_KEY.to_string(),
+                "n2".to_string(),
+            )]
+            .into(),
+        }],
+    });
+    let volume = csi
+        .create_volume(request)
+        .await
+        .expect("CreateVolume")
+        .into_inner()
+        .volume
+        .expect("volume");
+    let id = volume.volume_id.clone();
+    let v = cluster.ctl_json(&["volume", &id]);
+    let nodes: Vec<String> = ready_replicas(&v).into_iter().map(|(n, _)| n).collect();
+    let home = nodes.first().cloned().expect("one replica");
+    assert_eq!(
+        home, "n2",
+        "the replica is on the consumer named in preferred"
+    );
+    assert_eq!(nodes.len(), 1, "{v:#}");
+    let elsewhere = if home == "n1" { "n3" } else { "n1" };
+    let publish = |node: &str| pb::ControllerPublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: node.to_string(),
+        volume_capability: Some(mount_cap()),
+        ..Default::default()
+    };
+    let refused = csi
+        .controller_publish_volume(publish(elsewhere))
+        .await
+        .expect_err("an attach away from the replica's node");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("strict-local") && refused.message().contains(&home),
+        "{}",
+        refused.message()
+    );
+    let ctx = csi
+        .controller_publish_volume(publish(&home))
+        .await
+        .expect("ControllerPublish on its node")
+        .into_inner()
+        .publish_context;
+    let target = stage_and_publish(cluster, &home, &id, &ctx).await;
+    write_synced(&target.join("f"), &pattern(5, 1 << 20)).expect("write");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = cluster.ctl_json(&["volume", &id]);
+    assert_eq!(
+        later["replicas"].as_array().map(Vec::len),
+        Some(1),
+        "{later:#}"
+    );
+    assert!(later["degraded_reason"].is_null(), "{later:#}");
+}
