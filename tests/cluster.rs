@@ -1118,7 +1118,8 @@ fn cleanup_mounts(root: &Path) {
 /// engine (replica sessions, NBD, nbdfuse, loop, ext4), written through its mount; a
 /// replica node dies during writes and writing goes on; then n1 freezes, the volume is
 /// taken over on n2 (policy immediate), every acknowledged write is there, and n1, resumed,
-/// cannot write any more.
+/// cannot write any more: its fsync fails, and the data files of the replicas the new engine
+/// uses do not change by one byte while n1 tries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicated_volume_survives_a_dead_replica_and_fails_over_with_fencing() {
     let mut cluster = Cluster::start(3).await;
@@ -1230,10 +1231,37 @@ async fn failover_scenario(cluster: &mut Cluster) {
         assert!(read == *data, "{name:?} differs on the new node");
     }
 
+    // n2 stops writing: its filesystem is frozen, which flushes it through the new engine to
+    // the members. From here on nothing may change the data files of the replicas the new
+    // engine uses.
+    let members = member_data_files(cluster, &id);
+    assert!(
+        !members.is_empty(),
+        "the new engine has no member: {:#}",
+        cluster.ctl_json(&["volume", &id])
+    );
+    let frozen_fs = FrozenFs::freeze(&target2);
+    let before: Vec<Vec<u8>> = members
+        .iter()
+        .map(|(_, path)| std::fs::read(path).expect("a member's data file"))
+        .collect();
+
     // n1 resumes: its engine is fenced, so it cannot write any more.
     nix::sys::signal::kill(n1_pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT n1");
     let late = write_synced(&target1.join("late-from-n1"), &pattern(999, 1 << 20));
     assert!(late.is_err(), "the fenced node's write was acknowledged");
+    // n1's engine, its writer and its kernel's writeback get time to try again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for ((replica, path), before) in members.iter().zip(&before) {
+        let after = std::fs::read(path).expect("a member's data file");
+        assert!(
+            after == *before,
+            "replica {replica} ({}) of the new engine took bytes after n1 resumed: first difference at byte {:?}",
+            path.display(),
+            first_difference(before, &after)
+        );
+    }
+    drop(frozen_fs);
     assert!(
         !target2.join("late-from-n1").exists(),
         "the fenced node's file is visible on the new node"
@@ -2237,4 +2265,63 @@ async fn locality_scenario(cluster: &mut Cluster) {
     );
     let read = std::fs::read(target4.join("after-grow")).expect("read on n4");
     assert!(read == pattern(3, 4 << 20));
+}
+
+/// The data files of the volume's members (its replicas in state ready), on their nodes'
+/// disks, by replica id.
+fn member_data_files(cluster: &Cluster, volume: &str) -> Vec<(String, PathBuf)> {
+    let status = cluster.ctl_json(&["volume", volume]);
+    status["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .filter(|r| r["state"] == "ready")
+        .map(|r| {
+            let id = r["id"].as_str().expect("replica id").to_string();
+            let node = r["node_id"].as_str().expect("node_id");
+            let path = cluster
+                .node(node)
+                .disk
+                .join(REPLICAS_DIR)
+                .join(&id)
+                .join(DATA_FILE);
+            (id, path)
+        })
+        .collect()
+}
+
+/// A filesystem frozen with `fsfreeze` (flushed, and no more writes, not even its own
+/// background ones, until thawed); thawed on drop.
+struct FrozenFs(PathBuf);
+
+impl FrozenFs {
+    fn freeze(mount_point: &Path) -> FrozenFs {
+        let status = Command::new("fsfreeze")
+            .arg("--freeze")
+            .arg(mount_point)
+            .status()
+            .expect("run fsfreeze (util-linux)");
+        assert!(
+            status.success(),
+            "fsfreeze --freeze {mount_point:?}: {status}"
+        );
+        FrozenFs(mount_point.to_path_buf())
+    }
+}
+
+impl Drop for FrozenFs {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze")
+            .arg("--unfreeze")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The offset of the first byte where `a` and `b` differ (or where the shorter one ends).
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .or((a.len() != b.len()).then(|| a.len().min(b.len())))
 }
