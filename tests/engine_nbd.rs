@@ -504,6 +504,7 @@ async fn fio_verify(uri: &str, size: u64, name: &str) {
             "--do_verify=1",
             "--verify_fatal=1",
             "--randrepeat=0",
+            "--verify_state_save=0",
         ],
     )
     .await;
@@ -1072,6 +1073,7 @@ fn fio_mixed_verify(uri: &str, size: u64, name: &str) -> tokio::process::Command
         "--verify_fatal=1",
         "--randrepeat=0",
         "--group_reporting",
+        "--verify_state_save=0",
     ]);
     fio
 }
