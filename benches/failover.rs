@@ -593,8 +593,15 @@ async fn failover(cluster: &mut Cluster, heartbeat_timeout: u64, rounds: usize) 
         "failover: 3-replica volumes, policy immediate, heartbeat timeout {heartbeat_timeout} s, {rounds} rounds"
     );
     let mut times = Vec::new();
+    let mut phases = Vec::new();
     for round in 0..rounds {
         let r = failover_round(cluster, round).await;
+        phases.push([
+            r.detected,
+            r.published - r.detected,
+            r.mounted - r.published,
+            r.writable - r.mounted,
+        ]);
         println!(
             "  round {round}: {} frozen -> {}: take-over accepted {:.2} s, published {:.2} s, mounted {:.2} s, written + fsynced {:.2} s",
             r.from, r.to, r.detected, r.published, r.mounted, r.writable
@@ -606,6 +613,14 @@ async fn failover(cluster: &mut Cluster, heartbeat_timeout: u64, rounds: usize) 
         "failover (SIGSTOP -> first fsync on the new node): median {m:.2} s, min {:.2} s, max {:.2} s",
         times.iter().copied().fold(f64::INFINITY, f64::min),
         times.iter().copied().fold(0.0, f64::max)
+    );
+    let phase = |i: usize| median(&phases.iter().map(|p| p[i]).collect::<Vec<_>>());
+    println!(
+        "  medians of the phases: until the take-over is accepted {:.2} s, the accepted ControllerPublish (fencing, attach) {:.2} s, NodeStage + NodePublish {:.2} s, first write + fsync {:.2} s",
+        phase(0),
+        phase(1),
+        phase(2),
+        phase(3)
     );
     println!(
         "reference: heartbeat timeout {heartbeat_timeout} s (detection floor); ratio failover / heartbeat timeout = {:.2}; goal < 15 s: {}",
