@@ -1198,6 +1198,10 @@ async fn failover_scenario(cluster: &mut Cluster) {
         "n3's replica must have left the membership: {states:?}"
     );
 
+    // A stale writer of n1's attachment, beside n1's engine: a session of its epoch, opened
+    // with its token, on each replica that is still a member.
+    let stale = stale_sessions(cluster, &id, &ctx).await;
+
     // n1 freezes; the volume moves to n2 once n1's heartbeat has expired.
     let n1_pid =
         nix::unistd::Pid::from_raw(cluster.node("n1").child.as_ref().expect("n1 runs").id() as i32);
@@ -1250,6 +1254,27 @@ async fn failover_scenario(cluster: &mut Cluster) {
     nix::sys::signal::kill(n1_pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT n1");
     let late = write_synced(&target1.join("late-from-n1"), &pattern(999, 1 << 20));
     assert!(late.is_err(), "the fenced node's write was acknowledged");
+    // Every replica the new engine uses refuses writes (plain and FUA) and trims of n1's
+    // attachment.
+    for (replica, _) in &members {
+        let (_, session) = stale
+            .iter()
+            .find(|(r, _)| r == replica)
+            .expect("a stale session on each member of the new engine");
+        use palisade::replica_io::{ReplicaIo, ReplicaIoError};
+        let data = || bytes::Bytes::from(vec![0xa5; 4096]);
+        let refusals = [
+            ("write", session.write(0, data(), false).await),
+            ("FUA write", session.write(1 << 20, data(), true).await),
+            ("trim", session.trim(2 << 20, 1 << 20).await),
+        ];
+        for (what, refused) in refusals {
+            assert!(
+                matches!(refused, Err(ReplicaIoError::Fenced { .. })),
+                "replica {replica} did not refuse a {what} of the old attachment: {refused:?}"
+            );
+        }
+    }
     // n1's engine, its writer and its kernel's writeback get time to try again.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for ((replica, path), before) in members.iter().zip(&before) {
@@ -2265,6 +2290,35 @@ async fn locality_scenario(cluster: &mut Cluster) {
     );
     let read = std::fs::read(target4.join("after-grow")).expect("read on n4");
     assert!(read == pattern(3, 4 << 20));
+}
+
+/// Sessions on each of the volume's members (its replicas in state ready) with the epoch and
+/// token of the attachment in `publish_context`, by replica id.
+async fn stale_sessions(
+    cluster: &Cluster,
+    volume: &str,
+    publish_context: &std::collections::HashMap<String, String>,
+) -> Vec<(String, palisade::replica_client::ReplicaClient)> {
+    let epoch: u64 = publish_context[palisade::controller::CONTEXT_EPOCH]
+        .parse()
+        .expect("an epoch");
+    let token = &publish_context[palisade::controller::CONTEXT_TOKEN];
+    let status = cluster.ctl_json(&["volume", volume]);
+    let mut sessions = Vec::new();
+    for r in status["replicas"].as_array().expect("replicas") {
+        if r["state"] != "ready" {
+            continue;
+        }
+        let id = r["id"].as_str().expect("replica id");
+        let address = r["node_address"].as_str().expect("node_address");
+        let session = palisade::replica_client::ReplicaClient::connect(
+            address, volume, id, epoch, token, false,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("a session on {id} at epoch {epoch}: {e}"));
+        sessions.push((id.to_string(), session));
+    }
+    sessions
 }
 
 /// The data files of the volume's members (its replicas in state ready), on their nodes'
