@@ -17,7 +17,7 @@ use bytes::Bytes;
 use palisade::engine::{Engine, EngineConfig, EngineError, FileReplica, Member, Membership};
 use palisade::replica_client::ReplicaClient;
 use palisade::replica_io::{ReplicaIo, ReplicaIoError};
-use palisade::replica_server::ReplicaServer;
+use palisade::replica_server::{LocalReplicas, ReplicaServer};
 use palisade::{replica, token};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -823,6 +823,8 @@ const EPOCH: u64 = 1;
 struct ReplicaNode {
     replica: replica::ReplicaDir,
     addr: std::net::SocketAddr,
+    /// In-process sessions on the server's replicas, as the node's own engines open them.
+    local: LocalReplicas,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -835,6 +837,7 @@ impl ReplicaNode {
             .await
             .unwrap();
         let addr = server.local_addr().unwrap();
+        let local = server.local();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async move {
             let _ = stopped.await;
@@ -842,6 +845,7 @@ impl ReplicaNode {
         ReplicaNode {
             replica,
             addr,
+            local,
             stop: Some(stop),
             task: Some(task),
         }
@@ -867,9 +871,10 @@ impl ReplicaNode {
     }
 }
 
-/// A network member (a replica session) that counts the writes the replica completed.
+/// A replica session (over TCP, or in process) that counts the writes the replica
+/// completed.
 struct Tap {
-    inner: ReplicaClient,
+    inner: Member,
     completed_writes: AtomicU64,
 }
 
@@ -953,7 +958,8 @@ impl Membership for Witness {
 
 /// A volume whose engine's members are sessions on replica servers on loopback, one server
 /// per member (as on separate nodes), opened with the attachment's token; the first member
-/// is the local one.
+/// is the local one: over TCP like the others, or (`local_in_process`) in process as a
+/// node's engine opens its own node's replica.
 struct NetVolume {
     dir: tempfile::TempDir,
     socket: PathBuf,
@@ -966,6 +972,10 @@ struct NetVolume {
 
 impl NetVolume {
     async fn start(members: usize, size: u64) -> NetVolume {
+        NetVolume::start_with(members, size, false).await
+    }
+
+    async fn start_with(members: usize, size: u64, local_in_process: bool) -> NetVolume {
         let dir = tempfile::Builder::new()
             .prefix("palisade-engine-net-")
             .tempdir()
@@ -978,13 +988,24 @@ impl NetVolume {
             let replica_id = format!("r{i}");
             let disk = dir.path().join(format!("node{i}-disk"));
             let node = ReplicaNode::start(&disk, volume, &replica_id, size).await;
-            let client =
-                ReplicaClient::connect(node.addr, volume, &replica_id, EPOCH, &token, i == 0)
+            let session: Member = if i == 0 && local_in_process {
+                let session = node
+                    .local
+                    .open(volume, &replica_id, EPOCH, &token)
                     .await
                     .unwrap();
-            assert_eq!(client.size(), size);
+                assert_eq!(session.size(), size);
+                Arc::new(session)
+            } else {
+                let client =
+                    ReplicaClient::connect(node.addr, volume, &replica_id, EPOCH, &token, i == 0)
+                        .await
+                        .unwrap();
+                assert_eq!(client.size(), size);
+                Arc::new(client)
+            };
             taps.push(Arc::new(Tap {
-                inner: client,
+                inner: session,
                 completed_writes: AtomicU64::new(0),
             }));
             nodes.push(node);
@@ -1120,10 +1141,15 @@ async fn nbdcopy_round_trip_on_one_two_and_three_network_members() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fio_mixed_random_writes_verify_on_one_two_and_three_network_members() {
-    for members in 1..=3 {
+    // 1, 2 and 3 members over TCP; then 3 with the local one in process, as in a cluster.
+    for (members, local_in_process) in [(1, false), (2, false), (3, false), (3, true)] {
         let size = 32 * MIB;
-        let mut v = NetVolume::start(members, size).await;
-        let out = run_command(fio_mixed_verify(&v.uri(), size, &format!("net{members}"))).await;
+        let mut v = NetVolume::start_with(members, size, local_in_process).await;
+        let name = format!(
+            "net{members}{}",
+            if local_in_process { "-local" } else { "" }
+        );
+        let out = run_command(fio_mixed_verify(&v.uri(), size, &name)).await;
         let stats = v.engine.stats();
         assert!(stats.written_bytes >= size, "{stats:?}\n{out}");
         assert!(stats.flushes > 0, "{stats:?}");
