@@ -98,7 +98,9 @@ fn fio_iops(uri: &str, size: u64, secs: u64) -> Result<f64, String> {
     let start = out.find('{').unwrap_or(0);
     let json: serde_json::Value =
         serde_json::from_str(&out[start..]).map_err(|e| format!("fio output: {e}"))?;
-    Ok(json["jobs"][0]["write"]["iops"].as_f64().unwrap_or(f64::NAN))
+    Ok(json["jobs"][0]["write"]["iops"]
+        .as_f64()
+        .unwrap_or(f64::NAN))
 }
 
 struct Setup {
@@ -198,9 +200,15 @@ async fn full() -> Result<(), String> {
         std::env::var("REBUILD_BENCH_DIR").unwrap_or_else(|_| "target/rebuild-bench".into()),
     );
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    println!("rebuild benchmark: {} MiB volume, files in {}", size / MIB, dir.display());
+    println!(
+        "rebuild benchmark: {} MiB volume, files in {}",
+        size / MIB,
+        dir.display()
+    );
     let half = vec![(0, size / 2)];
-    let sparse: Vec<(u64, u64)> = (0..size / (256 * MIB)).map(|i| (i * 256 * MIB, MIB)).collect();
+    let sparse: Vec<(u64, u64)> = (0..size / (256 * MIB))
+        .map(|i| (i * 256 * MIB, MIB))
+        .collect();
     let sample = dir.join("sample.img");
     fill(&sample, 0, size / 2)?;
     let reference = reference_copy(&sample, &dir.join("copy.img"), size / 2)?;
@@ -276,7 +284,10 @@ async fn full() -> Result<(), String> {
 
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("rebuild bench: cannot start a runtime: {e}");

@@ -1118,7 +1118,8 @@ fn cleanup_mounts(root: &Path) {
 /// engine (replica sessions, NBD, nbdfuse, loop, ext4), written through its mount; a
 /// replica node dies during writes and writing goes on; then n1 freezes, the volume is
 /// taken over on n2 (policy immediate), every acknowledged write is there, and n1, resumed,
-/// cannot write any more.
+/// cannot write any more: its fsync fails, and the data files of the replicas the new engine
+/// uses do not change by one byte while n1 tries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicated_volume_survives_a_dead_replica_and_fails_over_with_fencing() {
     let mut cluster = Cluster::start(3).await;
@@ -1197,6 +1198,10 @@ async fn failover_scenario(cluster: &mut Cluster) {
         "n3's replica must have left the membership: {states:?}"
     );
 
+    // A stale writer of n1's attachment, beside n1's engine: a session of its epoch, opened
+    // with its token, on each replica that is still a member.
+    let stale = stale_sessions(cluster, &id, &ctx).await;
+
     // n1 freezes; the volume moves to n2 once n1's heartbeat has expired.
     let n1_pid =
         nix::unistd::Pid::from_raw(cluster.node("n1").child.as_ref().expect("n1 runs").id() as i32);
@@ -1230,10 +1235,58 @@ async fn failover_scenario(cluster: &mut Cluster) {
         assert!(read == *data, "{name:?} differs on the new node");
     }
 
+    // n2 stops writing: its filesystem is frozen, which flushes it through the new engine to
+    // the members. From here on nothing may change the data files of the replicas the new
+    // engine uses.
+    let members = member_data_files(cluster, &id);
+    assert!(
+        !members.is_empty(),
+        "the new engine has no member: {:#}",
+        cluster.ctl_json(&["volume", &id])
+    );
+    let frozen_fs = FrozenFs::freeze(&target2);
+    let before: Vec<Vec<u8>> = members
+        .iter()
+        .map(|(_, path)| std::fs::read(path).expect("a member's data file"))
+        .collect();
+
     // n1 resumes: its engine is fenced, so it cannot write any more.
     nix::sys::signal::kill(n1_pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT n1");
     let late = write_synced(&target1.join("late-from-n1"), &pattern(999, 1 << 20));
     assert!(late.is_err(), "the fenced node's write was acknowledged");
+    // Every replica the new engine uses refuses writes (plain and FUA) and trims of n1's
+    // attachment.
+    for (replica, _) in &members {
+        let (_, session) = stale
+            .iter()
+            .find(|(r, _)| r == replica)
+            .expect("a stale session on each member of the new engine");
+        use palisade::replica_io::{ReplicaIo, ReplicaIoError};
+        let data = || bytes::Bytes::from(vec![0xa5; 4096]);
+        let refusals = [
+            ("write", session.write(0, data(), false).await),
+            ("FUA write", session.write(1 << 20, data(), true).await),
+            ("trim", session.trim(2 << 20, 1 << 20).await),
+        ];
+        for (what, refused) in refusals {
+            assert!(
+                matches!(refused, Err(ReplicaIoError::Fenced { .. })),
+                "replica {replica} did not refuse a {what} of the old attachment: {refused:?}"
+            );
+        }
+    }
+    // n1's engine, its writer and its kernel's writeback get time to try again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for ((replica, path), before) in members.iter().zip(&before) {
+        let after = std::fs::read(path).expect("a member's data file");
+        assert!(
+            after == *before,
+            "replica {replica} ({}) of the new engine took bytes after n1 resumed: first difference at byte {:?}",
+            path.display(),
+            first_difference(before, &after)
+        );
+    }
+    drop(frozen_fs);
     assert!(
         !target2.join("late-from-n1").exists(),
         "the fenced node's file is visible on the new node"
@@ -2318,4 +2371,92 @@ async fn strict_local_scenario(cluster: &mut Cluster) {
         "{later:#}"
     );
     assert!(later["degraded_reason"].is_null(), "{later:#}");
+}
+
+/// Sessions on each of the volume's members (its replicas in state ready) with the epoch and
+/// token of the attachment in `publish_context`, by replica id.
+async fn stale_sessions(
+    cluster: &Cluster,
+    volume: &str,
+    publish_context: &std::collections::HashMap<String, String>,
+) -> Vec<(String, palisade::replica_client::ReplicaClient)> {
+    let epoch: u64 = publish_context[palisade::controller::CONTEXT_EPOCH]
+        .parse()
+        .expect("an epoch");
+    let token = &publish_context[palisade::controller::CONTEXT_TOKEN];
+    let status = cluster.ctl_json(&["volume", volume]);
+    let mut sessions = Vec::new();
+    for r in status["replicas"].as_array().expect("replicas") {
+        if r["state"] != "ready" {
+            continue;
+        }
+        let id = r["id"].as_str().expect("replica id");
+        let address = r["node_address"].as_str().expect("node_address");
+        let session = palisade::replica_client::ReplicaClient::connect(
+            address, volume, id, epoch, token, false,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("a session on {id} at epoch {epoch}: {e}"));
+        sessions.push((id.to_string(), session));
+    }
+    sessions
+}
+
+/// The data files of the volume's members (its replicas in state ready), on their nodes'
+/// disks, by replica id.
+fn member_data_files(cluster: &Cluster, volume: &str) -> Vec<(String, PathBuf)> {
+    let status = cluster.ctl_json(&["volume", volume]);
+    status["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .filter(|r| r["state"] == "ready")
+        .map(|r| {
+            let id = r["id"].as_str().expect("replica id").to_string();
+            let node = r["node_id"].as_str().expect("node_id");
+            let path = cluster
+                .node(node)
+                .disk
+                .join(REPLICAS_DIR)
+                .join(&id)
+                .join(DATA_FILE);
+            (id, path)
+        })
+        .collect()
+}
+
+/// A filesystem frozen with `fsfreeze` (flushed, and no more writes, not even its own
+/// background ones, until thawed); thawed on drop.
+struct FrozenFs(PathBuf);
+
+impl FrozenFs {
+    fn freeze(mount_point: &Path) -> FrozenFs {
+        let status = Command::new("fsfreeze")
+            .arg("--freeze")
+            .arg(mount_point)
+            .status()
+            .expect("run fsfreeze (util-linux)");
+        assert!(
+            status.success(),
+            "fsfreeze --freeze {mount_point:?}: {status}"
+        );
+        FrozenFs(mount_point.to_path_buf())
+    }
+}
+
+impl Drop for FrozenFs {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze")
+            .arg("--unfreeze")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The offset of the first byte where `a` and `b` differ (or where the shorter one ends).
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .or((a.len() != b.len()).then(|| a.len().min(b.len())))
 }

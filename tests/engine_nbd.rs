@@ -1,7 +1,8 @@
 //! The engine end to end over its NBD socket: real NBD clients (nbdcopy, qemu-img, fio's
 //! nbd engine) and a raw client written here against the spec, with members that are files
 //! in a temporary directory (wrapped to count calls and inject failures) and a membership
-//! double that records removals.
+//! double that records removals; then the same clients against engines whose members are
+//! real replicas behind real replica servers on loopback (the cluster's data path).
 //!
 //! Needs `nbdcopy` (libnbd-bin), `qemu-img` (qemu-utils) and `fio` on the PATH; `.ci/run`
 //! installs them.
@@ -14,7 +15,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use palisade::engine::{Engine, EngineConfig, EngineError, FileReplica, Member, Membership};
+use palisade::replica_client::ReplicaClient;
 use palisade::replica_io::{ReplicaIo, ReplicaIoError};
+use palisade::replica_server::{LocalReplicas, ReplicaServer};
+use palisade::{replica, token};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{oneshot, Semaphore};
@@ -203,24 +207,7 @@ impl Volume {
         )
         .unwrap();
         let socket = dir.path().join("nbd.sock");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn({
-            let engine = engine.clone();
-            let socket = socket.clone();
-            async move {
-                engine
-                    .serve_unix(&socket, async move {
-                        let _ = stopped.await;
-                    })
-                    .await
-            }
-        });
-        for _ in 0..500 {
-            if UnixStream::connect(&socket).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let (stop, server) = serve(&engine, &socket).await;
         Volume {
             dir,
             socket,
@@ -262,6 +249,33 @@ impl Volume {
             );
         }
     }
+}
+
+/// Serves `engine` on `socket` until the returned sender is used; returns once the socket
+/// accepts connections.
+async fn serve(
+    engine: &Engine,
+    socket: &Path,
+) -> (oneshot::Sender<()>, JoinHandle<Result<(), EngineError>>) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn({
+        let engine = engine.clone();
+        let socket = socket.to_path_buf();
+        async move {
+            engine
+                .serve_unix(&socket, async move {
+                    let _ = stopped.await;
+                })
+                .await
+        }
+    });
+    for _ in 0..500 {
+        if UnixStream::connect(socket).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (stop, server)
 }
 
 // ---- external tools ----
@@ -490,6 +504,7 @@ async fn fio_verify(uri: &str, size: u64, name: &str) {
             "--do_verify=1",
             "--verify_fatal=1",
             "--randrepeat=0",
+            "--verify_state_save=0",
         ],
     )
     .await;
@@ -794,4 +809,389 @@ async fn a_stale_socket_is_replaced_and_another_file_is_not() {
     let (served, size) = tokio::join!(served, probe);
     served.unwrap();
     assert_eq!(size, MIB);
+}
+
+// ---- network members: real replicas behind real replica servers on loopback ----
+
+/// The cluster secret the network tests' replica servers verify tokens with.
+const SECRET: [u8; 32] = [7; 32];
+/// The attachment epoch of the network tests' engines.
+const EPOCH: u64 = 1;
+
+/// One node's replica server on loopback, serving a disk that holds one replica of the
+/// volume.
+struct ReplicaNode {
+    replica: replica::ReplicaDir,
+    addr: std::net::SocketAddr,
+    /// In-process sessions on the server's replicas, as the node's own engines open them.
+    local: LocalReplicas,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl ReplicaNode {
+    async fn start(disk: &Path, volume: &str, replica_id: &str, size: u64) -> ReplicaNode {
+        replica::init_disk(disk).unwrap();
+        let replica = replica::create(disk, replica_id, volume, size).unwrap();
+        let server = ReplicaServer::bind("127.0.0.1:0", vec![disk.to_path_buf()], SECRET.to_vec())
+            .await
+            .unwrap();
+        let addr = server.local_addr().unwrap();
+        let local = server.local();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async move {
+            let _ = stopped.await;
+        }));
+        ReplicaNode {
+            replica,
+            addr,
+            local,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the server as a stopping node would: it reads no more requests, answers those
+    /// it has read, and closes its sessions.
+    async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("the replica server stops")
+                .unwrap();
+        }
+    }
+
+    /// The replica's data file, as the server left it on disk.
+    fn file(&self) -> Vec<u8> {
+        std::fs::read(self.replica.data_path()).unwrap()
+    }
+}
+
+/// A replica session (over TCP, or in process) that counts the writes the replica
+/// completed.
+struct Tap {
+    inner: Member,
+    completed_writes: AtomicU64,
+}
+
+#[async_trait]
+impl ReplicaIo for Tap {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+
+    fn is_local(&self) -> bool {
+        self.inner.is_local()
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ReplicaIoError> {
+        self.inner.read(offset, len).await
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), ReplicaIoError> {
+        self.inner.write(offset, data, fua).await?;
+        self.completed_writes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), ReplicaIoError> {
+        self.inner.flush().await
+    }
+
+    async fn trim(&self, offset: u64, len: u32) -> Result<(), ReplicaIoError> {
+        self.inner.trim(offset, len).await
+    }
+}
+
+/// A removal as [`Witness`] recorded it.
+#[derive(Debug)]
+struct Removal {
+    replica: String,
+    /// Writes the engine had counted as acknowledged when the removal was recorded (it
+    /// counts a write before it answers the client).
+    acknowledged: u64,
+    /// Writes the removed replica had completed by then (read after `acknowledged`).
+    completed_by_replica: u64,
+}
+
+/// A membership that records removals and, at each, what the engine had acknowledged and
+/// what the removed replica had completed. It holds each removal for a while before
+/// recording it, so that an engine that acknowledged writes the replica missed before the
+/// removal was persisted would have done so by then: until the removal is recorded, every
+/// acknowledged write must have been completed by the replica (acknowledged ≤ completed).
+#[derive(Default)]
+struct Witness {
+    engine: Mutex<Option<Engine>>,
+    taps: Mutex<Vec<Arc<Tap>>>,
+    removals: Mutex<Vec<Removal>>,
+}
+
+#[async_trait]
+impl Membership for Witness {
+    async fn remove_member(&self, replica_id: &str, _reason: &str) -> Result<(), String> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let engine = self.engine.lock().unwrap().clone();
+        let acknowledged = engine.map_or(0, |e| e.stats().writes);
+        let completed_by_replica = self
+            .taps
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|t| t.id() == replica_id)
+            .map_or(0, |t| t.completed_writes.load(Ordering::SeqCst));
+        self.removals.lock().unwrap().push(Removal {
+            replica: replica_id.to_string(),
+            acknowledged,
+            completed_by_replica,
+        });
+        Ok(())
+    }
+
+    async fn renew_lease(&self) -> Result<Duration, String> {
+        Ok(Duration::MAX)
+    }
+}
+
+/// A volume whose engine's members are sessions on replica servers on loopback, one server
+/// per member (as on separate nodes), opened with the attachment's token; the first member
+/// is the local one: over TCP like the others, or (`local_in_process`) in process as a
+/// node's engine opens its own node's replica.
+struct NetVolume {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    nodes: Vec<ReplicaNode>,
+    engine: Engine,
+    witness: Arc<Witness>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<Result<(), EngineError>>>,
+}
+
+impl NetVolume {
+    async fn start(members: usize, size: u64) -> NetVolume {
+        NetVolume::start_with(members, size, false).await
+    }
+
+    async fn start_with(members: usize, size: u64, local_in_process: bool) -> NetVolume {
+        let dir = tempfile::Builder::new()
+            .prefix("palisade-engine-net-")
+            .tempdir()
+            .unwrap();
+        let volume = "vol-net";
+        let token = token::attachment_token(&SECRET, volume, EPOCH);
+        let mut nodes = Vec::new();
+        let mut taps = Vec::new();
+        for i in 0..members {
+            let replica_id = format!("r{i}");
+            let disk = dir.path().join(format!("node{i}-disk"));
+            let node = ReplicaNode::start(&disk, volume, &replica_id, size).await;
+            let session: Member = if i == 0 && local_in_process {
+                let session = node
+                    .local
+                    .open(volume, &replica_id, EPOCH, &token)
+                    .await
+                    .unwrap();
+                assert_eq!(session.size(), size);
+                Arc::new(session)
+            } else {
+                let client =
+                    ReplicaClient::connect(node.addr, volume, &replica_id, EPOCH, &token, i == 0)
+                        .await
+                        .unwrap();
+                assert_eq!(client.size(), size);
+                Arc::new(client)
+            };
+            taps.push(Arc::new(Tap {
+                inner: session,
+                completed_writes: AtomicU64::new(0),
+            }));
+            nodes.push(node);
+        }
+        let witness = Arc::new(Witness::default());
+        *witness.taps.lock().unwrap() = taps.clone();
+        let members: Vec<Member> = taps.iter().map(|t| Arc::clone(t) as Member).collect();
+        let engine = Engine::new(
+            volume,
+            size,
+            members,
+            Arc::clone(&witness) as Arc<dyn Membership>,
+        )
+        .unwrap();
+        *witness.engine.lock().unwrap() = Some(engine.clone());
+        let socket = dir.path().join("nbd.sock");
+        let (stop, server) = serve(&engine, &socket).await;
+        NetVolume {
+            dir,
+            socket,
+            nodes,
+            engine,
+            witness,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    /// Flushes the engine, stops it, then stops every replica server still running.
+    async fn stop(&mut self) {
+        self.engine.flush().await.unwrap();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.unwrap().unwrap();
+        }
+        assert!(!self.socket.exists(), "the socket is removed on shutdown");
+        self.witness.engine.lock().unwrap().take();
+        for node in &mut self.nodes {
+            node.stop().await;
+        }
+    }
+
+    /// Every listed member's data file is byte-identical to the first listed one's, which
+    /// holds data (not only zeros).
+    fn assert_identical(&self, members: &[usize]) {
+        let first = self.nodes[members[0]].file();
+        assert!(
+            first.iter().any(|b| *b != 0),
+            "r{} holds no data at all",
+            members[0]
+        );
+        for &i in &members[1..] {
+            assert!(
+                self.nodes[i].file() == first,
+                "the data file of r{i} differs from r{}'s",
+                members[0]
+            );
+        }
+    }
+}
+
+/// fio's nbd engine writing at random with mixed block sizes from 4 jobs (4 NBD
+/// connections, each on its own quarter of the volume) at queue depth 16, with a flush every
+/// 32 writes, then reading everything back to verify it against crc32c checksums.
+fn fio_mixed_verify(uri: &str, size: u64, name: &str) -> tokio::process::Command {
+    let mut fio = tokio::process::Command::new("fio");
+    fio.args([
+        &format!("--name={name}"),
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--numjobs=4",
+        &format!("--size={}", size / 4),
+        &format!("--offset_increment={}", size / 4),
+        "--rw=randwrite",
+        "--bssplit=4k/40:16k/20:64k/20:256k/20",
+        "--iodepth=16",
+        "--fsync=32",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--randrepeat=0",
+        "--group_reporting",
+        "--verify_state_save=0",
+    ]);
+    fio
+}
+
+async fn run_command(mut command: tokio::process::Command) -> String {
+    let out = command
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {command:?} ({e}); install fio"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nbdcopy_round_trip_on_one_two_and_three_network_members() {
+    for members in 1..=3 {
+        let size = 32 * MIB;
+        let mut v = NetVolume::start(members, size).await;
+        let src = v.dir.path().join("src.img");
+        let data = random_image(&src, size as usize, 70 + members as u64);
+        let out = v.dir.path().join("out.img");
+        std::fs::File::create(&out).unwrap().set_len(size).unwrap();
+        run("nbdcopy", &["--flush", src.to_str().unwrap(), &v.uri()]).await;
+        run("nbdcopy", &[&v.uri(), out.to_str().unwrap()]).await;
+        assert!(
+            std::fs::read(&out).unwrap() == data,
+            "{members} network members: the copy read back differs"
+        );
+        v.stop().await;
+        for (i, node) in v.nodes.iter().enumerate() {
+            assert!(
+                node.file() == data,
+                "{members} network members: r{i}'s data file differs"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fio_mixed_random_writes_verify_on_one_two_and_three_network_members() {
+    // 1, 2 and 3 members over TCP; then 3 with the local one in process, as in a cluster.
+    for (members, local_in_process) in [(1, false), (2, false), (3, false), (3, true)] {
+        let size = 32 * MIB;
+        let mut v = NetVolume::start_with(members, size, local_in_process).await;
+        let name = format!(
+            "net{members}{}",
+            if local_in_process { "-local" } else { "" }
+        );
+        let out = run_command(fio_mixed_verify(&v.uri(), size, &name)).await;
+        let stats = v.engine.stats();
+        assert!(stats.written_bytes >= size, "{stats:?}\n{out}");
+        assert!(stats.flushes > 0, "{stats:?}");
+        assert_eq!(stats.errors, 0, "{stats:?}");
+        assert!(v.witness.removals.lock().unwrap().is_empty());
+        v.stop().await;
+        v.assert_identical(&(0..members).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fio_verify_passes_while_a_members_replica_server_stops_midway() {
+    let size = 32 * MIB;
+    let mut v = NetVolume::start(3, size).await;
+    let fio = tokio::spawn(run_command(fio_mixed_verify(&v.uri(), size, "stopping")));
+    // Part-way through fio's write phase, the local member's server stops (its node goes
+    // away); the engine must drop that member and go on with the other two.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while v.engine.stats().written_bytes < size / 3 {
+        assert!(!fio.is_finished(), "fio ended before a third was written");
+        assert!(tokio::time::Instant::now() < deadline, "fio is not writing");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    v.nodes[0].stop().await;
+    fio.await.unwrap();
+
+    let stats = v.engine.stats();
+    assert_eq!(stats.member_removals, 1, "{stats:?}");
+    assert_eq!(v.engine.member_ids(), vec!["r1", "r2"]);
+    let removals = std::mem::take(&mut *v.witness.removals.lock().unwrap());
+    assert_eq!(removals.len(), 1, "{removals:?}");
+    let removal = &removals[0];
+    println!("{removal:?}; engine at the end: {stats:?}");
+    assert_eq!(removal.replica, "r0");
+    assert!(
+        removal.acknowledged <= removal.completed_by_replica,
+        "writes r0 missed were acknowledged before its removal was recorded: {removal:?}"
+    );
+    assert!(
+        stats.writes > removal.acknowledged,
+        "no write after the removal: the server did not stop part-way ({removal:?}, {stats:?})"
+    );
+    v.stop().await;
+    v.assert_identical(&[1, 2]);
 }
