@@ -384,17 +384,22 @@ impl Controller {
                 self.put_replica(failed, Some(&r)).await?;
             }
         }
+        let now = now_ms();
         let attempts = members.iter().map(|r| {
-            let address = nodes
-                .iter()
-                .find(|n| n.id == r.value.node_id)
-                .map(|n| n.address.clone())
-                .unwrap_or_default();
+            let node = nodes.iter().find(|n| n.id == r.value.node_id);
+            let address = node.map(|n| n.address.clone()).unwrap_or_default();
+            // A node known to be down cannot answer: its replicas are failed at once rather
+            // than after the fence timeout (they are fenced when they come back, by the
+            // epoch any later session carries).
+            let down = !matches!(self.health(node, now), crate::attach::Health::Up);
             let (fencer, token) = (fencing.fencer.clone(), token.clone());
             let (volume, replica) = (volume_id.to_string(), r.value.id.clone());
             async move {
                 if address.is_empty() {
                     return Err("its node has no replica server address".to_string());
+                }
+                if down {
+                    return Err("its node is down (heartbeat expired)".to_string());
                 }
                 fencer
                     .fence(&address, &volume, &replica, epoch, &token)
@@ -2085,43 +2090,58 @@ mod tests {
         let lease = Duration::from_millis(LEASE_MS);
 
         // Take-over from a node that went down after a renewal: waits out the lease.
-        c.publish("v", "n1", &cap, false).await.unwrap();
-        c.renew_lease("v", "n1", 1).await.unwrap();
-        let granted = std::time::Instant::now();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The replicas are on n1; the engine runs on n2, which goes down after a renewal.
         beat(&c, "n2").await;
         c.publish("v", "n2", &cap, false).await.unwrap();
+        c.renew_lease("v", "n2", 1).await.unwrap();
+        let granted = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        beat(&c, "n1").await;
+        c.publish("v", "n1", &cap, false).await.unwrap();
         assert!(
             granted.elapsed() >= lease + LEASE_SLACK,
             "took over {:?} after the old engine's last renewal, within its lease",
             granted.elapsed()
         );
-        let superseded = c.renew_lease("v", "n1", 1).await;
+        let superseded = c.renew_lease("v", "n2", 1).await;
         assert!(
             matches!(superseded, Err(MemberError::Superseded { .. })),
             "{superseded:?}"
         );
 
-        // The engine on n2 stops and gives its lease back: the next attachment is at once.
-        c.renew_lease("v", "n2", 2).await.unwrap();
-        c.release_lease("v", "n2", 2).await.unwrap();
-        c.unpublish("v", "n2").await.unwrap();
+        // The engine on n1 stops and gives its lease back: the next attachment is at once.
         beat(&c, "n1").await;
+        beat(&c, "n2").await;
+        c.renew_lease("v", "n1", 2).await.unwrap();
+        c.release_lease("v", "n1", 2).await.unwrap();
+        c.unpublish("v", "n1").await.unwrap();
         let started = std::time::Instant::now();
-        let context = c.publish("v", "n1", &cap, false).await.unwrap();
+        let context = c.publish("v", "n2", &cap, false).await.unwrap();
         assert!(started.elapsed() < lease, "{:?}", started.elapsed());
 
         // Without the release, a clean detach and attach elsewhere still waits for it.
         let epoch: u64 = context[CONTEXT_EPOCH].parse().unwrap();
-        c.renew_lease("v", "n1", epoch).await.unwrap();
+        c.renew_lease("v", "n2", epoch).await.unwrap();
         let granted = std::time::Instant::now();
-        c.unpublish("v", "n1").await.unwrap();
+        c.unpublish("v", "n2").await.unwrap();
+        beat(&c, "n1").await;
         beat(&c, "n2").await;
-        c.publish("v", "n2", &cap, false).await.unwrap();
+        c.publish("v", "n1", &cap, false).await.unwrap();
         assert!(
             granted.elapsed() >= lease + LEASE_SLACK,
             "{:?}",
             granted.elapsed()
+        );
+
+        // A take-over whose every member is on a down node moves nothing.
+        beat(&c, "n1").await;
+        c.renew_lease("v", "n1", epoch + 1).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        beat(&c, "n2").await;
+        let refused = c.publish("v", "n2", &cap, false).await;
+        assert!(
+            matches!(refused, Err(PublishError::Unfenceable { .. })),
+            "{refused:?}"
         );
     }
 
