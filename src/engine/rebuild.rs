@@ -8,8 +8,12 @@
 //! - only the ranges the source holds data in are read and written; the source's holes are
 //!   trimmed on the target (a returning replica may hold stale bytes there), never written as
 //!   zeros;
-//! - each chunk is verified where it lies: the target's SHA-256 of the chunk must equal the
-//!   digest of what was read from the source (holes counted as zeros).
+//! - each chunk is verified where it lies: the target's SHA-256 of each data range must
+//!   equal the digest of what was read from the source, and the source's holes must be holes
+//!   (or zeros) on the target;
+//! - a few chunks are copied at once; while the volume serves other I/O, each chunk is
+//!   followed by a pause as long as it took, so a rebuild takes at most about half of what
+//!   the workload would use.
 //!
 //! Once the whole volume is copied the target is flushed and promoted to member — through
 //! [`super::Membership::promote_member`], durably, under a lock of the whole volume so that
@@ -22,7 +26,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
@@ -32,6 +35,8 @@ use crate::wire::MAX_EXTENTS;
 
 /// The bytes copied under one range lock.
 pub const REBUILD_CHUNK: u32 = 4 << 20;
+/// Chunks copied at once.
+const REBUILD_PARALLEL: usize = 4;
 /// How often progress is logged.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -114,6 +119,29 @@ pub struct RebuildStatus {
     pub elapsed: Duration,
     pub state: RebuildState,
     pub error: Option<String>,
+}
+
+/// The data extents of `[offset, end)` on `replica`, all of them (asked again past
+/// [`MAX_EXTENTS`]).
+async fn extents_of(
+    replica: &dyn crate::replica_io::ReplicaIo,
+    offset: u64,
+    end: u64,
+) -> Result<Vec<(u64, u32)>, ReplicaIoError> {
+    let mut extents = Vec::new();
+    let mut at = offset;
+    while at < end {
+        // Within one chunk, so it fits.
+        let found = replica.extents(at, (end - at) as u32).await?;
+        let full = found.len() >= MAX_EXTENTS;
+        let next = found.last().map_or(end, |(o, l)| o + u64::from(*l));
+        extents.extend(found);
+        if !full || next <= at {
+            break;
+        }
+        at = next;
+    }
+    Ok(extents)
 }
 
 impl Engine {
@@ -226,29 +254,55 @@ impl Engine {
     }
 
     async fn rebuild(&self, target: &Arc<Target>) -> Result<(), String> {
+        use futures::stream::{self, StreamExt, TryStreamExt};
         let size = self.inner.size;
-        let mut offset = 0u64;
-        let mut logged = Instant::now();
-        while offset < size {
-            let chunk = self.inner.config.rebuild_chunk;
-            let len = u32::try_from((size - offset).min(u64::from(chunk))).unwrap_or(chunk);
-            self.copy_chunk(target, offset, len).await?;
-            offset += u64::from(len);
-            target.done.store(offset, Ordering::Relaxed);
-            if logged.elapsed() >= LOG_EVERY {
-                logged = Instant::now();
-                let s = target.status(RebuildState::Running);
-                info!(volume = %self.inner.volume_id, replica = %s.replica, done = s.done,
-                    size = s.size, mib_per_second = s.bytes_per_second / 1048576.0,
-                    eta_seconds = s.eta.map(|d| d.as_secs()), "rebuild progress");
-            }
-        }
+        let chunk = u64::from(self.inner.config.rebuild_chunk);
+        let logged = &Mutex::new(Instant::now());
+        let chunks = (0..size.div_ceil(chunk)).map(|i| {
+            let offset = i * chunk;
+            // At most one chunk, so it fits.
+            (offset, (size - offset).min(chunk) as u32)
+        });
+        // A few chunks at once, each under its own range lock; while the volume serves
+        // other I/O, each chunk is followed by a pause as long as it took, so the workload
+        // keeps most of the machine.
+        stream::iter(chunks)
+            .map(|(offset, len)| async move {
+                let before = self.foreground();
+                let started = Instant::now();
+                self.copy_chunk(target, offset, len).await?;
+                target.done.fetch_add(u64::from(len), Ordering::Relaxed);
+                if self.foreground() != before {
+                    tokio::time::sleep(started.elapsed()).await;
+                }
+                let mut last = logged.lock().unwrap_or_else(PoisonError::into_inner);
+                if last.elapsed() >= LOG_EVERY {
+                    *last = Instant::now();
+                    let s = target.status(RebuildState::Running);
+                    info!(volume = %self.inner.volume_id, replica = %s.replica, done = s.done,
+                        size = s.size, mib_per_second = s.bytes_per_second / 1048576.0,
+                        eta_seconds = s.eta.map(|d| d.as_secs()), "rebuild progress");
+                }
+                Ok::<(), String>(())
+            })
+            .buffer_unordered(REBUILD_PARALLEL)
+            .try_collect::<()>()
+            .await?;
         let flushed = target.member.flush().await;
         flushed.map_err(|e| format!("flush failed: {e}"))?;
         self.promote(target).await
     }
 
-    /// Copies and verifies one chunk under its range lock.
+    /// Requests served so far (reads and writes), to tell whether the volume is busy.
+    fn foreground(&self) -> u64 {
+        let c = &self.inner.counters;
+        c.reads.load(Ordering::Relaxed) + c.writes.load(Ordering::Relaxed)
+    }
+
+    /// Copies and verifies one chunk under its range lock: the source's data extents are
+    /// read, written to the target and checked by SHA-256 where they landed; the source's
+    /// holes are trimmed on the target and checked to be holes there (by its extents, or by
+    /// checksum where its file system stores trimmed ranges as zeros).
     async fn copy_chunk(&self, target: &Target, offset: u64, len: u32) -> Result<(), String> {
         let lock = self.lock_range(offset, u64::from(len));
         lock.wait().await;
@@ -271,64 +325,79 @@ impl Engine {
             e => format!("target: {e}"),
         };
         let end = offset + u64::from(len);
-        // The data ranges of the source, in pieces of at most MAX_EXTENTS.
-        let mut extents = Vec::new();
+        let data = extents_of(&**source, offset, end).await.map_err(src)?;
+        let mut holes = Vec::new();
         let mut at = offset;
-        loop {
-            let piece = u32::try_from(end - at).unwrap_or(len);
-            let found = source.extents(at, piece).await.map_err(src)?;
-            let full = found.len() >= MAX_EXTENTS;
-            at = found.last().map_or(end, |(o, l)| o + u64::from(*l));
-            extents.extend(found);
-            if !full || at >= end {
-                break;
-            }
-        }
-        let mut hasher = Sha256::new();
-        let zeros = vec![0u8; 64 << 10];
-        let hash_zeros = |hasher: &mut Sha256, mut n: u64| {
-            while n > 0 {
-                let k = n.min(zeros.len() as u64) as usize;
-                hasher.update(&zeros[..k]);
-                n -= k as u64;
-            }
-        };
-        let mut at = offset;
-        for (data_at, data_len) in extents {
-            if data_at < at || data_at + u64::from(data_len) > end {
+        for &(data_at, data_len) in &data {
+            let data_end = data_at + u64::from(data_len);
+            if data_at < at || data_end > end || data_len == 0 {
                 return Err(format!(
                     "source {}: extent {data_at}+{data_len} outside {at}..{end}",
                     source.id()
                 ));
             }
             if data_at > at {
-                let hole = u32::try_from(data_at - at).unwrap_or(len);
-                target.member.trim(at, hole).await.map_err(dst)?;
-                hash_zeros(&mut hasher, u64::from(hole));
+                holes.push((at, (data_at - at) as u32));
             }
-            let data = source.read(data_at, data_len).await.map_err(src)?;
-            hasher.update(&data);
+            at = data_end;
+        }
+        if at < end {
+            holes.push((at, (end - at) as u32));
+        }
+        for &(hole_at, hole_len) in &holes {
+            target.member.trim(hole_at, hole_len).await.map_err(dst)?;
+        }
+        let mut digests = Vec::with_capacity(data.len());
+        for &(data_at, data_len) in &data {
+            let bytes = source.read(data_at, data_len).await.map_err(src)?;
+            digests.push(crate::extents::digest(&bytes));
             target
                 .member
-                .write(data_at, data, false)
+                .write(data_at, bytes, false)
                 .await
                 .map_err(dst)?;
             target
                 .copied
                 .fetch_add(u64::from(data_len), Ordering::Relaxed);
-            at = data_at + u64::from(data_len);
         }
-        if at < end {
-            let hole = u32::try_from(end - at).unwrap_or(len);
-            target.member.trim(at, hole).await.map_err(dst)?;
-            hash_zeros(&mut hasher, u64::from(hole));
-        }
-        let expected: [u8; 32] = hasher.finalize().into();
-        let found = target.member.checksum(offset, len).await.map_err(dst)?;
-        if found != expected {
+        // Verification, where the bytes lie.
+        let found = futures::future::try_join_all(
+            data.iter()
+                .map(|&(data_at, data_len)| target.member.checksum(data_at, data_len)),
+        )
+        .await
+        .map_err(dst)?;
+        if let Some(((at, n), _)) = data
+            .iter()
+            .zip(found.iter().zip(&digests))
+            .find(|(_, (found, expected))| found != expected)
+        {
             return Err(format!(
-                "verification failed: the target's {len} bytes at {offset} differ from the source's"
+                "verification failed: the target's {n} bytes at {at} differ from the source's"
             ));
+        }
+        if !holes.is_empty() {
+            let stored = extents_of(&*target.member, offset, end)
+                .await
+                .map_err(dst)?;
+            for &(hole_at, hole_len) in &holes {
+                let hole_end = hole_at + u64::from(hole_len);
+                for &(s_at, s_len) in &stored {
+                    let from = s_at.max(hole_at);
+                    let to = (s_at + u64::from(s_len)).min(hole_end);
+                    if from >= to {
+                        continue;
+                    }
+                    // Stored bytes where the source has a hole: they must be zeros.
+                    let n = (to - from) as u32;
+                    let sum = target.member.checksum(from, n).await.map_err(dst)?;
+                    if sum != crate::extents::digest(&vec![0u8; n as usize]) {
+                        return Err(format!(
+                            "verification failed: the target's {n} bytes at {from} are not zeros where the source has a hole"
+                        ));
+                    }
+                }
+            }
         }
         drop(lock);
         Ok(())
