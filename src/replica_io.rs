@@ -50,7 +50,7 @@ pub trait ReplicaIo: Send + Sync + 'static {
         Ok(vec![(offset, len)])
     }
 
-    /// The SHA-256 digest of `len` bytes at `offset`. By default by reading them.
+    /// The XXH3-128 digest of `len` bytes at `offset`. By default by reading them.
     async fn checksum(
         &self,
         offset: u64,

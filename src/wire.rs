@@ -67,8 +67,8 @@ pub const MAX_TOKEN_LEN: usize = 128;
 pub const MAX_MESSAGE_LEN: usize = 1024;
 /// The most extents one Extents answer lists; a range with more is asked for in pieces.
 pub const MAX_EXTENTS: usize = 4096;
-/// The length of a Checksum answer's digest (SHA-256).
-pub const CHECKSUM_LEN: usize = 32;
+/// The length of a Checksum answer's digest (XXH3-128, see [`crate::extents`]).
+pub const CHECKSUM_LEN: usize = 16;
 
 /// The flag bit of a Write that asks for it to be on stable storage before it is answered.
 const FLAG_FUA: u8 = 1;
@@ -127,7 +127,7 @@ pub enum Request {
     /// Lists the ranges within `len` bytes at `offset` that hold data (the rest are holes
     /// and read as zeros), for a rebuild that copies no holes.
     Extents { offset: u64, len: u32 },
-    /// The SHA-256 digest of the `len` bytes at `offset`, for a rebuild's verification.
+    /// The XXH3-128 digest of the `len` bytes at `offset`, for a rebuild's verification.
     Checksum { offset: u64, len: u32 },
 }
 

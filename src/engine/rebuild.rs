@@ -8,7 +8,7 @@
 //! - only the ranges the source holds data in are read and written; the source's holes are
 //!   trimmed on the target (a returning replica may hold stale bytes there), never written as
 //!   zeros;
-//! - each chunk is verified where it lies: the target's SHA-256 of each data range must
+//! - each chunk is verified where it lies: the target's XXH3-128 of each data range must
 //!   equal the digest of what was read from the source, and the source's holes must be holes
 //!   (or zeros) on the target;
 //! - a few chunks are copied at once; while the volume serves other I/O, each chunk is
@@ -300,7 +300,7 @@ impl Engine {
     }
 
     /// Copies and verifies one chunk under its range lock: the source's data extents are
-    /// read, written to the target and checked by SHA-256 where they landed; the source's
+    /// read, written to the target and checked by XXH3-128 where they landed; the source's
     /// holes are trimmed on the target and checked to be holes there (by its extents, or by
     /// checksum where its file system stores trimmed ranges as zeros).
     async fn copy_chunk(&self, target: &Target, offset: u64, len: u32) -> Result<(), String> {
