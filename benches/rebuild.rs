@@ -111,13 +111,25 @@ struct Setup {
     served: tokio::task::JoinHandle<()>,
 }
 
-/// A source replica with data per `layout`, served in process to an engine on NBD, and an
-/// empty target replica behind a second replica server.
-async fn setup(dir: &Path, name: &str, size: u64, layout: &[(u64, u64)]) -> Result<Setup, String> {
+/// A source replica with data per `layout`, served in process to an engine on NBD (with
+/// `second`, a copy of it behind its own replica server as a second member, as in a
+/// 3-replica volume that lost one), and an empty target replica behind another server.
+async fn setup(
+    dir: &Path,
+    name: &str,
+    size: u64,
+    layout: &[(u64, u64)],
+    second: bool,
+) -> Result<Setup, String> {
     let volume = format!("bench-{name}");
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut servers = Vec::new();
-    for side in ["source", "target"] {
+    let sides: &[&str] = if second {
+        &["source", "target", "second"]
+    } else {
+        &["source", "target"]
+    };
+    for &side in sides {
         let disk = dir.join(format!("{name}-{side}"));
         let _ = std::fs::remove_dir_all(&disk);
         replica::init_disk(&disk).map_err(|e| e.to_string())?;
@@ -127,6 +139,17 @@ async fn setup(dir: &Path, name: &str, size: u64, layout: &[(u64, u64)]) -> Resu
             for (offset, len) in layout {
                 fill(&r.data_path(), *offset, *len)?;
             }
+        }
+        if side == "second" {
+            let source = replica::replica_dir(
+                &dir.join(format!("{name}-source")),
+                &format!("{volume}-source"),
+            )
+            .join(replica::DATA_FILE);
+            run(Command::new("cp")
+                .arg("--sparse=always")
+                .arg(&source)
+                .arg(r.data_path()))?;
         }
         let server = ReplicaServer::bind("127.0.0.1:0", vec![disk], SECRET.to_vec())
             .await
@@ -155,10 +178,24 @@ async fn setup(dir: &Path, name: &str, size: u64, layout: &[(u64, u64)]) -> Resu
     )
     .await
     .map_err(|e| e.to_string())?;
+    let mut members = vec![Arc::new(source) as Member];
+    if second {
+        let client = ReplicaClient::connect(
+            servers[2].0,
+            &volume,
+            &format!("{volume}-second"),
+            1,
+            &token,
+            false,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        members.push(Arc::new(client));
+    }
     let engine = Engine::with_config(
         volume.clone(),
         size,
-        vec![Arc::new(source) as Member],
+        members,
         Arc::new(Promotes),
         EngineConfig::default(),
     )
@@ -219,7 +256,7 @@ async fn full() -> Result<(), String> {
     );
     for (name, layout) in [("half", half), ("sparse", sparse)] {
         let data: u64 = layout.iter().map(|(_, l)| l).sum();
-        let s = setup(&dir, name, size, &layout).await?;
+        let s = setup(&dir, name, size, &layout, false).await?;
         let started = Instant::now();
         let status = s
             .engine
@@ -251,9 +288,10 @@ async fn full() -> Result<(), String> {
         let _ = s.served.await;
     }
 
-    // Write IOPS during a rebuild against without one, same volume layout.
+    // Write IOPS during a rebuild against without one: a 3-replica volume that lost a
+    // replica (two members, local and remote) and rebuilds a third.
     let secs = 10;
-    let s = setup(&dir, "load", size, &[(0, size / 2)]).await?;
+    let s = setup(&dir, "load", size, &[(0, size / 2)], true).await?;
     let uri = s.uri.clone();
     let quiet = tokio::task::spawn_blocking({
         let uri = uri.clone();
@@ -270,7 +308,7 @@ async fn full() -> Result<(), String> {
     let busy = load.await.map_err(|e| e.to_string())??;
     let status = rebuild.await.map_err(|e| e.to_string())?;
     println!(
-        "4k random writes qd16: {quiet:.0} IOPS alone, {busy:.0} IOPS with a rebuild running ({:.0}%; the rebuild {:?} after {:.1} s, {} MiB copied)",
+        "4k random writes qd16 on 2 members: {quiet:.0} IOPS alone, {busy:.0} IOPS with a rebuild of a third running ({:.0}%; the rebuild {:?} after {:.1} s, {} MiB copied)",
         100.0 * busy / quiet,
         status.state,
         status.elapsed.as_secs_f64(),

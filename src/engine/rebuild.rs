@@ -12,8 +12,8 @@
 //!   equal the digest of what was read from the source, and the source's holes must be holes
 //!   (or zeros) on the target;
 //! - a few chunks are copied at once; while the volume serves other I/O, each chunk is
-//!   followed by a pause as long as it took, so a rebuild takes at most about half of what
-//!   the workload would use.
+//!   followed by a pause, so that the copy goes on one chunk at a time about half of the time
+//!   and leaves the workload most of the machine.
 //!
 //! Once the whole volume is copied the target is flushed and promoted to member — through
 //! [`super::Membership::promote_member`], durably, under a lock of the whole volume so that
@@ -264,8 +264,8 @@ impl Engine {
             (offset, (size - offset).min(chunk) as u32)
         });
         // A few chunks at once, each under its own range lock; while the volume serves
-        // other I/O, each chunk is followed by a pause as long as it took, so the workload
-        // keeps most of the machine.
+        // other I/O, each chunk is followed by a pause, so the workload keeps most of the
+        // machine.
         stream::iter(chunks)
             .map(|(offset, len)| async move {
                 let before = self.foreground();
@@ -273,7 +273,10 @@ impl Engine {
                 self.copy_chunk(target, offset, len).await?;
                 target.done.fetch_add(u64::from(len), Ordering::Relaxed);
                 if self.foreground() != before {
-                    tokio::time::sleep(started.elapsed()).await;
+                    // Busy: together the lanes copy about half of the time, one chunk at
+                    // a time.
+                    let pause = (2 * REBUILD_PARALLEL).saturating_sub(1).max(1) as u32;
+                    tokio::time::sleep(started.elapsed() * pause).await;
                 }
                 let mut last = logged.lock().unwrap_or_else(PoisonError::into_inner);
                 if last.elapsed() >= LOG_EVERY {
