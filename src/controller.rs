@@ -1079,13 +1079,7 @@ impl Controller {
         reason: &str,
     ) -> Result<(), MemberError> {
         let _guard = self.locks.lock(volume_id).await;
-        let volume = self
-            .store
-            .volumes()
-            .get(volume_id)
-            .await?
-            .ok_or_else(|| MemberError::VolumeNotFound(volume_id.to_string()))?;
-        check_attachment(&volume.value, node_id, epoch)?;
+        self.attached_volume(volume_id, node_id, epoch).await?;
         let replicas = self.volume_replicas(volume_id).await?;
         // A replica that is gone (retired) or failed already is no longer a member.
         let Some(replica) = replicas.iter().find(|r| r.value.id == replica_id) else {
@@ -1112,6 +1106,23 @@ impl Controller {
         Ok(())
     }
 
+    /// The volume, provided `node_id` holds its attachment at `epoch` (an engine's call).
+    async fn attached_volume(
+        &self,
+        volume_id: &str,
+        node_id: &str,
+        epoch: u64,
+    ) -> Result<Versioned<Volume>, MemberError> {
+        let volume = self
+            .store
+            .volumes()
+            .get(volume_id)
+            .await?
+            .ok_or_else(|| MemberError::VolumeNotFound(volume_id.to_string()))?;
+        check_attachment(&volume.value, node_id, epoch)?;
+        Ok(volume)
+    }
+
     /// An engine's lease renewal: Ok with the lease length while its attachment is current.
     /// The engine counts the lease from before it asked, so it lapses no later than the
     /// grant recorded here plus the lease: what a later attachment waits for.
@@ -1122,13 +1133,7 @@ impl Controller {
         epoch: u64,
     ) -> Result<u64, MemberError> {
         let _guard = self.locks.lock(volume_id).await;
-        let volume = self
-            .store
-            .volumes()
-            .get(volume_id)
-            .await?
-            .ok_or_else(|| MemberError::VolumeNotFound(volume_id.to_string()))?;
-        check_attachment(&volume.value, node_id, epoch)?;
+        self.attached_volume(volume_id, node_id, epoch).await?;
         self.leases.grant(volume_id, epoch);
         Ok(self.lease_ms())
     }

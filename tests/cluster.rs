@@ -1638,7 +1638,15 @@ async fn create_and_publish(
 /// Runs a scenario on a fresh three-node cluster, then stops every process and removes
 /// every mount, loop device and nbdfuse process the test left, whether it passed or not.
 async fn with_cluster(scenario: for<'a> fn(&'a mut Cluster) -> futures::future::BoxFuture<'a, ()>) {
-    let mut cluster = Cluster::start(3).await;
+    with_cluster_of(3, scenario).await;
+}
+
+/// [`with_cluster`] with `nodes` nodes.
+async fn with_cluster_of(
+    nodes: usize,
+    scenario: for<'a> fn(&'a mut Cluster) -> futures::future::BoxFuture<'a, ()>,
+) {
+    let mut cluster = Cluster::start(nodes).await;
     let root = cluster.dir.path().to_path_buf();
     let result =
         futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(scenario(&mut cluster)))
@@ -1998,17 +2006,7 @@ fn ready_replicas(volume: &Value) -> Vec<(String, PathBuf)> {
 /// members' data files are byte-identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_replica_is_replaced_and_rebuilt_under_load() {
-    let mut cluster = Cluster::start(4).await;
-    let root = cluster.dir.path().to_path_buf();
-    let result = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(rebuild_scenario(
-        &mut cluster,
-    )))
-    .await;
-    stop_all(&mut cluster);
-    cleanup_mounts(&root);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    with_cluster_of(4, |cluster| Box::pin(rebuild_scenario(cluster))).await;
 }
 
 async fn rebuild_scenario(cluster: &mut Cluster) {
@@ -2129,17 +2127,7 @@ async fn wait_ready(
 /// Where no local disk qualifies, the volume's status says so and nothing loops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locality_and_replica_count_follow_the_volume() {
-    let mut cluster = Cluster::start(4).await;
-    let root = cluster.dir.path().to_path_buf();
-    let result = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(locality_scenario(
-        &mut cluster,
-    )))
-    .await;
-    stop_all(&mut cluster);
-    cleanup_mounts(&root);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    with_cluster_of(4, |cluster| Box::pin(locality_scenario(cluster))).await;
 }
 
 async fn locality_scenario(cluster: &mut Cluster) {

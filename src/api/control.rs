@@ -77,6 +77,20 @@ fn node_from_report(report: Option<pb::NodeReport>) -> Result<Node, Status> {
     })
 }
 
+/// The fields every engine's call about one of its replicas needs.
+fn engine_call_fields(volume_id: &str, replica_id: &str, node_id: &str) -> Result<(), Status> {
+    for (value, field) in [
+        (volume_id, "volume_id"),
+        (replica_id, "replica_id"),
+        (node_id, "node_id"),
+    ] {
+        if value.is_empty() {
+            return Err(Status::invalid_argument(format!("{field} is required")));
+        }
+    }
+    Ok(())
+}
+
 fn volume_state(s: VolumeState) -> &'static str {
     match s {
         VolumeState::Creating => "creating",
@@ -339,15 +353,7 @@ impl ControlPlane for ControlPlaneService {
         request: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
         let r = request.into_inner();
-        for (value, field) in [
-            (&r.volume_id, "volume_id"),
-            (&r.replica_id, "replica_id"),
-            (&r.node_id, "node_id"),
-        ] {
-            if value.is_empty() {
-                return Err(Status::invalid_argument(format!("{field} is required")));
-            }
-        }
+        engine_call_fields(&r.volume_id, &r.replica_id, &r.node_id)?;
         self.controller
             .remove_member(&r.volume_id, &r.replica_id, &r.node_id, r.epoch, &r.reason)
             .await?;
@@ -388,15 +394,7 @@ impl ControlPlane for ControlPlaneService {
         request: Request<pb::PromoteMemberRequest>,
     ) -> Result<Response<pb::PromoteMemberResponse>, Status> {
         let r = request.into_inner();
-        for (value, field) in [
-            (&r.volume_id, "volume_id"),
-            (&r.replica_id, "replica_id"),
-            (&r.node_id, "node_id"),
-        ] {
-            if value.is_empty() {
-                return Err(Status::invalid_argument(format!("{field} is required")));
-            }
-        }
+        engine_call_fields(&r.volume_id, &r.replica_id, &r.node_id)?;
         self.controller
             .promote_member(&r.volume_id, &r.replica_id, &r.node_id, r.epoch)
             .await?;

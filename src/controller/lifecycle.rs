@@ -123,13 +123,7 @@ impl Controller {
         epoch: u64,
     ) -> Result<(), MemberError> {
         let _guard = self.locks.lock(volume_id).await;
-        let volume = self
-            .store
-            .volumes()
-            .get(volume_id)
-            .await?
-            .ok_or_else(|| MemberError::VolumeNotFound(volume_id.to_string()))?;
-        check_attachment(&volume.value, node_id, epoch)?;
+        self.attached_volume(volume_id, node_id, epoch).await?;
         let replicas = self.volume_replicas(volume_id).await?;
         let Some(replica) = replicas.iter().find(|r| r.value.id == replica_id) else {
             return Err(MemberError::ReplicaNotFound {
@@ -168,13 +162,7 @@ impl Controller {
         reports: Vec<RebuildReport>,
     ) -> Result<(), MemberError> {
         let _guard = self.locks.lock(volume_id).await;
-        let volume = self
-            .store
-            .volumes()
-            .get(volume_id)
-            .await?
-            .ok_or_else(|| MemberError::VolumeNotFound(volume_id.to_string()))?;
-        check_attachment(&volume.value, node_id, epoch)?;
+        self.attached_volume(volume_id, node_id, epoch).await?;
         let replicas = self.volume_replicas(volume_id).await?;
         for report in reports {
             let Some(replica) = replicas.iter().find(|r| r.value.id == report.replica_id) else {
