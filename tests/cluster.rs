@@ -2448,3 +2448,107 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
         .position(|(x, y)| x != y)
         .or((a.len() != b.len()).then(|| a.len().min(b.len())))
 }
+
+/// Faults during healing: the controller is killed (-9) and restarted while a replacement is
+/// being rebuilt, then the node of a replica being rebuilt is killed and comes back. The
+/// volume converges to three ready replicas; a writer's every acknowledged write reads back,
+/// and the members end byte-identical. No replica that was not up to date serves as a member:
+/// a replica that missed writes counts only after a complete, verified rebuild.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healing_survives_a_controller_restart_and_a_dying_rebuild_target() {
+    with_cluster_of(4, |cluster| Box::pin(faults_scenario(cluster))).await;
+}
+
+async fn faults_scenario(cluster: &mut Cluster) {
+    let mut csi = ready_cluster(cluster).await;
+    cluster.ctl_ok(&[
+        "settings",
+        "set",
+        "replica-replenishment-wait-interval",
+        "0",
+    ]);
+    let (id, ctx) = create_and_publish(&mut csi, "faults", "3", Some("immediate"), "n1").await;
+    let target = stage_and_publish(cluster, "n1", &id, &ctx).await;
+    let first = ready_replicas(&cluster.ctl_json(&["volume", &id]));
+    let victim = first
+        .iter()
+        .map(|(node, _)| node.clone())
+        .find(|n| n != "n1")
+        .expect("a replica away from the attached node");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, target) = (Arc::clone(&stop), target.clone());
+        std::thread::spawn(move || {
+            let mut acknowledged = std::collections::BTreeMap::new();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let name = format!("w-{}", i % 40);
+                match write_synced(&target.join(&name), &pattern(i, 256 << 10)) {
+                    Ok(()) => acknowledged.insert(name, i),
+                    Err(e) => panic!("write {name} failed: {e}"),
+                };
+                i += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (i, acknowledged)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A replica's node dies; as soon as its replacement is rebuilding, the controller dies.
+    cluster.kill9(&victim);
+    let rebuilding_on = |v: &Value| -> Option<String> {
+        v["replicas"].as_array()?.iter().find_map(|r| {
+            (r["state"] == "rebuilding")
+                .then(|| r["node_id"].as_str().unwrap_or_default().to_string())
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let spare = loop {
+        let v = cluster.ctl_json(&["volume", &id]);
+        if let Some(node) = rebuilding_on(&v) {
+            break node;
+        }
+        assert!(Instant::now() < deadline, "no replacement: {v:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    cluster.restart_controller().await;
+
+    // Then the node of whatever is rebuilding next (or of the new replica) dies and returns.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let v = cluster.ctl_json(&["volume", &id]);
+    let doomed = rebuilding_on(&v).unwrap_or(spare);
+    assert_ne!(doomed, "n1");
+    cluster.kill9(&doomed);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.restart_node(&doomed).await;
+    cluster.restart_node(&victim).await;
+
+    let healed = wait_ready(cluster, &id, "three ready replicas again", |nodes| {
+        nodes.len() == 3
+    })
+    .await;
+    assert!(healed["degraded_reason"].is_null(), "{healed:#}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (writes, acknowledged) = writer.join().expect("the writer");
+    assert!(writes > 40, "only {writes} writes");
+    for (name, seed) in &acknowledged {
+        let read = std::fs::read(target.join(name)).expect("an acknowledged file");
+        assert!(read == pattern(*seed, 256 << 10), "{name} differs");
+    }
+    let (staging, _) = staging_and_target(cluster, "n1", &id);
+    let mut n1 = node_client(cluster, "n1").await;
+    unpublish_and_unstage(&mut n1, &id, &staging, &target).await;
+    let members = ready_replicas(&cluster.ctl_json(&["volume", &id]));
+    assert_eq!(members.len(), 3);
+    let expected = std::fs::read(&members[0].1).expect("a member's data file");
+    for (node, file) in &members[1..] {
+        let bytes = std::fs::read(file).expect("a member's data file");
+        assert!(
+            bytes == expected,
+            "the member on {node} differs from the one on {}",
+            members[0].0
+        );
+    }
+}
