@@ -2028,26 +2028,7 @@ async fn rebuild_scenario(cluster: &mut Cluster) {
         .find(|n| n != "n1")
         .expect("a replica away from the attached node");
 
-    // The writer: 40 files of 256 KiB rewritten in turn, each write fsynced; for each file,
-    // the content of its last acknowledged write.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (stop, target) = (Arc::clone(&stop), target.clone());
-        std::thread::spawn(move || {
-            let mut acknowledged = std::collections::BTreeMap::new();
-            let mut i = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let name = format!("w-{}", i % 40);
-                match write_synced(&target.join(&name), &pattern(i, 256 << 10)) {
-                    Ok(()) => acknowledged.insert(name, i),
-                    Err(e) => panic!("write {name} failed during the rebuild: {e}"),
-                };
-                i += 1;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            (i, acknowledged)
-        })
-    };
+    let writer = Writer::start(&target);
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.kill9(&victim);
 
@@ -2076,28 +2057,8 @@ async fn rebuild_scenario(cluster: &mut Cluster) {
     );
     // Writes go on to the new member for a while.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (writes, acknowledged) = writer.join().expect("the writer");
-    assert!(writes > 40, "only {writes} writes");
-    for (name, seed) in &acknowledged {
-        let read = std::fs::read(target.join(name)).expect("an acknowledged file");
-        assert!(read == pattern(*seed, 256 << 10), "{name} differs");
-    }
-
-    // Detach (the engine flushes and stops), then compare the members' files.
-    let (staging, _) = staging_and_target(cluster, "n1", &id);
-    let mut n1 = node_client(cluster, "n1").await;
-    unpublish_and_unstage(&mut n1, &id, &staging, &target).await;
-    let members = ready_replicas(&cluster.ctl_json(&["volume", &id]));
-    let expected = std::fs::read(&members[0].1).expect("a member's data file");
-    for (node, file) in &members[1..] {
-        let bytes = std::fs::read(file).expect("a member's data file");
-        assert!(
-            bytes == expected,
-            "the member on {node} differs from the one on {}",
-            members[0].0
-        );
-    }
+    writer.stop_and_check(&target);
+    detach_and_compare_members(cluster, "n1", &id, &target).await;
 }
 
 /// Waits until the volume's ready replicas satisfy `ok` (by their nodes), and returns the
@@ -2475,24 +2436,7 @@ async fn faults_scenario(cluster: &mut Cluster) {
         .map(|(node, _)| node.clone())
         .find(|n| n != "n1")
         .expect("a replica away from the attached node");
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (stop, target) = (Arc::clone(&stop), target.clone());
-        std::thread::spawn(move || {
-            let mut acknowledged = std::collections::BTreeMap::new();
-            let mut i = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let name = format!("w-{}", i % 40);
-                match write_synced(&target.join(&name), &pattern(i, 256 << 10)) {
-                    Ok(()) => acknowledged.insert(name, i),
-                    Err(e) => panic!("write {name} failed: {e}"),
-                };
-                i += 1;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            (i, acknowledged)
-        })
-    };
+    let writer = Writer::start(&target);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // A replica's node dies; as soon as its replacement is rebuilding, the controller dies.
@@ -2530,18 +2474,58 @@ async fn faults_scenario(cluster: &mut Cluster) {
     .await;
     assert!(healed["degraded_reason"].is_null(), "{healed:#}");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (writes, acknowledged) = writer.join().expect("the writer");
-    assert!(writes > 40, "only {writes} writes");
-    for (name, seed) in &acknowledged {
-        let read = std::fs::read(target.join(name)).expect("an acknowledged file");
-        assert!(read == pattern(*seed, 256 << 10), "{name} differs");
+    writer.stop_and_check(&target);
+    detach_and_compare_members(cluster, "n1", &id, &target).await;
+}
+
+/// A writer through a mount: 40 files of 256 KiB rewritten in turn, each write fsynced; it
+/// remembers, for each file, the content of its last acknowledged write.
+struct Writer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, std::collections::BTreeMap<String, u64>)>,
+}
+
+impl Writer {
+    fn start(target: &Path) -> Writer {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stopping, target) = (Arc::clone(&stop), target.to_path_buf());
+        let thread = std::thread::spawn(move || {
+            let mut acknowledged = std::collections::BTreeMap::new();
+            let mut i = 0u64;
+            while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                let name = format!("w-{}", i % 40);
+                match write_synced(&target.join(&name), &pattern(i, 256 << 10)) {
+                    Ok(()) => acknowledged.insert(name, i),
+                    Err(e) => panic!("write {name} failed: {e}"),
+                };
+                i += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (i, acknowledged)
+        });
+        Writer { stop, thread }
     }
-    let (staging, _) = staging_and_target(cluster, "n1", &id);
-    let mut n1 = node_client(cluster, "n1").await;
-    unpublish_and_unstage(&mut n1, &id, &staging, &target).await;
-    let members = ready_replicas(&cluster.ctl_json(&["volume", &id]));
-    assert_eq!(members.len(), 3);
+
+    /// Stops the writer and checks that every acknowledged write reads back.
+    fn stop_and_check(self, target: &Path) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (writes, acknowledged) = self.thread.join().expect("the writer");
+        assert!(writes > 40, "only {writes} writes");
+        for (name, seed) in &acknowledged {
+            let read = std::fs::read(target.join(name)).expect("an acknowledged file");
+            assert!(read == pattern(*seed, 256 << 10), "{name} differs");
+        }
+    }
+}
+
+/// Unpublishes and unstages the volume on `node` (its engine flushes and stops), then
+/// asserts that the data files of its ready replicas are byte-identical.
+async fn detach_and_compare_members(cluster: &Cluster, node: &str, id: &str, target: &Path) {
+    let (staging, _) = staging_and_target(cluster, node, id);
+    let mut client = node_client(cluster, node).await;
+    unpublish_and_unstage(&mut client, id, &staging, target).await;
+    let members = ready_replicas(&cluster.ctl_json(&["volume", id]));
+    assert!(members.len() >= 2, "nothing to compare: {members:?}");
     let expected = std::fs::read(&members[0].1).expect("a member's data file");
     for (node, file) in &members[1..] {
         let bytes = std::fs::read(file).expect("a member's data file");
