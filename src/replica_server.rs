@@ -14,10 +14,10 @@
 //!
 //! Requests are pipelined: the server reads frames continuously. Reads, writes without FUA
 //! and trims, which the page cache absorbs, run inline in batches (everything one socket read
-//! brought, under one acquisition of the lock, answered in one write); flushes and FUA writes,
-//! which wait for the disk, run on the blocking thread pool. Up to [`MAX_IN_FLIGHT`] requests
-//! (or batches) of a session, with at most [`MAX_IN_FLIGHT_BYTES`] of data, are in flight at
-//! once; answers carry the request's tag. A malformed frame ends its session (logged with the
+//! brought, under one acquisition of the lock, answered in one write by the session's own
+//! task); flushes and FUA writes, which wait for the disk, run on the blocking thread pool,
+//! up to [`MAX_IN_FLIGHT`] of them (with at most [`MAX_IN_FLIGHT_BYTES`] of data) at once,
+//! answered by a writer task. Answers carry the request's tag. A malformed frame ends its session (logged with the
 //! peer's address) and nothing else.
 
 use std::collections::HashMap;
@@ -127,17 +127,13 @@ struct Session {
 /// The permits of requests in flight: a count and bytes of data.
 type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 
-/// Answers on their way to the client, with the permits of their requests (released once
-/// written, so a client that stops reading stops the server reading its requests).
-enum Answer {
-    /// One answer, of a request that ran on its own task.
-    One {
-        tag: Tag,
-        response: Response,
-        _permits: Option<Permits>,
-    },
-    /// The answers of a batch that ran inline, encoded already.
-    Encoded { frames: Bytes, _permits: Permits },
+/// An answer of a request that ran on its own task, on its way to the client, with the
+/// permits of its request (released once written, so a client that stops reading stops the
+/// server reading its requests).
+struct Answer {
+    tag: Tag,
+    response: Response,
+    _permits: Option<Permits>,
 }
 
 impl ReplicaServer {
@@ -384,7 +380,10 @@ async fn serve_connection(
     }
     let (mut reader, writer) = stream.into_split();
     let (answers, to_send) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_answers(writer, to_send, peer));
+    // Batches write their answers themselves; answers of requests that ran on their own go
+    // through the writer task.
+    let direct: SharedWriter = Arc::new(tokio::sync::Mutex::new(writer));
+    let writer = tokio::spawn(write_answers(Arc::clone(&direct), to_send, peer));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let in_flight_bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES));
     let mut session: Option<Session> = None;
@@ -401,7 +400,7 @@ async fn serve_connection(
             // waiting for more. A frame decoded meanwhile is handled right after.
             if let Some(open_session) = &session {
                 let ran = batch
-                    .run(open_session, &in_flight, &in_flight_bytes, &answers)
+                    .run(open_session, &direct)
                     .await;
                 if ran.is_err() {
                     break;
@@ -472,7 +471,7 @@ async fn serve_connection(
         // Requests run in the order they arrived: the batch read before this one first.
         if !batch.is_empty()
             && batch
-                .run(open_session, &in_flight, &in_flight_bytes, &answers)
+                .run(open_session, &direct)
                 .await
                 .is_err()
         {
@@ -566,16 +565,10 @@ impl Batch {
     }
 
     /// Runs the batch: checks the session's epoch and does each request's I/O under the
-    /// replica's read lock (so an Open that fences waits for the whole batch), then hands the
-    /// answers to the writer. Fails only when the session must end.
-    async fn run(
-        &mut self,
-        session: &Session,
-        count: &Arc<Semaphore>,
-        bytes: &Arc<Semaphore>,
-        answers: &mpsc::UnboundedSender<Answer>,
-    ) -> Result<(), ()> {
-        let permits = acquire(count, bytes, self.bytes).await.map_err(|_| ())?;
+    /// replica's read lock (so an Open that fences waits for the whole batch), then writes
+    /// the answers (the session reads nothing more meanwhile: a client that stops reading
+    /// stops the session). Fails only when the session must end.
+    async fn run(&mut self, session: &Session, direct: &SharedWriter) -> Result<(), ()> {
         let mut frames = BytesMut::with_capacity(
             self.requests
                 .iter()
@@ -599,12 +592,8 @@ impl Batch {
             }
         }
         self.bytes = 0;
-        // An error means the writer has gone (the client disconnected): nobody to answer.
-        let _ = answers.send(Answer::Encoded {
-            frames: frames.freeze(),
-            _permits: permits,
-        });
-        Ok(())
+        let mut writer = direct.lock().await;
+        writer.write_all(&frames).await.map_err(|_| ())
     }
 }
 
@@ -615,7 +604,7 @@ fn answer(
     permits: Option<Permits>,
 ) {
     // An error means the writer has gone (the client disconnected): nobody to answer.
-    let _ = answers.send(Answer::One {
+    let _ = answers.send(Answer {
         tag,
         response,
         _permits: permits,
@@ -632,9 +621,12 @@ fn data_len(request: &Request) -> usize {
     }
 }
 
+/// The write side of a session, shared by its batches and its writer task.
+type SharedWriter = Arc<tokio::sync::Mutex<OwnedWriteHalf>>;
+
 /// Writes answers as they come, several to a write when they are queued together.
 async fn write_answers(
-    mut writer: OwnedWriteHalf,
+    writer: SharedWriter,
     mut to_send: mpsc::UnboundedReceiver<Answer>,
     peer: SocketAddr,
 ) {
@@ -643,17 +635,14 @@ async fn write_answers(
     while let Some(first) = to_send.recv().await {
         let mut next = Some(first);
         while let Some(answer) = next {
-            match &answer {
-                Answer::One { tag, response, .. } => encode_answer(*tag, response, &mut out),
-                Answer::Encoded { frames, .. } => out.extend_from_slice(frames),
-            }
+            encode_answer(answer.tag, &answer.response, &mut out);
             sent.push(answer);
             next = match out.len() < WRITE_BATCH {
                 true => to_send.try_recv().ok(),
                 false => None,
             };
         }
-        if let Err(e) = writer.write_all(&out).await {
+        if let Err(e) = writer.lock().await.write_all(&out).await {
             tracing::debug!(%peer, error = %e, "cannot answer on the replica session");
             return;
         }
@@ -661,7 +650,7 @@ async fn write_answers(
         // Releases the permits of the answered requests.
         sent.clear();
     }
-    if let Err(e) = writer.shutdown().await {
+    if let Err(e) = writer.lock().await.shutdown().await {
         tracing::debug!(%peer, error = %e, "cannot close the replica session");
     }
 }
