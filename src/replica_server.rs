@@ -399,9 +399,7 @@ async fn serve_connection(
             // Everything read so far is decoded (or the batch is full): run it before
             // waiting for more. A frame decoded meanwhile is handled right after.
             if let Some(open_session) = &session {
-                let ran = batch
-                    .run(open_session, &direct)
-                    .await;
+                let ran = batch.run(open_session, &direct).await;
                 if ran.is_err() {
                     break;
                 }
@@ -469,12 +467,7 @@ async fn serve_connection(
             continue;
         }
         // Requests run in the order they arrived: the batch read before this one first.
-        if !batch.is_empty()
-            && batch
-                .run(open_session, &direct)
-                .await
-                .is_err()
-        {
+        if !batch.is_empty() && batch.run(open_session, &direct).await.is_err() {
             break;
         }
         // Waits (and stops reading) while the session has too much in flight.
