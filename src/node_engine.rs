@@ -169,6 +169,9 @@ impl Follower {
                     );
                 }
             }
+            // The members before the store is read: a replica promoted after this (store
+            // first, engine second) must not be mistaken for one the store dropped.
+            let members = self.engine.member_ids();
             let mut control = self.control.clone();
             let status = match tokio::time::timeout(
                 self.timeout,
@@ -185,15 +188,15 @@ impl Follower {
                 }
                 Err(_) => continue,
             };
-            let members = self.engine.member_ids();
             let running: Vec<String> = self
                 .engine
                 .rebuilds()
                 .into_iter()
                 .map(|r| r.replica)
                 .collect();
+            let current = self.engine.member_ids();
             for r in status.replicas.iter().filter(|r| r.state == "rebuilding") {
-                if members.contains(&r.id) || running.contains(&r.id) {
+                if current.contains(&r.id) || running.contains(&r.id) {
                     continue;
                 }
                 let opened = open_replica(
