@@ -2150,6 +2150,45 @@ mod tests {
         );
     }
 
+    /// A replacement whose creation a crash interrupted (recorded `Creating`) is finished by
+    /// the next lifecycle pass; one its node cannot create is deleted, not piled up.
+    #[tokio::test]
+    async fn interrupted_replacements_are_finished_or_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = controller(dir.path()).await.with_fencing(Fencing {
+            secret: Arc::new(vec![1; 32]),
+            fencer: Arc::new(Fences),
+            lease_ms: 1_000,
+        });
+        c.create_volume(request("v", 8 << 20)).await.unwrap();
+        beat(&c, "n1").await;
+        let cap = Capability {
+            access_type: AccessType::Block,
+            access_mode: AccessMode::SingleNodeWriter,
+        };
+        c.publish("v", "n1", &cap, false).await.unwrap();
+        let disk = c.store.nodes().get("n1").await.unwrap().unwrap().value.disks[0].clone();
+        let pending = |id: &str, disk_id: &str| Replica {
+            id: id.into(),
+            volume_id: "v".into(),
+            node_id: "n1".into(),
+            disk_id: disk_id.into(),
+            path: Default::default(),
+            size: 8 << 20,
+            state: ReplicaState::Creating,
+            failed_ms: 0,
+        };
+        c.put_replica(pending("v-r-7", &disk.id), None).await.unwrap();
+        c.reconcile_replicas().await.unwrap();
+        let finished = c.store.replicas().get("v-r-7").await.unwrap().unwrap().value;
+        assert_eq!(finished.state, ReplicaState::Rebuilding);
+        assert!(finished.path.join(crate::replica::DATA_FILE).exists(), "{finished:?}");
+
+        c.put_replica(pending("v-r-8", "no-such-disk"), None).await.unwrap();
+        c.reconcile_replicas().await.unwrap();
+        assert!(c.store.replicas().get("v-r-8").await.unwrap().is_none());
+    }
+
     #[test]
     fn leases_lapse_only_for_older_epochs() {
         let leases = Leases::default();

@@ -239,6 +239,13 @@ impl Controller {
             )
         };
         let mut replicas = self.volume_replicas(volume_id).await.map_err(store_error)?;
+        // A replacement whose creation a crash interrupted: finish it (or drop it).
+        if let Some(r) = replicas
+            .iter()
+            .find(|r| r.value.state == ReplicaState::Creating)
+        {
+            return self.finish_replica(&vol, r).await;
+        }
 
         // Failed replicas past the volume's staleReplicaTimeout are deleted.
         let stale_ms = vol
@@ -410,13 +417,7 @@ impl Controller {
             .max()
             .map_or(0, |n| n + 1);
         let replica_id = format!("{}-r-{next}", vol.id);
-        let target = ReplicaTarget {
-            node_id: node,
-            disk_id: disk,
-            replica_id: &replica_id,
-            volume_id: &vol.id,
-        };
-        let mut replica = Replica {
+        let replica = Replica {
             id: replica_id.clone(),
             volume_id: vol.id.clone(),
             node_id: node.to_string(),
@@ -426,34 +427,49 @@ impl Controller {
             state: ReplicaState::Creating,
             failed_ms: 0,
         };
-        // Recorded first, so a crash between the two leaves a record to clean, never a
-        // stray replica unknown to the store.
+        // Recorded first, so a crash between the two leaves a record that the next pass
+        // finishes or cleans, never a stray replica unknown to the store.
         let version = self
             .put_replica(replica.clone(), None)
             .await
             .map_err(|e| e.to_string())?;
-        let path = self
-            .agent
-            .create_replica(target, vol.size)
-            .await
-            .map_err(|e| format!("creating {replica_id} on {node}: {e}"))?;
-        replica.path = path;
-        replica.state = ReplicaState::Rebuilding;
-        let old = Versioned {
+        let recorded = Versioned {
             version,
-            value: Arc::new(Replica {
-                state: ReplicaState::Creating,
-                path: Default::default(),
-                ..replica.clone()
-            }),
+            value: Arc::new(replica),
         };
-        self.put_replica(replica, Some(&old))
-            .await
-            .map_err(|e| e.to_string())?;
+        self.finish_replica(vol, &recorded).await?;
         info!(volume = %vol.id, replica = %replica_id, node, disk, "replica added; the attached engine rebuilds it");
         self.refresh_degraded(&vol.id)
             .await
             .map_err(|e| e.to_string())
+    }
+
+    /// Creates a recorded `Creating` replica on its node (idempotent) and marks it
+    /// rebuilding; one that cannot be created is deleted (record, then whatever its node
+    /// made), so that a node refusing replicas does not pile records up.
+    async fn finish_replica(&self, vol: &Volume, r: &Versioned<Replica>) -> Result<(), String> {
+        let target = ReplicaTarget {
+            node_id: &r.value.node_id,
+            disk_id: &r.value.disk_id,
+            replica_id: &r.value.id,
+            volume_id: &vol.id,
+        };
+        match self.agent.create_replica(target, vol.size).await {
+            Ok(path) => {
+                let mut ready = (*r.value).clone();
+                ready.path = path;
+                ready.state = ReplicaState::Rebuilding;
+                self.put_replica(ready, Some(r))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+            Err(e) => {
+                let why = format!("creating {} on {}: {e}", r.value.id, r.value.node_id);
+                self.retire(vol, r, "it could not be created").await?;
+                Err(why)
+            }
+        }
     }
 
     /// Deletes a replica: its record first (the engine drops a replica that is no longer
