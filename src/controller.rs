@@ -2167,7 +2167,16 @@ mod tests {
             access_mode: AccessMode::SingleNodeWriter,
         };
         c.publish("v", "n1", &cap, false).await.unwrap();
-        let disk = c.store.nodes().get("n1").await.unwrap().unwrap().value.disks[0].clone();
+        let disk = c
+            .store
+            .nodes()
+            .get("n1")
+            .await
+            .unwrap()
+            .unwrap()
+            .value
+            .disks[0]
+            .clone();
         let pending = |id: &str, disk_id: &str| Replica {
             id: id.into(),
             volume_id: "v".into(),
@@ -2178,13 +2187,27 @@ mod tests {
             state: ReplicaState::Creating,
             failed_ms: 0,
         };
-        c.put_replica(pending("v-r-7", &disk.id), None).await.unwrap();
+        c.put_replica(pending("v-r-7", &disk.id), None)
+            .await
+            .unwrap();
         c.reconcile_replicas().await.unwrap();
-        let finished = c.store.replicas().get("v-r-7").await.unwrap().unwrap().value;
+        let finished = c
+            .store
+            .replicas()
+            .get("v-r-7")
+            .await
+            .unwrap()
+            .unwrap()
+            .value;
         assert_eq!(finished.state, ReplicaState::Rebuilding);
-        assert!(finished.path.join(crate::replica::DATA_FILE).exists(), "{finished:?}");
+        assert!(
+            finished.path.join(crate::replica::DATA_FILE).exists(),
+            "{finished:?}"
+        );
 
-        c.put_replica(pending("v-r-8", "no-such-disk"), None).await.unwrap();
+        c.put_replica(pending("v-r-8", "no-such-disk"), None)
+            .await
+            .unwrap();
         c.reconcile_replicas().await.unwrap();
         assert!(c.store.replicas().get("v-r-8").await.unwrap().is_none());
     }

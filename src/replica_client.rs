@@ -511,7 +511,22 @@ impl ReplicaIo for ReplicaClient {
 
     async fn extents(&self, offset: u64, len: u32) -> Result<Vec<(u64, u32)>, ReplicaIoError> {
         match self.call(&Request::Extents { offset, len }).await? {
-            Response::Extents(extents) => Ok(extents),
+            Response::Extents(extents) => {
+                // In order, inside the range asked, not empty: else the answer is wrong.
+                let end = offset.saturating_add(u64::from(len));
+                let mut at = offset;
+                for &(o, l) in &extents {
+                    let stop = o.checked_add(u64::from(l));
+                    if o < at || l == 0 || stop.is_none_or(|s| s > end) {
+                        return Err(ReplicaIoError::Io {
+                            replica: self.replica_id.clone(),
+                            why: format!("extent {o}+{l} is not an ordered part of {offset}+{len}"),
+                        });
+                    }
+                    at = stop.unwrap_or(end);
+                }
+                Ok(extents)
+            }
             other => Err(self.refused(other)),
         }
     }

@@ -56,6 +56,9 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The shortest cluster secret the server accepts.
 pub use crate::token::MIN_SECRET_LEN;
 
+/// The longest frame a connection may send before its session is open (an Open frame is far
+/// smaller), so that no unauthenticated peer makes the server reserve a large buffer.
+const MAX_UNOPENED_BYTES: usize = 64 << 10;
 /// Answers are gathered into one write of up to this many bytes.
 const WRITE_BATCH: usize = 256 << 10;
 /// After refusing a session, the server reads (and drops) what the client still sends for
@@ -394,6 +397,22 @@ async fn serve_connection(
     let mut refused = false;
     let open_deadline = tokio::time::Instant::now() + OPEN_TIMEOUT;
     loop {
+        // Before Open, nothing but a small Open frame is taken: an unauthenticated peer
+        // cannot make the server hold a large buffer.
+        let declared = buf
+            .get(..4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(|b| u32::from_be_bytes(b) as usize);
+        if session.is_none() && declared.is_some_and(|len| len > MAX_UNOPENED_BYTES) {
+            let message = format!(
+                "a frame of {} bytes before the session is open (at most {MAX_UNOPENED_BYTES} are read before an Open)",
+                declared.unwrap_or_default()
+            );
+            tracing::warn!(%peer, "{message}; closing the replica session");
+            answer(&answers, 0, Response::Protocol(message), None);
+            refused = true;
+            break;
+        }
         let decoded = wire::decode_request(&mut buf);
         if !batch.is_empty() && (batch.is_full() || !matches!(decoded, Ok(Some(_)))) {
             // Everything read so far is decoded (or the batch is full): run it before
@@ -505,7 +524,9 @@ async fn serve_connection(
 /// waits for the disk (flush, FUA writes) runs on its own.
 fn runs_inline(request: &Request) -> bool {
     match request {
-        Request::Read { .. } | Request::Trim { .. } | Request::Extents { .. } => true,
+        Request::Read { .. } | Request::Extents { .. } => true,
+        // A large trim may have to write zeros (no hole punching): the blocking pool.
+        Request::Trim { len, .. } => usize::try_from(*len).is_ok_and(|l| l <= wire::MAX_IO_LEN),
         Request::Write { fua, .. } => !fua,
         // A checksum reads a whole chunk: the blocking pool.
         Request::Open(_) | Request::Flush | Request::Checksum { .. } => false,
@@ -566,10 +587,12 @@ impl Batch {
             self.requests
                 .iter()
                 .map(|(_, r)| match r {
-                    Request::Read { len, .. } => usize::try_from(*len).unwrap_or(0) + 32,
+                    Request::Read { len, .. } => {
+                        usize::try_from(*len).unwrap_or(0).saturating_add(32)
+                    }
                     _ => 32,
                 })
-                .sum(),
+                .fold(0usize, usize::saturating_add),
         );
         {
             let state = session.replica.state.read().await;
@@ -760,6 +783,9 @@ fn accept(
             ReplicaError::EpochLowered { current, .. } => Response::StaleEpoch { current },
             other => replica_error(&other),
         })?;
+        // Stored: from now on older sessions are refused, even if the rest of this Open
+        // fails.
+        state.epoch = open.epoch;
         Some(current)
     } else {
         None

@@ -222,10 +222,11 @@ pub fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, SecretError> {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SecretError> {
+    // A new file only: never through a symlink or into a file someone placed there.
+    let _ = std::fs::remove_file(path);
     let mut file = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(path)
         .map_err(io_error("create", path))?;

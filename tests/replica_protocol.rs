@@ -758,3 +758,29 @@ async fn local_sessions_obey_tokens_epochs_and_fencing() {
     assert_eq!(node.file_bytes(4 * MIB, 4096), vec![0u8; 4096]);
     node.stop().await;
 }
+
+/// Before its session is open, a connection may send no frame larger than an Open: a peer
+/// without a token that starts a large frame is refused and closed, and an honest session on
+/// the same server goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unopened_connection_cannot_make_the_server_buffer_a_large_frame() {
+    let mut node = Node::new().await;
+    let mut stream = TcpStream::connect(node.addr).await.unwrap();
+    let mut frame = BytesMut::new();
+    // A write frame of 1 MiB (length, kind 3 = write, tag), of which 16 KiB are sent.
+    frame.put_u32(1 << 20);
+    frame.put_u8(3);
+    frame.put_u64(1);
+    frame.put_slice(&vec![0xab; 16 << 10]);
+    // The server may close while the bytes are still being sent.
+    let _ = stream.write_all(&frame).await;
+    let answers = read_until_closed(&mut stream).await;
+    assert!(
+        matches!(answers.as_slice(), [Response::Protocol(m)] if m.contains("before the session is open")),
+        "{answers:?}"
+    );
+    let client = node.connect(1).await.unwrap();
+    client.write(0, pattern(9, 4096), false).await.unwrap();
+    assert_eq!(node.file_bytes(0, 4096), pattern(9, 4096).to_vec());
+    node.stop().await;
+}

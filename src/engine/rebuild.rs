@@ -134,7 +134,9 @@ async fn extents_of(
         // Within one chunk, so it fits.
         let found = replica.extents(at, (end - at) as u32).await?;
         let full = found.len() >= MAX_EXTENTS;
-        let next = found.last().map_or(end, |(o, l)| o + u64::from(*l));
+        let next = found
+            .last()
+            .map_or(end, |(o, l)| o.saturating_add(u64::from(*l)));
         extents.extend(found);
         if !full || next <= at {
             break;
@@ -332,7 +334,7 @@ impl Engine {
         let mut holes = Vec::new();
         let mut at = offset;
         for &(data_at, data_len) in &data {
-            let data_end = data_at + u64::from(data_len);
+            let data_end = data_at.saturating_add(u64::from(data_len));
             if data_at < at || data_end > end || data_len == 0 {
                 return Err(format!(
                     "source {}: extent {data_at}+{data_len} outside {at}..{end}",
@@ -387,7 +389,7 @@ impl Engine {
                 let hole_end = hole_at + u64::from(hole_len);
                 for &(s_at, s_len) in &stored {
                     let from = s_at.max(hole_at);
-                    let to = (s_at + u64::from(s_len)).min(hole_end);
+                    let to = s_at.saturating_add(u64::from(s_len)).min(hole_end);
                     if from >= to {
                         continue;
                     }
