@@ -2220,8 +2220,13 @@ mod tests {
         assert_eq!(leases.lapse("v", 1, 100), Some(leases.started + lease));
         leases.grant("v", 3);
         let at = leases.lapse("v", 4, 100).unwrap();
-        assert!(at > leases.started + lease && at <= std::time::Instant::now() + lease);
+        assert!(at >= leases.started + lease && at <= std::time::Instant::now() + lease);
         assert_eq!(leases.lapse("v", 3, 100), None, "the holder's own epoch");
+        assert_eq!(
+            leases.lapse("v", 2, 100),
+            None,
+            "an epoch older than the holder's"
+        );
         assert!(
             !leases.release("v", 2),
             "an older epoch's release changes nothing"

@@ -2237,8 +2237,11 @@ async fn locality_scenario(cluster: &mut Cluster) {
         later["replicas"], v["replicas"],
         "replicas changed: {later:#}"
     );
-    let read = std::fs::read(target4.join("after-grow")).expect("read on n4");
-    assert!(read == pattern(3, 4 << 20));
+    // Read on another node, through another engine: the replicas hold every file.
+    for (name, seed) in [("before", 1), ("after-local", 2), ("after-grow", 3)] {
+        let read = std::fs::read(target4.join(name)).expect("read on n4");
+        assert!(read == pattern(seed, 4 << 20), "{name} differs on n4");
+    }
 }
 
 /// Strict-local: one replica on the consumer's node, the volume pinned there; an attach
@@ -2312,6 +2315,13 @@ async fn strict_local_scenario(cluster: &mut Cluster) {
         .publish_context;
     let target = stage_and_publish(cluster, &home, &id, &ctx).await;
     write_synced(&target.join("f"), &pattern(5, 1 << 20)).expect("write");
+    let refused = cluster.ctl(&["volume", "set", &id, "--replicas", "2"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("strict-local"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let later = cluster.ctl_json(&["volume", &id]);
     assert_eq!(
