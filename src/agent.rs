@@ -22,6 +22,12 @@ pub enum AgentError {
     Replica(#[from] ReplicaError),
     #[error("replica task failed: {0}")]
     Task(String),
+    #[error("the engine of volume {volume:?} on node {node:?} cannot grow: {why}")]
+    Engine {
+        node: String,
+        volume: String,
+        why: String,
+    },
 }
 
 /// A replica the controller wants on a node's disk.
@@ -41,6 +47,16 @@ pub trait NodeAgent: Send + Sync + 'static {
     async fn grow_replica(&self, t: ReplicaTarget<'_>, size: u64) -> Result<(), AgentError>;
     /// Removes the replica; Ok when it is already gone.
     async fn delete_replica(&self, t: ReplicaTarget<'_>) -> Result<(), AgentError>;
+    /// Grows the engine serving attachment `epoch` of `volume_id` on `node_id` to `size`
+    /// (its replicas were grown first). Returns the engine's size afterwards, or None when
+    /// no engine of that attachment runs there (it reads the size when it starts).
+    async fn grow_engine(
+        &self,
+        node_id: &str,
+        volume_id: &str,
+        epoch: u64,
+        size: u64,
+    ) -> Result<Option<u64>, AgentError>;
 }
 
 /// The agent of the node this process runs, acting on its disks directly.
@@ -89,12 +105,34 @@ impl NodeAgent for LocalAgent {
     async fn grow_replica(&self, t: ReplicaTarget<'_>, size: u64) -> Result<(), AgentError> {
         let disk = self.disk(&t)?;
         let rid = t.replica_id.to_string();
-        blocking(move || replica::grow(&disk, &rid, size).map(|_| ())).await
+        blocking(move || {
+            replica::grow(&disk, &rid, size)?;
+            // Sessions open on it now serve the new bytes too (an attached volume grows
+            // online).
+            crate::replica_server::replica_grown(&disk, &rid, size);
+            Ok(())
+        })
+        .await
     }
 
     async fn delete_replica(&self, t: ReplicaTarget<'_>) -> Result<(), AgentError> {
         let disk = self.disk(&t)?;
         let rid = t.replica_id.to_string();
         blocking(move || replica::delete(&disk, &rid)).await
+    }
+
+    /// The local agent knows no engines: a standalone node serves its volumes through a
+    /// loop device over the replica file, which grows with it.
+    async fn grow_engine(
+        &self,
+        node_id: &str,
+        _volume_id: &str,
+        _epoch: u64,
+        _size: u64,
+    ) -> Result<Option<u64>, AgentError> {
+        if node_id != self.node_id {
+            return Err(AgentError::UnknownNode(node_id.to_string()));
+        }
+        Ok(None)
     }
 }

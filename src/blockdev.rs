@@ -255,21 +255,34 @@ pub fn find_loop_for(file: &Path) -> Result<Option<PathBuf>, BlockError> {
 /// Direct I/O is asked for (no second copy of the data in the page cache); where the file's
 /// filesystem cannot do it, the loop is attached without it, and that is logged.
 pub fn attach_loop(file: &Path) -> Result<PathBuf, BlockError> {
-    attach_loop_using("losetup", file)
+    attach_loop_using("losetup", file, None)
+}
+
+/// [`attach_loop`] showing only the first `limit` bytes of `file` (a file larger than the
+/// volume, so that it can grow: [`set_loop_limit`]). A device already attached is returned
+/// as it is.
+pub fn attach_loop_limited(file: &Path, limit: u64) -> Result<PathBuf, BlockError> {
+    attach_loop_using("losetup", file, Some(limit))
 }
 
 /// [`attach_loop`] with the `losetup` program named, so tests can put a stand-in in its place.
-fn attach_loop_using(losetup: &str, file: &Path) -> Result<PathBuf, BlockError> {
+fn attach_loop_using(
+    losetup: &str,
+    file: &Path,
+    limit: Option<u64>,
+) -> Result<PathBuf, BlockError> {
     let file = fs::canonicalize(file).map_err(io_error("resolving", file))?;
     if let Some(device) = find_loop_for(&file)? {
         return Ok(device);
     }
-    let direct = [
-        OsStr::new("--find"),
-        OsStr::new("--show"),
-        OsStr::new("--direct-io=on"),
-        file.as_os_str(),
-    ];
+    let limit = limit.map(|l| l.to_string());
+    let mut plain = vec![OsStr::new("--find"), OsStr::new("--show")];
+    if let Some(limit) = &limit {
+        plain.extend([OsStr::new("--sizelimit"), OsStr::new(limit.as_str())]);
+    }
+    plain.push(file.as_os_str());
+    let mut direct = plain.clone();
+    direct.insert(2, OsStr::new("--direct-io=on"));
     let output = match run(losetup, &direct) {
         Ok(output) => output,
         Err(BlockError::Command { stderr, .. }) => {
@@ -279,10 +292,7 @@ fn attach_loop_using(losetup: &str, file: &Path) -> Result<PathBuf, BlockError> 
             if let Some(device) = find_loop_for(&file)? {
                 return Ok(device);
             }
-            run(
-                losetup,
-                &[OsStr::new("--find"), OsStr::new("--show"), file.as_os_str()],
-            )?
+            run(losetup, &plain)?
         }
         Err(e) => return Err(e),
     };
@@ -354,6 +364,81 @@ pub fn refresh_loop_capacity(device: &Path) -> Result<(), BlockError> {
         "losetup",
         &[OsStr::new("--set-capacity"), device.as_os_str()],
     )?;
+    Ok(())
+}
+
+/// The loop driver's status ioctls, which neither util-linux's `losetup` (for a device
+/// already attached) nor a safe crate offers: the only `unsafe` code in Palisade.
+#[allow(unsafe_code)]
+mod loop_ioctl {
+    use std::os::fd::AsRawFd;
+
+    /// The kernel's `struct loop_info64` (include/uapi/linux/loop.h).
+    #[repr(C)]
+    struct LoopInfo64 {
+        device: u64,
+        inode: u64,
+        rdevice: u64,
+        offset: u64,
+        sizelimit: u64,
+        number: u32,
+        encrypt_type: u32,
+        encrypt_key_size: u32,
+        flags: u32,
+        file_name: [u8; 64],
+        crypt_name: [u8; 64],
+        encrypt_key: [u8; 32],
+        init: [u64; 2],
+    }
+
+    // The layout the kernel's ABI fixes.
+    const _: () = assert!(std::mem::size_of::<LoopInfo64>() == 232);
+
+    nix::ioctl_read_bad!(get_status64, 0x4C05, LoopInfo64);
+    nix::ioctl_write_ptr_bad!(set_status64, 0x4C04, LoopInfo64);
+
+    /// Sets the size limit of the loop device open as `device`, keeping the rest of its
+    /// status (backing file, offset, flags) as the kernel reports it.
+    pub(super) fn set_sizelimit(device: &std::fs::File, limit: u64) -> nix::Result<()> {
+        let fd = device.as_raw_fd();
+        // SAFETY: `LoopInfo64` is plain integers and byte arrays, for which all zeroes is a
+        // valid value.
+        let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+        // SAFETY: `fd` is open for the whole call and `info` is a writable `loop_info64`,
+        // which is all LOOP_GET_STATUS64 writes to.
+        unsafe { get_status64(fd, &mut info) }?;
+        info.sizelimit = limit;
+        // SAFETY: as above; LOOP_SET_STATUS64 only reads `info`.
+        unsafe { set_status64(fd, &info) }?;
+        Ok(())
+    }
+}
+
+/// Shows the first `limit` bytes of the loop device's backing file (online growth of a
+/// device attached with [`attach_loop_limited`]; the kernel allows it while the device is
+/// mounted and in use). The device never shrinks: a smaller limit than its size is
+/// refused. Idempotent.
+pub fn set_loop_limit(device: &Path, limit: u64) -> Result<(), BlockError> {
+    let current = device_size(device)?;
+    if limit == current {
+        return Ok(());
+    }
+    if limit < current {
+        return Err(BlockError::Unexpected {
+            what: format!("a size limit for {}", device.display()),
+            text: format!("{limit} bytes is below the device's {current}; devices never shrink"),
+        });
+    }
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .open(device)
+        .map_err(io_error("opening", device))?;
+    loop_ioctl::set_sizelimit(&file, limit).map_err(|e| BlockError::Io {
+        action: "setting the size limit of",
+        path: device.to_owned(),
+        source: io::Error::from(e),
+    })?;
+    tracing::info!(device = %device.display(), from = current, to = limit, "loop device grown");
     Ok(())
 }
 
@@ -849,7 +934,7 @@ fi
                 &format!("losetup-{attach_anyway}"),
                 attach_anyway,
             );
-            let device = attach_loop_using(&losetup, &file).unwrap();
+            let device = attach_loop_using(&losetup, &file, None).unwrap();
             cleanup.loops.push(file.clone());
             assert_eq!(find_loop_for(&file).unwrap(), Some(device.clone()));
             let backing = fs::canonicalize(&file).unwrap();
@@ -979,13 +1064,34 @@ fi
         assert!(is_blank(dir.path()).is_err());
     }
 
-    /// Makes a filesystem on a loop device, mounts it, writes a file, grows the backing file,
+    /// How a test device grows.
+    #[derive(PartialEq)]
+    enum Growth {
+        /// Its backing file grows ([`refresh_loop_capacity`]).
+        File,
+        /// It shows more of a larger backing file ([`set_loop_limit`]), as over an engine.
+        Limit,
+    }
+
+    /// Makes a filesystem on a loop device, mounts it, writes a file, grows the device,
     /// and checks the filesystem grew online and the file is intact.
-    fn grow_online(fs_type: &str, size: u64, grown: u64) {
+    fn grow_online(fs_type: &str, size: u64, grown: u64, growth: Growth) {
         let mut cleanup = Cleanup::new();
         let dir = tempfile::tempdir().unwrap();
-        let file = sparse_file(dir.path(), "vol.img", size);
-        let device = cleanup.attach(&file);
+        let (file, device) = match growth {
+            Growth::File => {
+                let file = sparse_file(dir.path(), "vol.img", size);
+                let device = cleanup.attach(&file);
+                (file, device)
+            }
+            Growth::Limit => {
+                let file = sparse_file(dir.path(), "vol.img", 4 * grown);
+                let device = attach_loop_limited(&file, size).unwrap();
+                cleanup.loops.push(file.clone());
+                assert_eq!(device_size(&device).unwrap(), size);
+                (file, device)
+            }
+        };
         let target = dir.path().join("mnt");
         cleanup.mounts.0.push(target.clone());
 
@@ -1005,13 +1111,23 @@ fi
         assert_eq!(users.len(), 1);
         assert_eq!(users[0].mount_point, fs::canonicalize(&target).unwrap());
 
-        fs::OpenOptions::new()
-            .write(true)
-            .open(&file)
-            .unwrap()
-            .set_len(grown)
-            .unwrap();
-        refresh_loop_capacity(&device).unwrap();
+        match growth {
+            Growth::File => {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(&file)
+                    .unwrap()
+                    .set_len(grown)
+                    .unwrap();
+                refresh_loop_capacity(&device).unwrap();
+            }
+            Growth::Limit => {
+                // Mounted and in use: the kernel takes it online.
+                set_loop_limit(&device, grown).unwrap();
+                set_loop_limit(&device, grown).unwrap();
+                assert!(set_loop_limit(&device, size).is_err(), "never shrinks");
+            }
+        }
         assert_eq!(device_size(&device).unwrap(), grown);
         if fs_type == "ext4" && !has_cap_sys_resource() {
             // Online ext4 resizing needs CAP_SYS_RESOURCE. Without it, check that the refusal
@@ -1052,7 +1168,7 @@ fi
         if !is_root() {
             return;
         }
-        grow_online("ext4", 64 * MIB, 128 * MIB);
+        grow_online("ext4", 64 * MIB, 128 * MIB, Growth::File);
     }
 
     #[test]
@@ -1061,7 +1177,17 @@ fi
             return;
         }
         have_xfs();
-        grow_online("xfs", 320 * MIB, 512 * MIB);
+        grow_online("xfs", 320 * MIB, 512 * MIB, Growth::File);
+    }
+
+    /// A device over a larger file (an engine's export) grows by its size limit, mounted.
+    #[test]
+    fn grow_xfs_online_by_size_limit() {
+        if !is_root() {
+            return;
+        }
+        have_xfs();
+        grow_online("xfs", 320 * MIB, 512 * MIB, Growth::Limit);
     }
 
     #[test]

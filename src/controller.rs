@@ -239,9 +239,11 @@ pub enum ExpandError {
     OutOfRange(String),
     #[error("volume {0:?} is not ready (it is being created or deleted)")]
     NotReady(String),
+    #[error("volume {volume:?} cannot grow now: {why}; retry")]
+    Busy { volume: String, why: String },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("growing a replica of volume {volume:?} failed: {source}")]
+    #[error("growing volume {volume:?} failed: {source}")]
     Agent {
         volume: String,
         #[source]
@@ -1284,6 +1286,22 @@ impl Controller {
         }
         self.check_growth_fits(&current.value, size).await?;
         let replicas = self.volume_replicas(id).await?;
+        if let Some(r) = replicas
+            .iter()
+            .find(|r| r.value.state == ReplicaState::Creating)
+        {
+            // Its node creates it at the size it was recorded with, the old one.
+            return Err(ExpandError::Busy {
+                volume: id.to_string(),
+                why: format!("replica {} is being created", r.value.id),
+            });
+        }
+        // Failed replicas stay as they are (their node may be down): one reused later is
+        // grown to the volume's size before it is rebuilt.
+        let replicas: Vec<_> = replicas
+            .into_iter()
+            .filter(|r| r.value.state != ReplicaState::Failed)
+            .collect();
         for replica in &replicas {
             let target = ReplicaTarget {
                 node_id: &replica.value.node_id,
@@ -1293,6 +1311,19 @@ impl Controller {
             };
             self.agent
                 .grow_replica(target, size)
+                .await
+                .map_err(|source| ExpandError::Agent {
+                    volume: id.to_string(),
+                    source,
+                })?;
+        }
+        // Online: every member and rebuild target holds the new bytes now, so the engine
+        // may serve them. Before the size is recorded, so that a retry after a failure here
+        // comes this way again; an engine that starts meanwhile reads the old size, and its
+        // node grows it to the recorded one within seconds.
+        if let Some(a) = &current.value.attachment {
+            self.agent
+                .grow_engine(&a.node_id, id, a.epoch, size)
                 .await
                 .map_err(|source| ExpandError::Agent {
                     volume: id.to_string(),

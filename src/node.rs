@@ -145,14 +145,17 @@ impl NodeService {
         publish_context: &std::collections::HashMap<String, String>,
     ) -> Result<(), NodeError> {
         let _g = self.locks.lock(volume_id).await;
-        let backing = match &self.cluster {
-            Some(link) => link.start(volume_id, publish_context).await?,
-            None => self.local_replica(volume_id).await?.data_path(),
+        let (backing, limit) = match &self.cluster {
+            Some(link) => {
+                let file = link.start(volume_id, publish_context).await?;
+                (file, link.size(volume_id).await)
+            }
+            None => (self.local_replica(volume_id).await?.data_path(), None),
         };
         let (volume, staging, cap) = (volume_id.to_string(), staging.to_path_buf(), cap.clone());
         let torn_down = self.reconciler();
         blocking(move || {
-            stage_blocking(&volume, &backing, &staging, &cap, &mkfs_params)?;
+            stage_blocking(&volume, &backing, limit, &staging, &cap, &mkfs_params)?;
             forget_torn_down(torn_down.as_ref(), &volume, &staging);
             Ok(())
         })
@@ -243,8 +246,13 @@ impl NodeService {
     pub async fn expand(&self, volume_id: &str, path: &Path) -> Result<u64, NodeError> {
         let _g = self.locks.lock(volume_id).await;
         let backing = self.backing_file(volume_id).await?;
+        // An engine's export is larger than the volume: the device shows what it serves.
+        let limit = match &self.cluster {
+            Some(link) => link.size(volume_id).await,
+            None => None,
+        };
         let (volume, path) = (volume_id.to_string(), path.to_path_buf());
-        blocking(move || expand_blocking(&volume, &backing, &path)).await
+        blocking(move || expand_blocking(&volume, &backing, limit, &path)).await
     }
 
     /// The replica of `volume_id` on this node's disks (the lowest replica id when there
@@ -299,14 +307,20 @@ impl NodeService {
     }
 }
 
+/// `limit`: the bytes of `backing` the device shows (an engine's export, larger than the
+/// volume so that it can grow online); None for all of it.
 fn stage_blocking(
     volume: &str,
     backing: &Path,
+    limit: Option<u64>,
     staging: &Path,
     cap: &Capability,
     mkfs_params: &[String],
 ) -> Result<(), NodeError> {
-    let dev = blockdev::attach_loop(backing)?;
+    let dev = match limit {
+        Some(limit) => blockdev::attach_loop_limited(backing, limit)?,
+        None => blockdev::attach_loop(backing)?,
+    };
     let AccessType::Mount {
         fs_type,
         mount_flags,
@@ -655,7 +669,12 @@ fn stats_blocking(
     })
 }
 
-fn expand_blocking(volume: &str, backing: &Path, path: &Path) -> Result<u64, NodeError> {
+fn expand_blocking(
+    volume: &str,
+    backing: &Path,
+    limit: Option<u64>,
+    path: &Path,
+) -> Result<u64, NodeError> {
     let not_here = || NodeError::NotMounted {
         volume: volume.to_string(),
         path: path.to_path_buf(),
@@ -664,7 +683,11 @@ fn expand_blocking(volume: &str, backing: &Path, path: &Path) -> Result<u64, Nod
     if loop_behind(path)? != Some(device_numbers(&dev)?) {
         return Err(not_here());
     }
-    blockdev::refresh_loop_capacity(&dev)?;
+    match limit {
+        // Never below what the device shows already (a device does not shrink).
+        Some(limit) => blockdev::set_loop_limit(&dev, limit.max(blockdev::device_size(&dev)?))?,
+        None => blockdev::refresh_loop_capacity(&dev)?,
+    }
     if path.is_dir() {
         if let Some(fs) = blockdev::detect_fs(&dev)? {
             blockdev::grow_fs(&dev, path, &fs)?;

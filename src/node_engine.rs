@@ -95,13 +95,18 @@ async fn open_replica(
     r: &pb::ReplicaStatus,
     epoch: u64,
     token: &str,
-) -> Result<Member, String> {
+) -> Result<(Member, u64), String> {
     let is_local = r.node_id == node_id;
     let opened = match (local, is_local) {
         (Some(replicas), true) => {
             tokio::time::timeout(timeout, replicas.open(volume_id, &r.id, epoch, token))
                 .await
-                .map(|opened| opened.map(|session| Arc::new(session) as Member))
+                .map(|opened| {
+                    opened.map(|session| {
+                        let held = session.size();
+                        (Arc::new(session) as Member, held)
+                    })
+                })
         }
         _ => tokio::time::timeout(
             timeout,
@@ -115,12 +120,28 @@ async fn open_replica(
             ),
         )
         .await
-        .map(|opened| opened.map(|client| Arc::new(client) as Member)),
+        .map(|opened| {
+            opened.map(|client| {
+                let held = client.size();
+                (Arc::new(client) as Member, held)
+            })
+        }),
     };
     match opened {
-        Ok(Ok(member)) => Ok(member),
+        Ok(Ok(opened)) => Ok(opened),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("no answer".to_string()),
+    }
+}
+
+/// The member opened, if it holds the volume's `size` bytes: a replica not grown with the
+/// volume would refuse writes past its end.
+fn holding(opened: Result<(Member, u64), String>, size: u64) -> Result<Member, String> {
+    match opened? {
+        (_, held) if held < size => Err(format!(
+            "it holds {held} bytes, less than the volume's {size}"
+        )),
+        (member, _) => Ok(member),
     }
 }
 
@@ -188,6 +209,13 @@ impl Follower {
                 }
                 Err(_) => continue,
             };
+            // An expansion recorded while this engine was starting (or whose call to it was
+            // lost): every replica was grown before the size was recorded.
+            if status.size > self.engine.size() {
+                if let Err(e) = self.engine.grow(status.size) {
+                    warn!(volume = %volume_id, error = %e, "cannot grow to the volume's recorded size");
+                }
+            }
             let running: Vec<String> = self
                 .engine
                 .rebuilds()
@@ -209,6 +237,7 @@ impl Follower {
                     &self.token,
                 )
                 .await;
+                let opened = holding(opened, self.engine.size());
                 let rebuild =
                     opened.and_then(|m| self.engine.start_rebuild(m).map_err(|e| e.to_string()));
                 match rebuild {
@@ -520,12 +549,18 @@ impl ClusterLink {
         let members = self
             .open_members(volume_id, &status, epoch, &token, &membership)
             .await?;
+        // The export is as large as any volume can grow, fixed for nbdfuse's life; the
+        // loop device over it is bounded to the volume's size (see `size`).
+        let config = EngineConfig {
+            export_size: crate::controller::MAX_VOLUME_SIZE.max(status.size),
+            ..self.engine.clone()
+        };
         let engine = Engine::with_config(
             volume_id,
             status.size,
             members,
             Arc::clone(&membership) as Arc<dyn Membership>,
-            self.engine.clone(),
+            config,
         )
         .map_err(|e| EngineLinkError::Start {
             volume: volume_id.to_string(),
@@ -571,7 +606,7 @@ impl ClusterLink {
             .spawn()
             .map_err(|e| self.start_error(volume_id, "nbdfuse", e))?;
         let file = self.backing_file(volume_id);
-        let size = status.size;
+        let size = engine.exported_size();
         let exposed = wait_for(&file, |p| {
             std::fs::metadata(p).is_ok_and(|m| m.len() == size)
         })
@@ -642,7 +677,10 @@ impl ClusterLink {
         let mut members: Vec<Member> = Vec::new();
         let mut failures = Vec::new();
         for r in status.replicas.iter().filter(|r| r.state == "ready") {
-            match self.open_replica(volume_id, r, epoch, token).await {
+            match self
+                .open_replica(volume_id, r, epoch, token, status.size)
+                .await
+            {
                 Ok(member) => members.push(member),
                 Err(why) => failures.push((r.id.clone(), why)),
             }
@@ -676,8 +714,9 @@ impl ClusterLink {
         r: &pb::ReplicaStatus,
         epoch: u64,
         token: &str,
+        size: u64,
     ) -> Result<Member, String> {
-        open_replica(
+        let opened = open_replica(
             self.local.as_ref(),
             &self.node_id,
             self.call_timeout,
@@ -686,7 +725,33 @@ impl ClusterLink {
             epoch,
             token,
         )
-        .await
+        .await;
+        holding(opened, size)
+    }
+
+    /// The size of the volume as its running engine serves it: what the loop device over
+    /// [`ClusterLink::backing_file`] (larger, for online growth) is bounded to. None when no
+    /// engine runs for it here.
+    pub async fn size(&self, volume_id: &str) -> Option<u64> {
+        let runtimes = self.runtimes.lock().await;
+        runtimes.get(volume_id).map(|r| r.engine.size())
+    }
+
+    /// Online expansion: the engine of attachment `epoch` serves `size` bytes from now on.
+    /// Returns its size afterwards, or None when no engine of that attachment runs here.
+    pub async fn grow(
+        &self,
+        volume_id: &str,
+        epoch: u64,
+        size: u64,
+    ) -> Result<Option<u64>, String> {
+        let runtimes = self.runtimes.lock().await;
+        match runtimes.get(volume_id) {
+            Some(r) if r.membership.epoch == epoch && r.engine.state() == EngineState::Serving => {
+                r.engine.grow(size).map(Some).map_err(|e| e.to_string())
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Stops the volume's nbdfuse and engine; Ok when none runs.

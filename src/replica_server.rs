@@ -101,6 +101,25 @@ fn registry() -> &'static Registry {
     SERVED.get_or_init(Registry::default)
 }
 
+/// Tells the sessions of replica `replica_id` on `disk`, if any in this process, that
+/// the replica was grown to `size` bytes (its metadata says so already): requests up to
+/// the new end are served from now on, without a new Open. Blocking (it waits for I/O in
+/// flight): call it off the async runtime.
+pub fn replica_grown(disk: &Path, replica_id: &str, size: u64) {
+    let disk = std::fs::canonicalize(disk).unwrap_or_else(|_| disk.to_path_buf());
+    let served = registry()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&(disk, replica_id.to_string()))
+        .and_then(Weak::upgrade);
+    if let Some(replica) = served {
+        let mut state = replica.state.blocking_write();
+        if state.file.is_some() && state.size < size {
+            state.size = size;
+        }
+    }
+}
+
 /// A replica being served, shared by all its sessions.
 struct ServedReplica {
     id: String,
@@ -1096,6 +1115,49 @@ mod tests {
         let read = Request::Read { offset: 0, len: 5 };
         let response = execute(Arc::clone(&again.replica), 1, read).await;
         assert_eq!(response, Response::Data(Bytes::from(vec![0; 5])));
+    }
+
+    /// Online expansion: once the agent grew the replica, an open session serves the new
+    /// bytes without a new Open; before, it refuses them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_open_session_serves_a_grown_replica() {
+        let disk = tempfile::tempdir().unwrap();
+        replica::create(disk.path(), "r1", "vol", 1 << 20).unwrap();
+        let shared = shared(disk.path());
+        let (session, _) = open_replica(&shared, &open(1), &peer()).await.unwrap();
+        let past_the_end = || Request::Write {
+            offset: 1 << 20,
+            fua: true,
+            data: Bytes::from_static(b"grown"),
+        };
+        let refused = execute(Arc::clone(&session.replica), 1, past_the_end()).await;
+        assert!(matches!(refused, Response::Invalid(_)), "{refused:?}");
+
+        // What the agent does: the files first, then the sessions.
+        let path = disk.path().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            replica::grow(&path, "r1", 2 << 20).unwrap();
+            replica_grown(&path, "r1", 2 << 20);
+            // Another replica id, or a smaller size, changes nothing.
+            replica_grown(&path, "r2", 4 << 20);
+            replica_grown(&path, "r1", 1 << 20);
+        })
+        .await
+        .unwrap();
+        let response = execute(Arc::clone(&session.replica), 1, past_the_end()).await;
+        assert_eq!(response, Response::Done);
+        let read = Request::Read {
+            offset: 1 << 20,
+            len: 5,
+        };
+        let response = execute(Arc::clone(&session.replica), 1, read).await;
+        assert_eq!(response, Response::Data(Bytes::from_static(b"grown")));
+        let beyond = Request::Read {
+            offset: 2 << 20,
+            len: 1,
+        };
+        let refused = execute(Arc::clone(&session.replica), 1, beyond).await;
+        assert!(matches!(refused, Response::Invalid(_)), "{refused:?}");
     }
 
     /// A connection that never opens its session is closed after [`OPEN_TIMEOUT`].

@@ -24,6 +24,8 @@ use crate::store::Store;
 pub struct AgentService {
     /// The agent that acts on this node's disks (a `LocalAgent`).
     pub agent: Arc<dyn NodeAgent>,
+    /// The node's engines, for online expansion (None: this node runs none).
+    pub engines: Option<crate::node_engine::ClusterLink>,
 }
 
 /// A request's target: every field required.
@@ -92,6 +94,37 @@ impl pb::node_agent_server::NodeAgent for AgentService {
             .map_err(|e| agent_status(&e))?;
         info!(volume = %t.volume_id, "replica deleted");
         Ok(Response::new(pb::DeleteReplicaResponse {}))
+    }
+
+    #[instrument(skip_all, fields(volume = %request.get_ref().volume_id))]
+    async fn grow_engine(
+        &self,
+        request: Request<pb::GrowEngineRequest>,
+    ) -> Result<Response<pb::GrowEngineResponse>, Status> {
+        let req = request.into_inner();
+        let node = required(&req.node_id, "node_id")?;
+        let volume = required(&req.volume_id, "volume_id")?;
+        let size = size(req.size)?;
+        let grown = match &self.engines {
+            Some(link) if link.node_id != node => {
+                return Err(agent_status(&AgentError::UnknownNode(node.to_string())))
+            }
+            Some(link) => link.grow(volume, req.epoch, size).await.map_err(|why| {
+                agent_status(&AgentError::Engine {
+                    node: node.to_string(),
+                    volume: volume.to_string(),
+                    why,
+                })
+            })?,
+            None => self
+                .agent
+                .grow_engine(node, volume, req.epoch, size)
+                .await
+                .map_err(|e| agent_status(&e))?,
+        };
+        Ok(Response::new(pb::GrowEngineResponse {
+            size: grown.unwrap_or(0),
+        }))
     }
 }
 
@@ -205,6 +238,30 @@ impl NodeAgent for RemoteAgent {
         };
         self.call(&t, client.delete_replica(req)).await.map(|_| ())
     }
+
+    async fn grow_engine(
+        &self,
+        node_id: &str,
+        volume_id: &str,
+        epoch: u64,
+        size: u64,
+    ) -> Result<Option<u64>, AgentError> {
+        let mut client = self.client(node_id).await?;
+        let req = pb::GrowEngineRequest {
+            node_id: node_id.to_string(),
+            volume_id: volume_id.to_string(),
+            epoch,
+            size,
+        };
+        let t = ReplicaTarget {
+            node_id,
+            disk_id: "",
+            replica_id: "",
+            volume_id,
+        };
+        let reply = self.call(&t, client.grow_engine(req)).await?;
+        Ok((reply.size != 0).then_some(reply.size))
+    }
 }
 
 #[cfg(test)]
@@ -243,7 +300,10 @@ mod tests {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(pb::node_agent_server::NodeAgentServer::with_interceptor(
-                    AgentService { agent: local },
+                    AgentService {
+                        agent: local,
+                        engines: None,
+                    },
                     super::super::RequireCredential::new(secret.clone(), "node agent API"),
                 ))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),

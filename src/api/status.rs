@@ -62,6 +62,7 @@ pub fn agent_status(e: &AgentError) -> Status {
         AgentError::UnknownDisk { .. } => Code::NotFound,
         AgentError::Unreachable { .. } => Code::Unavailable,
         AgentError::Replica(_) | AgentError::Task(_) => Code::Internal,
+        AgentError::Engine { .. } => Code::OutOfRange,
     };
     status(code, e)
 }

@@ -95,6 +95,13 @@ pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
         },
         e => ClusterError::from(e),
     })?;
+    let engines = ClusterLink::new(
+        crate::api::control_client(controller.clone(), auth.clone()),
+        cfg.node_id.clone(),
+        cfg.state_dir.clone(),
+        cfg.engine.clone(),
+    )
+    .with_local_replicas(replica_server.local());
     let node = Arc::new(
         NodeService::new(NodeConfig {
             node_id: cfg.node_id.clone(),
@@ -102,15 +109,7 @@ pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
             disks: process::disk_dirs(&disks),
             max_volumes: MAX_VOLUMES_PER_NODE,
         })
-        .with_cluster(
-            ClusterLink::new(
-                crate::api::control_client(controller.clone(), auth.clone()),
-                cfg.node_id.clone(),
-                cfg.state_dir.clone(),
-                cfg.engine.clone(),
-            )
-            .with_local_replicas(replica_server.local()),
-        ),
+        .with_cluster(engines.clone()),
     );
     node.reconcile().await?;
 
@@ -162,7 +161,10 @@ pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
         .add_service(NodeServer::new(NodeRpc { node }));
     let agent_api =
         tonic::transport::Server::builder().add_service(NodeAgentServer::with_interceptor(
-            AgentService { agent },
+            AgentService {
+                agent,
+                engines: Some(engines),
+            },
             RequireCredential::new(secret, "node agent API"),
         ));
     let result = process::serve_until_signal(|shutdown| {

@@ -330,7 +330,21 @@ impl Controller {
                     && now.saturating_sub(r.value.failed_ms) >= REUSE_BACKOFF_MS
             }) {
                 if rebuilding_on(&r.value.node_id)? < limit {
+                    if r.value.size < vol.size {
+                        // The volume grew while this replica was away.
+                        let target = ReplicaTarget {
+                            node_id: &r.value.node_id,
+                            disk_id: &r.value.disk_id,
+                            replica_id: &r.value.id,
+                            volume_id: &vol.id,
+                        };
+                        self.agent
+                            .grow_replica(target, vol.size)
+                            .await
+                            .map_err(|e| format!("growing {} to reuse it: {e}", r.value.id))?;
+                    }
                     let mut reused = (*r.value).clone();
+                    reused.size = vol.size;
                     reused.state = ReplicaState::Rebuilding;
                     reused.failed_ms = 0;
                     self.put_replica(reused, Some(r))

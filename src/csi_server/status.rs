@@ -25,6 +25,7 @@ fn agent(e: &AgentError) -> Code {
         AgentError::Unreachable { .. } => Code::Unavailable,
         AgentError::UnknownNode(_) | AgentError::UnknownDisk { .. } => Code::Internal,
         AgentError::Replica(_) | AgentError::Task(_) => Code::Internal,
+        AgentError::Engine { .. } => Code::Internal,
     }
 }
 
@@ -108,7 +109,7 @@ impl From<ExpandError> for Status {
         let code = match &e {
             ExpandError::NotFound(_) => Code::NotFound,
             ExpandError::OutOfRange(_) => Code::OutOfRange,
-            ExpandError::NotReady(_) => Code::Aborted,
+            ExpandError::NotReady(_) | ExpandError::Busy { .. } => Code::Aborted,
             ExpandError::Store(s) => store(s),
             ExpandError::Agent { source, .. } => agent(source),
         };

@@ -42,7 +42,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
@@ -104,6 +104,11 @@ pub struct EngineConfig {
     pub shutdown_grace: Duration,
     /// The bytes a rebuild copies under one range lock (writes to them wait meanwhile).
     pub rebuild_chunk: u32,
+    /// The size the NBD export advertises, when larger than the volume (0: the volume's
+    /// size). An export fixed at connection time can then outlive an online expansion:
+    /// the node bounds the device to the volume's size, reads beyond the volume's end
+    /// return zeroes, and writes there are refused.
+    pub export_size: u64,
 }
 
 impl Default for EngineConfig {
@@ -117,6 +122,7 @@ impl Default for EngineConfig {
             handshake_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             rebuild_chunk: REBUILD_CHUNK,
+            export_size: 0,
         }
     }
 }
@@ -260,7 +266,10 @@ async fn join_all<T>(mut futures: Vec<IoFuture<T>>) -> Vec<Result<T, ReplicaIoEr
 
 struct Inner {
     volume_id: String,
-    size: u64,
+    /// The volume's size; it only grows ([`Engine::grow`]).
+    size: AtomicU64,
+    /// What the NBD export advertises: at least the size, fixed for the engine's life.
+    exported: u64,
     config: EngineConfig,
     /// The current members; replaced whole (never edited in place) when one is removed.
     /// Members are only ever removed, so any member now was in every earlier snapshot.
@@ -343,11 +352,18 @@ impl Engine {
                 nbd::MAX_PAYLOAD
             )));
         }
+        if config.export_size != 0 && config.export_size < size {
+            return Err(refuse(format!(
+                "the export size {} is below the volume's {size} bytes",
+                config.export_size
+            )));
+        }
         let lease = nanos(config.lease);
         Ok(Engine {
             inner: Arc::new(Inner {
                 volume_id,
-                size,
+                size: AtomicU64::new(size),
+                exported: config.export_size.max(size),
                 members: RwLock::new(Arc::new(members)),
                 targets: RwLock::default(),
                 membership,
@@ -370,7 +386,33 @@ impl Engine {
 
     /// The volume's size in bytes.
     pub fn size(&self) -> u64 {
-        self.inner.size
+        self.inner.size.load(Ordering::Acquire)
+    }
+
+    /// The size the NBD export advertises (at least [`Engine::size`]).
+    pub fn exported_size(&self) -> u64 {
+        self.inner.exported
+    }
+
+    /// Online expansion: serves `size` bytes from now on. Every member (and rebuild
+    /// target) must hold them already, grown with zeroes. Growing to the current size or
+    /// less changes nothing (a volume never shrinks) and returns the current size; a size
+    /// beyond the export is refused, since a connected client could not see it.
+    pub fn grow(&self, size: u64) -> Result<u64, EngineError> {
+        if size > self.inner.exported {
+            return Err(EngineError::Config {
+                volume: self.inner.volume_id.clone(),
+                why: format!(
+                    "cannot grow to {size} bytes: the export advertises {} bytes",
+                    self.inner.exported
+                ),
+            });
+        }
+        let before = self.inner.size.fetch_max(size, Ordering::AcqRel);
+        if size > before {
+            info!(volume = %self.inner.volume_id, from = before, to = size, "volume grown online");
+        }
+        Ok(before.max(size))
     }
 
     /// The engine's tunables.
@@ -422,8 +464,9 @@ impl Engine {
     }
 
     /// Reads `len` bytes at `offset`, from a local member when there is one.
+    /// Beyond the volume's end, up to the export's, the bytes read as zeroes.
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, EngineError> {
-        let result = self.read_inner(offset, len).await;
+        let result = self.read_within_export(offset, len).await;
         self.count(&result, |c| {
             bump(&c.reads, 1);
             bump(&c.read_bytes, u64::from(len));
@@ -571,13 +614,10 @@ impl Engine {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        let size = self.size();
         match offset.checked_add(len) {
-            Some(end) if len > 0 && end <= self.inner.size => Ok(()),
-            _ => Err(EngineError::OutOfRange {
-                offset,
-                len,
-                size: self.inner.size,
-            }),
+            Some(end) if len > 0 && end <= size => Ok(()),
+            _ => Err(EngineError::OutOfRange { offset, len, size }),
         }
     }
 
@@ -678,6 +718,24 @@ impl Engine {
             done += n;
         }
         Ok(())
+    }
+
+    async fn read_within_export(&self, offset: u64, len: u32) -> Result<Bytes, EngineError> {
+        let size = self.size();
+        let end = offset.checked_add(u64::from(len));
+        if len == 0 || end.is_none_or(|end| end <= size || end > self.inner.exported) {
+            return self.read_inner(offset, len).await;
+        }
+        // Past the end: what a grown volume holds there (members grow with zeroes).
+        self.check_serving()?;
+        let mut data = BytesMut::zeroed(len as usize);
+        let inside = size.saturating_sub(offset);
+        if inside > 0 {
+            // Less than `len`, so it fits.
+            let head = self.read_inner(offset, inside as u32).await?;
+            data[..head.len()].copy_from_slice(&head);
+        }
+        Ok(data.freeze())
     }
 
     async fn read_inner(&self, offset: u64, len: u32) -> Result<Bytes, EngineError> {
@@ -882,7 +940,7 @@ impl Engine {
     fn export(&self) -> nbd::Export {
         nbd::Export {
             name: self.inner.volume_id.clone(),
-            size: self.inner.size,
+            size: self.inner.exported,
             flags: nbd::FLAG_SEND_FLUSH
                 | nbd::FLAG_SEND_FUA
                 | nbd::FLAG_SEND_TRIM

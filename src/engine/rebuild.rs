@@ -170,7 +170,7 @@ impl Engine {
             done: AtomicU64::new(0),
             copied: AtomicU64::new(0),
             started: Instant::now(),
-            size: self.inner.size,
+            size: self.size(),
         });
         {
             let mut targets = self
@@ -185,7 +185,7 @@ impl Engine {
             next.push(Arc::clone(&target));
             *targets = Arc::new(next);
         }
-        info!(volume = %self.inner.volume_id, replica = %id, size = self.inner.size,
+        info!(volume = %self.inner.volume_id, replica = %id, size = target.size,
             "rebuild started: the replica receives every new write while the rest is copied");
         let engine = self.clone();
         Ok(tokio::spawn(async move {
@@ -257,7 +257,7 @@ impl Engine {
 
     async fn rebuild(&self, target: &Arc<Target>) -> Result<(), String> {
         use futures::stream::{self, StreamExt, TryStreamExt};
-        let size = self.inner.size;
+        let size = target.size;
         let chunk = u64::from(self.inner.config.rebuild_chunk);
         let logged = &Mutex::new(Instant::now());
         let chunks = (0..size.div_ceil(chunk)).map(|i| {
@@ -410,7 +410,8 @@ impl Engine {
 
     /// Makes the target a member: durably first, with no write in flight.
     async fn promote(&self, target: &Arc<Target>) -> Result<(), String> {
-        let all = self.lock_range(0, self.inner.size);
+        // The export's whole range: writes beyond a size grown meanwhile are excluded too.
+        let all = self.lock_range(0, self.exported_size());
         all.wait().await;
         self.check_serving().map_err(|e| e.to_string())?;
         if target.is_failed() {

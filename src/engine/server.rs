@@ -320,7 +320,13 @@ async fn dispatch(
         _bytes: bytes_permit,
     };
     let handle = request.handle;
-    if let Err(errno) = request.check(engine.size()) {
+    // Reads may reach the export's end (zeroes past the volume's); nothing else may pass
+    // the volume's end.
+    let bound = match request.command {
+        Command::Read { .. } => engine.exported_size(),
+        _ => engine.size(),
+    };
+    if let Err(errno) = request.check(bound) {
         debug!(
             handle,
             ?errno,

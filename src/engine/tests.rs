@@ -592,6 +592,79 @@ async fn bad_ranges_and_bad_configurations_are_refused() {
     assert!(Engine::new("v", SIZE, vec![member("a"), member("a")], membership).is_err());
 }
 
+/// Online expansion: an engine exports more than the volume; past the volume's end reads
+/// are zeroes without touching a member and writes are refused, until it grows.
+#[tokio::test]
+async fn an_engine_grows_online_within_its_export() {
+    let r = three();
+    let half = SIZE / 2;
+    // What the members hold past the volume's end must not be served.
+    for m in &r {
+        m.data.lock().unwrap()[half as usize..].fill(0xee);
+    }
+    let members: Vec<Member> = r.iter().map(|m| Arc::clone(m) as Member).collect();
+    let config = EngineConfig {
+        export_size: SIZE,
+        ..EngineConfig::default()
+    };
+    let e = Engine::with_config(
+        "vol-1",
+        half,
+        members,
+        Arc::new(TestMembership::default()),
+        config,
+    )
+    .unwrap();
+    assert_eq!((e.size(), e.exported_size()), (half, SIZE));
+    assert_eq!(e.export().size, SIZE);
+    e.write(half - 4096, block(1), false).await.unwrap();
+    let refused = e.write(half, block(2), false).await.unwrap_err();
+    assert!(
+        matches!(refused, EngineError::OutOfRange { size, .. } if size == half),
+        "{refused}"
+    );
+    assert!(e.trim(half, 4096, false).await.is_err());
+    let across = e.read(half - 4096, 8192).await.unwrap();
+    assert_eq!(&across[..4096], &block(1)[..]);
+    assert!(across[4096..].iter().all(|b| *b == 0));
+    let reads = r
+        .iter()
+        .map(|m| m.reads.load(Ordering::SeqCst))
+        .sum::<u64>();
+    assert!(e.read(half, 4096).await.unwrap().iter().all(|b| *b == 0));
+    assert_eq!(
+        reads,
+        r.iter()
+            .map(|m| m.reads.load(Ordering::SeqCst))
+            .sum::<u64>()
+    );
+    assert!(matches!(
+        e.read(SIZE, 1).await,
+        Err(EngineError::OutOfRange { .. })
+    ));
+
+    assert!(e.grow(SIZE + 1).is_err(), "beyond the export");
+    assert_eq!(e.grow(half - 4096).unwrap(), half, "a volume never shrinks");
+    assert_eq!(e.grow(SIZE).unwrap(), SIZE);
+    assert_eq!(e.grow(SIZE).unwrap(), SIZE, "idempotent");
+    e.write(half, block(2), false).await.unwrap();
+    e.write(SIZE - 4096, block(3), true).await.unwrap();
+    assert_eq!(e.read(half, 4096).await.unwrap(), block(2));
+    assert_eq!(e.read(SIZE - 4096, 4096).await.unwrap(), block(3));
+    for m in &r {
+        assert_eq!(m.bytes(half, 4096), block(2).to_vec());
+        assert_eq!(m.bytes(SIZE - 4096, 4096), block(3).to_vec());
+    }
+
+    let member = MemReplica::new("a", true) as Member;
+    let small = EngineConfig {
+        export_size: half,
+        ..EngineConfig::default()
+    };
+    let membership: Arc<dyn Membership> = Arc::new(TestMembership::default());
+    assert!(Engine::with_config("v", SIZE, vec![member], membership, small).is_err());
+}
+
 /// Random 4 KiB writes until `stop`, returning how many were acknowledged.
 async fn write_until(e: Engine, stop: Arc<AtomicBool>, seed: u64) -> u64 {
     let mut x = seed | 1;
