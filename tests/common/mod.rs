@@ -1,6 +1,9 @@
 //! Shared harness for the end-to-end tests: starts the real `palisade standalone` binary on
-//! a private state directory and socket, and talks CSI to it over that socket.
+//! a private state directory and socket, and talks CSI to it over that socket. The
+//! multi-process cluster harness (controller, nodes, ctl) is in [`cluster`].
 #![allow(dead_code)]
+
+pub mod cluster;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
