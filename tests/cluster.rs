@@ -1541,3 +1541,193 @@ async fn faults_scenario(cluster: &mut Cluster) {
     writer.stop_and_check(&target);
     detach_and_compare_members(cluster, "n1", &id, &target).await;
 }
+
+fn xfs_cap() -> pb::VolumeCapability {
+    let mut cap = mount_cap();
+    if let Some(pb::volume_capability::AccessType::Mount(m)) = &mut cap.access_type {
+        m.fs_type = "xfs".into();
+    }
+    cap
+}
+
+/// Stages and publishes `id` on `node` as `cap`; returns the staging path and the target.
+async fn stage_and_publish_as(
+    cluster: &Cluster,
+    node: &str,
+    id: &str,
+    ctx: &std::collections::HashMap<String, String>,
+    cap: &pb::VolumeCapability,
+) -> (PathBuf, PathBuf) {
+    let (staging, target) = staging_and_target(cluster, node, id);
+    let mut client = node_client(cluster, node).await;
+    client
+        .node_stage_volume(pb::NodeStageVolumeRequest {
+            volume_id: id.to_string(),
+            publish_context: ctx.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect("NodeStageVolume");
+    client
+        .node_publish_volume(pb::NodePublishVolumeRequest {
+            volume_id: id.to_string(),
+            publish_context: ctx.clone(),
+            staging_target_path: staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect("NodePublishVolume");
+    (staging, target)
+}
+
+fn fs_bytes(path: &std::path::Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(path).expect("statvfs");
+    s.blocks() * s.fragment_size()
+}
+
+/// Online expansion of an attached, replicated xfs volume while a writer fsyncs through
+/// the mount, with one replica's node dead: ControllerExpandVolume grows every live
+/// replica and the running engine, NodeExpandVolume grows the device and the filesystem
+/// in place, and data written past the old end reaches every member. The dead node's
+/// replica, back, is grown before it is rebuilt; afterwards the members are byte-identical
+/// at the new size, every acknowledged write reads back, and a fresh stage finds it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_replicated_volume_grows_online() {
+    with_cluster(|cluster| Box::pin(expansion_scenario(cluster))).await;
+}
+
+async fn expansion_scenario(cluster: &mut Cluster) {
+    const FROM: u64 = 320 * MIB;
+    const TO: u64 = 448 * MIB;
+    let mut csi = ready_cluster(cluster).await;
+    let cap = xfs_cap();
+    let mut request = create_request("grow", FROM, "2");
+    request.volume_capabilities = vec![cap.clone()];
+    let id = csi
+        .create_volume(request)
+        .await
+        .expect("CreateVolume")
+        .into_inner()
+        .volume
+        .expect("volume")
+        .volume_id;
+    let ctx = csi
+        .controller_publish_volume(pb::ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "n1".into(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect("ControllerPublishVolume")
+        .into_inner()
+        .publish_context;
+    let (staging, target) = stage_and_publish_as(cluster, "n1", &id, &ctx, &cap).await;
+    let before = fs_bytes(&target);
+    assert!(before < FROM, "{before}");
+    let writer = Writer::start(&target);
+
+    // One replica away from n1 dies; the engine drops it at its next write.
+    let victim = ready_replicas(&cluster.ctl_json(&["volume", &id]))
+        .into_iter()
+        .map(|(node, _)| node)
+        .find(|n| n != "n1")
+        .expect("a replica away from n1");
+    cluster.kill9(&victim);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = cluster.ctl_json(&["volume", &id]);
+        if ready_replicas(&v).iter().all(|(n, _)| *n != victim) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead replica stays a member: {v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // ControllerExpandVolume: the live replica and the engine grow; the dead one waits.
+    let expanded = csi
+        .controller_expand_volume(pb::ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(pb::CapacityRange {
+                required_bytes: TO as i64,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect("ControllerExpandVolume of an attached, degraded volume")
+        .into_inner();
+    assert_eq!(expanded.capacity_bytes, TO as i64);
+    assert!(expanded.node_expansion_required);
+    let v = cluster.ctl_json(&["volume", &id]);
+    assert_eq!(v["size"], TO, "{v:#}");
+    for (node, file) in ready_replicas(&v) {
+        let len = std::fs::metadata(&file)
+            .expect("a member's data file")
+            .len();
+        assert_eq!(len, TO, "the member on {node}");
+    }
+
+    // NodeExpandVolume: the device and the mounted filesystem grow in place.
+    let mut node = node_client(cluster, "n1").await;
+    let grown = node
+        .node_expand_volume(pb::NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: target.display().to_string(),
+            staging_target_path: staging.display().to_string(),
+            capacity_range: Some(pb::CapacityRange {
+                required_bytes: TO as i64,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect("NodeExpandVolume")
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, TO as i64);
+    let after = fs_bytes(&target);
+    assert!(
+        after > before + (TO - FROM) * 3 / 4,
+        "the filesystem did not grow: {before} -> {after}"
+    );
+    // More than the old filesystem could hold: some of it lands past the old end.
+    let big = pattern(7, (FROM as usize) * 3 / 4);
+    write_synced(&target.join("big"), &big).expect("a file larger than the old free space");
+
+    // The dead node returns: its replica is grown, rebuilt and a member again.
+    cluster.restart_node(&victim).await;
+    let healed = wait_ready(cluster, &id, "two ready replicas again", |nodes| {
+        nodes.len() == 2
+    })
+    .await;
+    assert!(healed["degraded_reason"].is_null(), "{healed:#}");
+    writer.stop_and_check(&target);
+    assert!(std::fs::read(target.join("big")).expect("big") == big);
+
+    detach_and_compare_members(cluster, "n1", &id, &target).await;
+    let members = ready_replicas(&cluster.ctl_json(&["volume", &id]));
+    for (node, file) in &members {
+        let data = std::fs::read(file).expect("a member's data file");
+        assert_eq!(data.len() as u64, TO, "the member on {node}");
+        assert!(
+            data[FROM as usize..].iter().any(|b| *b != 0),
+            "nothing past the old end on {node}"
+        );
+    }
+
+    // A fresh stage serves the new size from the start.
+    let (_, target) = stage_and_publish_as(cluster, "n1", &id, &ctx, &cap).await;
+    assert!(fs_bytes(&target) >= after);
+    assert!(std::fs::read(target.join("big")).expect("big after a restage") == big);
+    let mut node = node_client(cluster, "n1").await;
+    unpublish_and_unstage(&mut node, &id, &staging, &target).await;
+}
