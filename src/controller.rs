@@ -570,11 +570,13 @@ impl Controller {
             attachment: None,
             created_ms: now_ms(),
             planned_replicas: Vec::new(),
+            next_replica: 0,
         };
         // Place before recording, so that a volume that cannot be placed leaves nothing.
         let placement = self.place(&volume, &[], req, settings).await?;
         let mut volume = volume;
         volume.degraded_reason = placement.degraded_reason.clone();
+        volume.next_replica = placement.replicas.len() as u64;
         // In standalone a volume is served from a local replica, so it is reachable exactly
         // from its replicas' nodes; so is a strict-local one anywhere. In a cluster the engine
         // reaches its members over the network from any node.
@@ -2241,6 +2243,142 @@ mod tests {
             .unwrap();
         c.reconcile_replicas().await.unwrap();
         assert!(c.store.replicas().get("v-r-8").await.unwrap().is_none());
+    }
+
+    /// A controller with fencing, and volumes of 8 MiB with two replicas (on n1's two
+    /// disks) and a staleReplicaTimeout of 30 minutes, attached on n1.
+    async fn attached(dir: &std::path::Path, names: &[&str]) -> Controller {
+        let c = controller(dir).await.with_fencing(Fencing {
+            secret: Arc::new(vec![1; 32]),
+            fencer: Arc::new(Fences),
+            lease_ms: 1_000,
+        });
+        beat(&c, "n1").await;
+        let cap = Capability {
+            access_type: AccessType::Block,
+            access_mode: AccessMode::SingleNodeWriter,
+        };
+        for name in names {
+            let mut request = request(name, 8 << 20);
+            request
+                .parameters
+                .insert("staleReplicaTimeout".into(), "30".into());
+            c.create_volume(request).await.unwrap();
+            c.publish(name, "n1", &cap, false).await.unwrap();
+        }
+        c
+    }
+
+    /// Marks one replica of `volume` failed `ago_ms` ago; returns it.
+    async fn fail_one(c: &Controller, volume: &str, ago_ms: u64) -> Replica {
+        let r = c.volume_replicas(volume).await.unwrap().remove(1);
+        let mut failed = (*r.value).clone();
+        failed.state = ReplicaState::Failed;
+        failed.failed_ms = now_ms() - ago_ms;
+        c.put_replica(failed.clone(), Some(&r)).await.unwrap();
+        failed
+    }
+
+    async fn replica(c: &Controller, id: &str) -> Option<Replica> {
+        let r = c.store.replicas().get(id).await.unwrap();
+        r.map(|r| (*r.value).clone())
+    }
+
+    /// staleReplicaTimeout (30 minutes here): a failed replica older than that is
+    /// deleted, record and files, and replaced; a younger one whose node is up is reused —
+    /// grown first when the volume grew meanwhile, since its rebuild writes the new end.
+    #[tokio::test]
+    async fn stale_replicas_are_deleted_and_younger_ones_reused_at_the_volume_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = attached(dir.path(), &["old", "young"]).await;
+        let stale = fail_one(&c, "old", 31 * 60_000).await;
+        let young = fail_one(&c, "young", 10_000).await;
+        // The young replica's volume grows while it is failed: it is left as it was.
+        c.expand(
+            "young",
+            CapacityRange {
+                required: 16 << 20,
+                limit: 0,
+            },
+        )
+        .await
+        .unwrap();
+        let data = |r: &Replica| r.path.join(crate::replica::DATA_FILE);
+        assert_eq!(std::fs::metadata(data(&young)).unwrap().len(), 8 << 20);
+        assert_eq!(replica(&c, &young.id).await.unwrap().size, 8 << 20);
+
+        c.reconcile_replicas().await.unwrap();
+
+        assert!(
+            replica(&c, &stale.id).await.is_none(),
+            "the stale record: {:?}",
+            replica(&c, &stale.id).await
+        );
+        assert!(!stale.path.exists(), "the stale replica's files");
+        let replacement = c.volume_replicas("old").await.unwrap();
+        assert!(
+            replacement
+                .iter()
+                .any(|r| r.value.state == ReplicaState::Rebuilding && r.value.id != stale.id),
+            "no replacement: {replacement:?}"
+        );
+        let reused = replica(&c, &young.id).await.unwrap();
+        assert_eq!(reused.state, ReplicaState::Rebuilding);
+        assert_eq!(reused.size, 16 << 20);
+        assert_eq!(std::fs::metadata(data(&young)).unwrap().len(), 16 << 20);
+    }
+
+    /// concurrent-replica-rebuild-per-node-limit counts a node's rebuilds over every
+    /// volume: with a limit of 1, a second volume's rebuild waits for the first.
+    #[tokio::test]
+    async fn the_rebuild_limit_is_per_node_across_volumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = attached(dir.path(), &["a", "b"]).await;
+        let current = c.store.settings().get(SETTINGS_KEY).await.unwrap().unwrap();
+        let mut settings = (*current.value).clone();
+        settings.concurrent_replica_rebuild_per_node_limit = 1;
+        c.store
+            .settings()
+            .put(SETTINGS_KEY, settings, Some(current.version))
+            .await
+            .unwrap();
+        let failed = [
+            fail_one(&c, "a", 10_000).await,
+            fail_one(&c, "b", 10_000).await,
+        ];
+        let states = || async {
+            let mut states = Vec::new();
+            for r in &failed {
+                states.push(replica(&c, &r.id).await.unwrap().state);
+            }
+            states
+        };
+
+        c.reconcile_replicas().await.unwrap();
+        c.reconcile_replicas().await.unwrap();
+        let now = states().await;
+        assert_eq!(
+            now.iter()
+                .filter(|s| **s == ReplicaState::Rebuilding)
+                .count(),
+            1,
+            "{now:?}"
+        );
+        assert!(now.contains(&ReplicaState::Failed), "{now:?}");
+
+        // The first rebuild is done: the other starts.
+        let first = &failed[now
+            .iter()
+            .position(|s| *s == ReplicaState::Rebuilding)
+            .unwrap()];
+        let r = c.store.replicas().get(&first.id).await.unwrap().unwrap();
+        let mut done = (*r.value).clone();
+        done.state = ReplicaState::Ready;
+        c.put_replica(done, Some(&r)).await.unwrap();
+        c.reconcile_replicas().await.unwrap();
+        let now = states().await;
+        assert!(now.contains(&ReplicaState::Ready), "{now:?}");
+        assert!(now.contains(&ReplicaState::Rebuilding), "{now:?}");
     }
 
     #[test]

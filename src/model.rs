@@ -134,6 +134,11 @@ pub struct Volume {
     /// write so that a crash at any point resumes the same plan. Empty once `Ready`.
     #[serde(default)]
     pub planned_replicas: Vec<Replica>,
+    /// The number the next replica added after creation takes (`<id>-r-<n>`): numbers are
+    /// never reused, so a deleted replica's id (its reports, its leftover files) cannot be
+    /// taken for a new one's.
+    #[serde(default)]
+    pub next_replica: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

@@ -291,12 +291,20 @@ impl Controller {
                 )
         });
         let mut note = None;
+        // The limit is the node's, over every volume's rebuilds.
         let limit = settings.concurrent_replica_rebuild_per_node_limit as usize;
+        let all_rebuilding: Vec<String> = self
+            .store
+            .replicas()
+            .list()
+            .await
+            .map_err(store_error)?
+            .into_iter()
+            .filter(|r| r.value.state == ReplicaState::Rebuilding)
+            .map(|r| r.value.node_id.clone())
+            .collect();
         let rebuilding_on = |node: &str| -> Result<usize, String> {
-            Ok(replicas
-                .iter()
-                .filter(|r| r.value.node_id == node && r.value.state == ReplicaState::Rebuilding)
-                .count())
+            Ok(all_rebuilding.iter().filter(|n| *n == node).count())
         };
 
         if local_wanted && !has_local && rebuilding == 0 {
@@ -429,8 +437,24 @@ impl Controller {
             .iter()
             .filter_map(|r| r.value.id.rsplit("-r-").next()?.parse::<u64>().ok())
             .max()
-            .map_or(0, |n| n + 1);
+            .map_or(0, |n| n + 1)
+            .max(vol.next_replica);
         let replica_id = format!("{}-r-{next}", vol.id);
+        // The number is taken before the replica is recorded: a crash in between skips it.
+        let current = self
+            .store
+            .volumes()
+            .get(&vol.id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("volume {} is gone", vol.id))?;
+        let mut counted = (*current.value).clone();
+        counted.next_replica = next + 1;
+        self.store
+            .volumes()
+            .put(&vol.id, counted, Some(current.version))
+            .await
+            .map_err(|e| e.to_string())?;
         let replica = Replica {
             id: replica_id.clone(),
             volume_id: vol.id.clone(),

@@ -441,6 +441,7 @@ mod tests {
             attachment: None,
             created_ms: 0,
             planned_replicas: Vec::new(),
+            next_replica: 0,
         }
     }
 
