@@ -66,6 +66,8 @@ const WRITE_BATCH: usize = 256 << 10;
 const LINGER: Duration = Duration::from_secs(2);
 /// A Trim on a filesystem that cannot punch holes writes zeros, this many at a time.
 const ZERO_CHUNK: usize = 1 << 20;
+/// Local reads larger than this run on the blocking pool rather than in the caller's task.
+const INLINE_READ_MAX: u32 = 1 << 20;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -341,7 +343,14 @@ impl ReplicaIo for LocalSession {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ReplicaIoError> {
-        match self.inline(Request::Read { offset, len }).await {
+        let request = Request::Read { offset, len };
+        // A large read (a rebuild's chunk) may wait on the disk for a while: on the blocking
+        // pool, so that the caller's other work (the rebuild's writes to its target) goes on.
+        let response = match len > INLINE_READ_MAX {
+            false => self.inline(request).await,
+            true => execute(Arc::clone(&self.replica), self.epoch, request).await,
+        };
+        match response {
             Response::Data(data) => Ok(data),
             other => Err(self.refused(other)),
         }
