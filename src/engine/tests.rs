@@ -729,6 +729,50 @@ async fn a_rebuilt_replica_catches_up_under_writes_and_becomes_a_member() {
     assert_eq!(target.bytes(0, 4096), block(0x42).to_vec());
 }
 
+/// A volume grown while a replica rebuilds: the copy covers the old size, and what lies
+/// past it reaches the target as ordinary writes (the grown range is zeros everywhere
+/// before), so the promoted replica holds exactly what the members hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_grown_during_a_rebuild_ends_identical_on_the_target() {
+    let half = SIZE / 2;
+    let replicas = three();
+    let members: Vec<Member> = replicas.iter().map(|r| Arc::clone(r) as Member).collect();
+    let config = EngineConfig {
+        rebuild_chunk: 16 << 10,
+        export_size: SIZE,
+        ..EngineConfig::default()
+    };
+    let membership = Arc::new(TestMembership::default());
+    let e = Engine::with_config("vol-1", half, members, membership, config).unwrap();
+    for i in 0..32u64 {
+        e.write(i * 16384, block(i as u8 + 1), false).await.unwrap();
+    }
+    let target = MemReplica::with_jitter("r-new", false, 200);
+    target.data.lock().unwrap()[..half as usize].fill(0xee);
+    let rebuild = e.start_rebuild(Arc::clone(&target) as Member).unwrap();
+    while e.rebuilds().first().is_none_or(|s| s.done == 0) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(e.grow(SIZE).unwrap(), SIZE);
+    for i in 0..16u64 {
+        e.write(half + i * 8192, block(0x80 + i as u8), false)
+            .await
+            .unwrap();
+    }
+    e.write(0, block(0x42), false).await.unwrap();
+    let status = rebuild.await.unwrap();
+    assert_eq!(status.state, RebuildState::Done, "{status:?}");
+    assert!(
+        status.done < SIZE,
+        "the copy was meant to cover the old size only"
+    );
+    let expected = replicas[0].all();
+    assert_eq!(replicas[0].bytes(half, 4096), block(0x80).to_vec());
+    for r in replicas.iter().chain([&target]) {
+        assert!(r.all() == expected, "{} differs from the members", r.id);
+    }
+}
+
 /// A target that fails stops only its rebuild: the writes are acknowledged, nobody is
 /// removed, nothing is promoted; a failed promotion leaves it out too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
