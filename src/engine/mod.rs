@@ -517,14 +517,16 @@ impl Engine {
     pub async fn keep_lease(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         // Renews at once, then every renew interval — more often if the controller grants a
-        // lease shorter than three intervals.
+        // lease shorter than three intervals. The shorter interval holds after a failed
+        // renewal too: the next try must come while the granted lease still runs.
+        let mut every = self.inner.config.renew_interval;
         let mut interval = Duration::ZERO;
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
                 _ = tokio::time::sleep(interval) => {}
             }
-            interval = self.inner.config.renew_interval;
+            interval = every;
             if self.state() != EngineState::Serving {
                 return;
             }
@@ -538,7 +540,8 @@ impl Engine {
                         return;
                     }
                     let lease = granted.min(self.inner.config.lease);
-                    interval = interval.min(lease / 3);
+                    every = self.inner.config.renew_interval.min(lease / 3);
+                    interval = every;
                     let renewed = sent.saturating_add(nanos(lease));
                     self.inner
                         .lease_deadline

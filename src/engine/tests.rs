@@ -154,6 +154,8 @@ struct TestMembership {
     gate: Option<tokio::sync::Semaphore>,
     refuse_renewals: AtomicBool,
     renewals: AtomicU64,
+    /// The lease a renewal grants, in ms (0: unbounded).
+    grant_ms: AtomicU64,
     promotions: Mutex<Vec<String>>,
     refuse_promotions: AtomicBool,
 }
@@ -182,7 +184,10 @@ impl Membership for TestMembership {
             return Err("controller unreachable".into());
         }
         self.renewals.fetch_add(1, Ordering::SeqCst);
-        Ok(Duration::MAX)
+        Ok(match self.grant_ms.load(Ordering::SeqCst) {
+            0 => Duration::MAX,
+            ms => Duration::from_millis(ms),
+        })
     }
 
     async fn promote_member(&self, replica_id: &str) -> Result<(), String> {
@@ -441,6 +446,38 @@ async fn the_lease_is_renewed_and_an_engine_that_cannot_renew_stops() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(keeper.is_finished());
     assert_eq!(e.state(), EngineState::LeaseExpired);
+}
+
+/// Regression: a lease granted shorter than three renew intervals is renewed every third of
+/// it, and a failed renewal used to bring the configured (longer) interval back, so that the
+/// next try came after the lease had lapsed: one missed renewal (a controller restarting in
+/// under a second) stopped the engine.
+#[tokio::test(start_paused = true)]
+async fn a_failed_renewal_of_a_short_lease_is_retried_within_the_lease() {
+    let r = three();
+    let membership = Arc::new(TestMembership::default());
+    membership.grant_ms.store(3000, Ordering::SeqCst);
+    let config = EngineConfig {
+        lease: Duration::from_secs(15),
+        renew_interval: Duration::from_secs(5),
+        ..EngineConfig::default()
+    };
+    let e = engine_with(&r, Arc::clone(&membership), config);
+    e.bound_lease(Instant::now() + Duration::from_secs(3));
+    let keeper = tokio::spawn({
+        let e = e.clone();
+        async move { e.keep_lease(std::future::pending()).await }
+    });
+    // Renewals at 0, 1 and 2 s; the one at 3 s fails; the lease runs until 5 s.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    membership.refuse_renewals.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    membership.refuse_renewals.store(false, Ordering::SeqCst);
+    // The try at 4 s renews it.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert_eq!(e.state(), EngineState::Serving);
+    e.write(0, block(1), false).await.unwrap();
+    keeper.abort();
 }
 
 #[tokio::test(start_paused = true)]
