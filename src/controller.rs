@@ -571,6 +571,7 @@ impl Controller {
             created_ms: now_ms(),
             planned_replicas: Vec::new(),
             next_replica: 0,
+            engine_running: false,
         };
         // Place before recording, so that a volume that cannot be placed leaves nothing.
         let placement = self.place(&volume, &[], req, settings).await?;
@@ -1140,6 +1141,129 @@ impl Controller {
         self.attached_volume(volume_id, node_id, epoch).await?;
         self.leases.grant(volume_id, epoch);
         Ok(self.lease_ms())
+    }
+
+    /// An engine starting on the volume's current attachment: its first lease, as
+    /// [`Controller::renew_lease`]. When the volume's previous engine did not stop cleanly
+    /// (it died, was fenced or lost its lease), the writes it had in flight — never
+    /// acknowledged — may have reached some members and not others, which would then answer
+    /// reads of those blocks differently. So the members are made identical again first: one
+    /// is kept (on the engine's node if it has one there, else the first on a node that is
+    /// up) and the others are marked rebuilding, so that the new engine serves from the kept
+    /// one alone and rebuilds the others from it. Every member held every acknowledged
+    /// write, so any one will do. The volume is then marked as having a running engine until
+    /// one stops cleanly.
+    pub async fn start_engine(
+        &self,
+        volume_id: &str,
+        node_id: &str,
+        epoch: u64,
+    ) -> Result<u64, MemberError> {
+        let _guard = self.locks.lock(volume_id).await;
+        if self
+            .set_engine_running(volume_id, node_id, epoch, true)
+            .await?
+        {
+            self.resync_members(volume_id, node_id, epoch).await?;
+        }
+        self.leases.grant(volume_id, epoch);
+        Ok(self.lease_ms())
+    }
+
+    /// An engine that stopped cleanly (every request it took finished while it still served,
+    /// so its members are identical): the next engine need not rebuild them. Ignored when
+    /// the engine's attachment is no longer current.
+    pub async fn engine_stopped_cleanly(
+        &self,
+        volume_id: &str,
+        node_id: &str,
+        epoch: u64,
+    ) -> Result<(), MemberError> {
+        let _guard = self.locks.lock(volume_id).await;
+        match self
+            .set_engine_running(volume_id, node_id, epoch, false)
+            .await
+        {
+            Ok(_) | Err(MemberError::Superseded { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records whether an engine of the current attachment runs; returns what was recorded
+    /// before. The caller holds the volume's lock.
+    async fn set_engine_running(
+        &self,
+        volume_id: &str,
+        node_id: &str,
+        epoch: u64,
+        running: bool,
+    ) -> Result<bool, MemberError> {
+        loop {
+            let volume = self.attached_volume(volume_id, node_id, epoch).await?;
+            let was = volume.value.engine_running;
+            if was == running {
+                return Ok(was);
+            }
+            let mut updated = (*volume.value).clone();
+            updated.engine_running = running;
+            match self
+                .store
+                .volumes()
+                .put(volume_id, updated, Some(volume.version))
+                .await
+            {
+                Ok(_) => return Ok(was),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Keeps one ready replica of the volume as its member and marks the others rebuilding
+    /// (see [`Controller::start_engine`]). The caller holds the volume's lock.
+    async fn resync_members(
+        &self,
+        volume_id: &str,
+        node_id: &str,
+        epoch: u64,
+    ) -> Result<(), MemberError> {
+        let replicas = self.volume_replicas(volume_id).await?;
+        let ready: Vec<&Versioned<Replica>> = replicas
+            .iter()
+            .filter(|r| r.value.state == ReplicaState::Ready)
+            .collect();
+        if ready.len() < 2 {
+            return Ok(());
+        }
+        let nodes = self.list_nodes().await?;
+        let now = now_ms();
+        let up = |r: &Versioned<Replica>| {
+            matches!(
+                self.health(nodes.iter().find(|n| n.id == r.value.node_id), now),
+                Health::Up
+            )
+        };
+        let kept = ready
+            .iter()
+            .find(|r| r.value.node_id == node_id && up(r))
+            .or_else(|| ready.iter().find(|r| up(r)));
+        // No member on a node that is up: the engine cannot open one now either; it fails to
+        // start and a later start tries again.
+        let Some(kept) = kept else {
+            return Ok(());
+        };
+        let mut rebuilt = Vec::new();
+        for r in ready.iter().filter(|r| r.value.id != kept.value.id) {
+            let mut rebuilding = (*r.value).clone();
+            rebuilding.state = ReplicaState::Rebuilding;
+            rebuilding.failed_ms = 0;
+            self.put_replica(rebuilding, Some(r)).await?;
+            rebuilt.push(r.value.id.clone());
+        }
+        warn!(volume = %volume_id, node = %node_id, epoch, kept = %kept.value.id, ?rebuilt,
+            "the volume's previous engine did not stop cleanly: writes it had in flight may have reached some members and not others; one member is kept and the others are rebuilt from it");
+        self.refresh_degraded(volume_id).await?;
+        Ok(())
     }
 
     /// An engine that has stopped gives its lease back: the volume's next attachment need not
@@ -2095,6 +2219,72 @@ mod tests {
         })
         .await
         .unwrap();
+    }
+
+    /// An engine that starts after one that did not stop cleanly (it died, was fenced or
+    /// lost its lease, maybe with writes that reached some members and not others) finds one
+    /// member kept and the others marked rebuilding, to be rebuilt from it; after a clean stop
+    /// the next engine keeps every member. A clean stop of a superseded engine says nothing.
+    #[tokio::test]
+    async fn an_engine_after_an_unclean_stop_keeps_one_member_and_rebuilds_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = controller(dir.path()).await.with_fencing(Fencing {
+            secret: Arc::new(vec![1; 32]),
+            fencer: Arc::new(Fences),
+            lease_ms: 1_000,
+        });
+        c.create_volume(request("v", 8 << 20)).await.unwrap();
+        beat(&c, "n1").await;
+        let cap = Capability {
+            access_type: AccessType::Block,
+            access_mode: AccessMode::SingleNodeWriter,
+        };
+        c.publish("v", "n1", &cap, false).await.unwrap();
+        let states = || async {
+            let mut states: Vec<ReplicaState> = c
+                .volume_replicas("v")
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.value.state)
+                .collect();
+            states.sort_by_key(|s| format!("{s:?}"));
+            states
+        };
+        let both = vec![ReplicaState::Ready, ReplicaState::Ready];
+
+        // The first engine has nothing to repair, and stops cleanly.
+        c.start_engine("v", "n1", 1).await.unwrap();
+        assert_eq!(states().await, both);
+        c.engine_stopped_cleanly("v", "n1", 1).await.unwrap();
+        c.release_lease("v", "n1", 1).await.unwrap();
+        // So does the next one, which then dies.
+        c.start_engine("v", "n1", 1).await.unwrap();
+        assert_eq!(states().await, both);
+        // The one after it (the volume staged again) keeps one member.
+        c.start_engine("v", "n1", 1).await.unwrap();
+        assert_eq!(
+            states().await,
+            vec![ReplicaState::Ready, ReplicaState::Rebuilding]
+        );
+        // Starting again keeps the same one: nothing else is ready.
+        c.start_engine("v", "n1", 1).await.unwrap();
+        assert_eq!(
+            states().await,
+            vec![ReplicaState::Ready, ReplicaState::Rebuilding]
+        );
+        // A superseded engine's clean stop is ignored; the current one still runs.
+        c.engine_stopped_cleanly("v", "n1", 0).await.unwrap();
+        assert!(
+            c.store
+                .volumes()
+                .get("v")
+                .await
+                .unwrap()
+                .unwrap()
+                .value
+                .engine_running
+        );
     }
 
     /// A new attachment starts only once the lease the controller granted to the previous

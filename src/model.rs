@@ -139,6 +139,13 @@ pub struct Volume {
     /// taken for a new one's.
     #[serde(default)]
     pub next_replica: u64,
+    /// Set when an engine starts serving the volume, cleared when an engine stops cleanly
+    /// (every request it took finished while it still served). An engine that starts while
+    /// it is set follows one that died, was fenced or lost its lease, whose writes in flight
+    /// may have reached some members and not others: only one member is kept and the others
+    /// are rebuilt from it.
+    #[serde(default)]
+    pub engine_running: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

@@ -402,7 +402,7 @@ impl Membership for ControlMembership {
             volume_id: self.volume_id.clone(),
             node_id: self.node_id.clone(),
             epoch: self.epoch,
-            release: false,
+            ..Default::default()
         });
         let granted = self.call(call).await?;
         Ok(Duration::from_millis(granted.lease_ms))
@@ -421,15 +421,35 @@ impl Membership for ControlMembership {
 }
 
 impl ControlMembership {
+    /// The first lease of a starting engine, before it opens its members: the controller
+    /// first makes the members identical again if the previous engine did not stop cleanly
+    /// (one kept, the others to be rebuilt).
+    async fn start_lease(&self) -> Result<Duration, String> {
+        let mut control = self.control.clone();
+        let call = control.renew_lease(pb::RenewLeaseRequest {
+            volume_id: self.volume_id.clone(),
+            node_id: self.node_id.clone(),
+            epoch: self.epoch,
+            start: true,
+            ..Default::default()
+        });
+        let granted = self.call(call).await?;
+        Ok(Duration::from_millis(granted.lease_ms))
+    }
+
     /// Gives the lease back once the engine has stopped (best effort: when the controller
-    /// does not hear it, the next attachment waits for the lease to lapse instead).
-    async fn release_lease(&self) {
+    /// does not hear it, the next attachment waits for the lease to lapse instead), saying
+    /// whether it stopped `clean` (see [`Engine::is_clean`]). A clean stop the controller
+    /// does not hear only costs the next engine a rebuild of the members.
+    async fn release_lease(&self, clean: bool) {
         let mut control = self.control.clone();
         let call = control.renew_lease(pb::RenewLeaseRequest {
             volume_id: self.volume_id.clone(),
             node_id: self.node_id.clone(),
             epoch: self.epoch,
             release: true,
+            clean,
+            ..Default::default()
         });
         if let Err(why) = self.call(call).await {
             warn!(volume = %self.volume_id, %why, "could not give the attachment lease back; the next attachment waits for it to lapse");
@@ -524,6 +544,18 @@ impl ClusterLink {
             volume: volume_id.to_string(),
             why,
         };
+        let membership = Arc::new(ControlMembership {
+            control: self.control.clone(),
+            volume_id: volume_id.to_string(),
+            node_id: self.node_id.clone(),
+            epoch,
+            timeout: self.call_timeout,
+        });
+        // The first lease, asked for before anything is opened and counted from the asking:
+        // the controller's record of it bounds when this engine stops without renewals. It
+        // comes before the members are read: the controller may change them first.
+        let asked = tokio::time::Instant::now();
+        let first_lease = membership.start_lease().await.map_err(controller_error)?;
         let mut control = self.control.clone();
         let status = tokio::time::timeout(
             self.call_timeout,
@@ -535,17 +567,6 @@ impl ClusterLink {
         .map_err(|_| controller_error("timed out".to_string()))?
         .map_err(|s| controller_error(s.message().to_string()))?
         .into_inner();
-        let membership = Arc::new(ControlMembership {
-            control: self.control.clone(),
-            volume_id: volume_id.to_string(),
-            node_id: self.node_id.clone(),
-            epoch,
-            timeout: self.call_timeout,
-        });
-        // The first lease, asked for before anything is opened and counted from the asking:
-        // the controller's record of it bounds when this engine stops without renewals.
-        let asked = tokio::time::Instant::now();
-        let first_lease = membership.renew_lease().await.map_err(controller_error)?;
         let members = self
             .open_members(volume_id, &status, epoch, &token, &membership)
             .await?;
@@ -864,7 +885,7 @@ impl ClusterLink {
         let _ = std::fs::remove_dir(&r.fuse_dir);
         // Only an engine that finished its requests gives its lease back.
         if drained {
-            r.membership.release_lease().await;
+            r.membership.release_lease(r.engine.is_clean()).await;
         }
         info!(volume = %volume_id, "engine stopped");
     }

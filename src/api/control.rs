@@ -456,15 +456,25 @@ impl ControlPlane for ControlPlaneService {
             ));
         }
         if r.release {
+            if r.clean {
+                self.controller
+                    .engine_stopped_cleanly(&r.volume_id, &r.node_id, r.epoch)
+                    .await?;
+            }
             self.controller
                 .release_lease(&r.volume_id, &r.node_id, r.epoch)
                 .await?;
             return Ok(Response::new(pb::RenewLeaseResponse { lease_ms: 0 }));
         }
-        let lease_ms = self
-            .controller
-            .renew_lease(&r.volume_id, &r.node_id, r.epoch)
-            .await?;
+        let lease_ms = if r.start {
+            self.controller
+                .start_engine(&r.volume_id, &r.node_id, r.epoch)
+                .await?
+        } else {
+            self.controller
+                .renew_lease(&r.volume_id, &r.node_id, r.epoch)
+                .await?
+        };
         Ok(Response::new(pb::RenewLeaseResponse { lease_ms }))
     }
 

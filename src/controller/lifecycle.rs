@@ -531,7 +531,7 @@ impl Controller {
     }
 
     /// Recomputes the degraded reason from the store.
-    async fn refresh_degraded(&self, volume_id: &str) -> Result<(), StoreError> {
+    pub(super) async fn refresh_degraded(&self, volume_id: &str) -> Result<(), StoreError> {
         let Some(volume) = self.store.volumes().get(volume_id).await? else {
             return Ok(());
         };

@@ -36,7 +36,7 @@ mod server;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::task::Poll;
 use std::time::Duration;
@@ -280,6 +280,9 @@ struct Inner {
     /// Serialises membership changes.
     removal: tokio::sync::Mutex<()>,
     state: AtomicU8,
+    /// Set when the members may no longer be identical: a mutation failed on members that
+    /// could not be removed, or a shutdown dropped requests still in flight.
+    unclean: AtomicBool,
     /// The origin of `lease_deadline`.
     clock: Instant,
     /// Nanoseconds after `clock` when the lease lapses.
@@ -369,6 +372,7 @@ impl Engine {
                 membership,
                 removal: tokio::sync::Mutex::new(()),
                 state: AtomicU8::new(SERVING),
+                unclean: AtomicBool::new(false),
                 clock: Instant::now(),
                 lease_deadline: AtomicU64::new(lease),
                 range_locks: Arc::default(),
@@ -436,6 +440,14 @@ impl Engine {
             FENCED => EngineState::Fenced,
             _ => EngineState::LeaseExpired,
         }
+    }
+
+    /// Whether the members are known to be identical: the engine still serves (neither
+    /// fenced nor past its lease, either of which may have cut writes short), no mutation
+    /// failed on a member it could not remove, and no shutdown dropped a request in flight.
+    /// An engine that stops while this holds leaves nothing for the next one to repair.
+    pub fn is_clean(&self) -> bool {
+        self.state() == EngineState::Serving && !self.inner.unclean.load(Ordering::Acquire)
     }
 
     /// Shortens the lease to end at `until` at the latest (a lease granted before the engine
@@ -825,7 +837,11 @@ impl Engine {
             }
         }
         if !failed.is_empty() {
-            self.remove_failed(what, failed).await?;
+            if let Err(e) = self.remove_failed(what, failed).await {
+                // Members that failed it stay members, and may or may not have done it.
+                self.inner.unclean.store(true, Ordering::Release);
+                return Err(e);
+            }
         }
         // Acknowledge only while still serving.
         self.check_serving()

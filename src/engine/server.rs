@@ -94,6 +94,9 @@ impl Engine {
         .await;
         if drained.is_err() {
             warn!(volume = %self.volume_id(), "NBD clients still busy after the grace period; dropping them");
+            self.inner
+                .unclean
+                .store(true, std::sync::atomic::Ordering::Release);
             connections.abort_all();
         }
         lease.abort();

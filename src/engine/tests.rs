@@ -294,11 +294,15 @@ async fn a_refused_removal_fails_the_write_and_is_retried_by_the_next() {
     let membership = Arc::new(TestMembership::default());
     membership.refuse_removals.store(true, Ordering::SeqCst);
     let e = engine(&r, Arc::clone(&membership));
+    assert!(e.is_clean());
     let err = e.write(0, block(1), false).await.unwrap_err();
     assert!(matches!(err, EngineError::RemovalFailed { ref replica, .. } if replica == "c"));
     assert_eq!(err.errno(), nbd::Errno::Io);
     assert_eq!(e.member_ids(), vec!["a", "b", "c"]);
     assert_eq!(e.state(), EngineState::Serving);
+    // a and b took the write, c did not and is still a member: the next engine must not
+    // take the members for identical.
+    assert!(!e.is_clean());
 
     membership.refuse_removals.store(false, Ordering::SeqCst);
     e.write(0, block(2), false).await.unwrap();

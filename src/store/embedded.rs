@@ -442,6 +442,7 @@ mod tests {
             created_ms: 0,
             planned_replicas: Vec::new(),
             next_replica: 0,
+            engine_running: false,
         }
     }
 
