@@ -56,6 +56,9 @@ pub struct Cluster {
     pub controller_args: Vec<String>,
     pub controller: Option<Child>,
     pub nodes: Vec<NodeProc>,
+    /// When set, every process's log goes to `<log_dir>/<controller|node id>.log`, appended
+    /// across restarts, at level `info` (or `PALISADE_TEST_LOG`).
+    pub log_dir: Option<PathBuf>,
 }
 
 pub fn spawn(args: &[String]) -> Child {
@@ -87,6 +90,12 @@ pub fn spawn_logged(args: &[String], log: &Path) -> Child {
 
 impl Cluster {
     pub async fn start(node_count: usize) -> Cluster {
+        Cluster::start_with_logs(node_count, None).await
+    }
+
+    /// [`Cluster::start`], every process logging to a file in `log_dir` when given (see
+    /// [`Cluster::log_dir`]).
+    pub async fn start_with_logs(node_count: usize, log_dir: Option<PathBuf>) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("palisade-cluster-")
             .tempdir()
@@ -111,14 +120,16 @@ impl Cluster {
             HEARTBEAT_TIMEOUT_S.to_string(),
         ];
         let mut cluster = Cluster {
-            controller: Some(spawn(&controller_args)),
+            controller: None,
             controller_args,
             secret_file: dir.path().join("controller/cluster.secret"),
             dir,
             api: format!("http://{api}"),
             controller_socket,
             nodes: Vec::new(),
+            log_dir,
         };
+        cluster.controller = Some(cluster.spawn_process("controller", &cluster.controller_args));
         cluster
             .wait_for_csi(&cluster.controller_socket.clone())
             .await;
@@ -172,7 +183,7 @@ impl Cluster {
         let mut node = self.node_args(id, secret_file);
         node.child = Some(match log {
             Some(log) => spawn_logged(&node.args, log),
-            None => spawn(&node.args),
+            None => self.spawn_process(id, &node.args),
         });
         let socket = node.socket.clone();
         self.nodes.push(node);
@@ -187,23 +198,57 @@ impl Cluster {
     /// Starts a killed node again with the same arguments, its log going to `log` if given.
     pub async fn restart_node_logging(&mut self, id: &str, log: Option<&Path>) {
         self.kill9(id);
-        let node = self
-            .nodes
+        let (args, socket) = {
+            let node = self.node(id);
+            (node.args.clone(), node.socket.clone())
+        };
+        let child = match log {
+            Some(log) => spawn_logging(&args, Some(log)),
+            None => self.spawn_process(id, &args),
+        };
+        self.nodes
             .iter_mut()
             .find(|n| n.id == id)
-            .expect("a node of the cluster");
-        node.child = Some(spawn_logging(&node.args, log));
-        let socket = node.socket.clone();
+            .expect("a node of the cluster")
+            .child = Some(child);
         self.wait_for_csi(&socket).await;
     }
 
-    /// kill -9 of the controller, then the same controller again on the same state.
-    pub async fn restart_controller(&mut self) {
+    /// Spawns palisade as process `name` of the cluster: logging to `<log_dir>/<name>.log`
+    /// (appended) when the cluster has a log directory, else like [`spawn`].
+    pub fn spawn_process(&self, name: &str, args: &[String]) -> Child {
+        let Some(dir) = &self.log_dir else {
+            return spawn(args);
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{name}.log")))
+            .expect("open a log file");
+        Command::new(env!("CARGO_BIN_EXE_palisade"))
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("PALISADE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn palisade")
+    }
+
+    /// SIGKILL of the controller, which stays down until [`Cluster::restart_controller`].
+    pub fn kill9_controller(&mut self) {
         if let Some(mut c) = self.controller.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        self.controller = Some(spawn(&self.controller_args));
+    }
+
+    /// kill -9 of the controller, then the same controller again on the same state.
+    pub async fn restart_controller(&mut self) {
+        self.kill9_controller();
+        self.controller = Some(self.spawn_process("controller", &self.controller_args));
         let socket = self.controller_socket.clone();
         self.wait_for_csi(&socket).await;
     }
