@@ -275,9 +275,9 @@ impl Engine {
                 self.copy_chunk(target, offset, len).await?;
                 target.done.fetch_add(u64::from(len), Ordering::Relaxed);
                 if self.foreground() != before {
-                    // Busy: together the lanes copy about half of the time, one chunk at
-                    // a time.
-                    let pause = (2 * REBUILD_PARALLEL).saturating_sub(1).max(1) as u32;
+                    // Busy: together the lanes copy about a quarter of the time, one
+                    // chunk at a time.
+                    let pause = (4 * REBUILD_PARALLEL).saturating_sub(1).max(1) as u32;
                     tokio::time::sleep(started.elapsed() * pause).await;
                 }
                 let mut last = logged.lock().unwrap_or_else(PoisonError::into_inner);
