@@ -2228,18 +2228,7 @@ mod tests {
     #[tokio::test]
     async fn an_engine_after_an_unclean_stop_keeps_one_member_and_rebuilds_the_others() {
         let dir = tempfile::tempdir().unwrap();
-        let c = controller(dir.path()).await.with_fencing(Fencing {
-            secret: Arc::new(vec![1; 32]),
-            fencer: Arc::new(Fences),
-            lease_ms: 1_000,
-        });
-        c.create_volume(request("v", 8 << 20)).await.unwrap();
-        beat(&c, "n1").await;
-        let cap = Capability {
-            access_type: AccessType::Block,
-            access_mode: AccessMode::SingleNodeWriter,
-        };
-        c.publish("v", "n1", &cap, false).await.unwrap();
+        let c = attached(dir.path(), &["v"]).await;
         let states = || async {
             let mut states: Vec<ReplicaState> = c
                 .volume_replicas("v")
@@ -2378,18 +2367,7 @@ mod tests {
     #[tokio::test]
     async fn interrupted_replacements_are_finished_or_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let c = controller(dir.path()).await.with_fencing(Fencing {
-            secret: Arc::new(vec![1; 32]),
-            fencer: Arc::new(Fences),
-            lease_ms: 1_000,
-        });
-        c.create_volume(request("v", 8 << 20)).await.unwrap();
-        beat(&c, "n1").await;
-        let cap = Capability {
-            access_type: AccessType::Block,
-            access_mode: AccessMode::SingleNodeWriter,
-        };
-        c.publish("v", "n1", &cap, false).await.unwrap();
+        let c = attached(dir.path(), &["v"]).await;
         let disk = c
             .store
             .nodes()

@@ -1605,27 +1605,8 @@ async fn expansion_scenario(cluster: &mut Cluster) {
     const TO: u64 = 448 * MIB;
     let mut csi = ready_cluster(cluster).await;
     let cap = xfs_cap();
-    let mut request = create_request("grow", FROM, "2");
-    request.volume_capabilities = vec![cap.clone()];
-    let id = csi
-        .create_volume(request)
-        .await
-        .expect("CreateVolume")
-        .into_inner()
-        .volume
-        .expect("volume")
-        .volume_id;
-    let ctx = csi
-        .controller_publish_volume(pb::ControllerPublishVolumeRequest {
-            volume_id: id.clone(),
-            node_id: "n1".into(),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        })
-        .await
-        .expect("ControllerPublishVolume")
-        .into_inner()
-        .publish_context;
+    let request = create_request("grow", FROM, "2");
+    let (id, ctx) = create_and_publish_as(&mut csi, request, &cap, "n1").await;
     let (staging, target) = stage_and_publish_as(cluster, "n1", &id, &ctx, &cap).await;
     let before = fs_bytes(&target);
     assert!(before < FROM, "{before}");

@@ -758,12 +758,23 @@ pub async fn create_and_publish(
     node: &str,
 ) -> (String, std::collections::HashMap<String, String>) {
     let mut request = create_request(name, 32 * MIB, replicas);
-    request.volume_capabilities = vec![mount_cap()];
     if let Some(policy) = policy {
         request
             .parameters
             .insert("volumeAttachmentRecoveryPolicy".into(), policy.into());
     }
+    create_and_publish_as(csi, request, &mount_cap(), node).await
+}
+
+/// Creates the volume `request` asks for, with capability `cap`, and publishes it to
+/// `node`; returns its id and publish context.
+pub async fn create_and_publish_as(
+    csi: &mut ControllerClient<Channel>,
+    mut request: pb::CreateVolumeRequest,
+    cap: &pb::VolumeCapability,
+    node: &str,
+) -> (String, std::collections::HashMap<String, String>) {
+    request.volume_capabilities = vec![cap.clone()];
     let id = csi
         .create_volume(request)
         .await
@@ -776,7 +787,7 @@ pub async fn create_and_publish(
         .controller_publish_volume(pb::ControllerPublishVolumeRequest {
             volume_id: id.clone(),
             node_id: node.to_string(),
-            volume_capability: Some(mount_cap()),
+            volume_capability: Some(cap.clone()),
             ..Default::default()
         })
         .await
