@@ -43,6 +43,12 @@ use pb::node_client::NodeClient;
 use serde_json::Value;
 use tonic::transport::Channel;
 
+/// The tests' cluster harness, for its helpers (capabilities, data patterns, cleanup).
+#[allow(dead_code)]
+#[path = "../tests/common/cluster.rs"]
+mod harness;
+use harness::{cleanup_mounts, free_port, mount_cap, pattern, write_synced};
+
 const MIB: u64 = 1 << 20;
 const VOLUME_SIZE: u64 = 256 * MIB;
 
@@ -53,14 +59,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a free port")
-        .port()
-}
-
-// ---- the cluster (after tests/cluster.rs, which a bench cannot import) ----
+// ---- the cluster (a variant of the tests' harness, with the timeouts under study) ----
 
 struct NodeProc {
     id: String,
@@ -436,71 +435,6 @@ impl Drop for Cluster {
         }
         cleanup_mounts(self.dir.path());
     }
-}
-
-fn mount_cap() -> pb::VolumeCapability {
-    pb::VolumeCapability {
-        access_type: Some(pb::volume_capability::AccessType::Mount(
-            pb::volume_capability::MountVolume {
-                fs_type: "ext4".into(),
-                mount_flags: vec![],
-                volume_mount_group: String::new(),
-            },
-        )),
-        access_mode: Some(pb::volume_capability::AccessMode {
-            mode: pb::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
-        }),
-    }
-}
-
-/// Unmounts and detaches whatever is left under `root` (targets, staging, FUSE, loops).
-fn cleanup_mounts(root: &Path) {
-    let root_s = root.display().to_string();
-    for _ in 0..2 {
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut points: Vec<String> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-            .filter(|p| p.starts_with(&root_s))
-            .collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        for p in points {
-            let _ = Command::new("umount")
-                .arg(&p)
-                .stderr(Stdio::null())
-                .status();
-        }
-        if let Ok(entries) = std::fs::read_dir("/sys/block") {
-            for e in entries.flatten() {
-                let b =
-                    std::fs::read_to_string(e.path().join("loop/backing_file")).unwrap_or_default();
-                if b.starts_with(&root_s) {
-                    let dev = format!("/dev/{}", e.file_name().to_string_lossy());
-                    let _ = Command::new("losetup").args(["-d", &dev]).status();
-                }
-            }
-        }
-    }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-/// Writes `bytes` to `path` and fsyncs it.
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }
 
 fn median(values: &[f64]) -> f64 {
