@@ -227,6 +227,8 @@ pub enum MemberError {
     },
     #[error("volume {volume:?}: replica {replica:?} is its last member; removing it would leave no copy of the data")]
     LastMember { volume: String, replica: String },
+    #[error("volume {volume:?}: its previous engine did not stop cleanly and no member is on the starting engine's node or a node that is up, so none can be kept to resynchronise the others from; retry once a member's node is up")]
+    NoMemberUp { volume: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -1198,7 +1200,8 @@ impl Controller {
         epoch: u64,
         running: bool,
     ) -> Result<bool, MemberError> {
-        loop {
+        let mut last = None;
+        for _ in 0..CAS_ATTEMPTS {
             let volume = self.attached_volume(volume_id, node_id, epoch).await?;
             let was = volume.value.engine_running;
             if was == running {
@@ -1213,10 +1216,13 @@ impl Controller {
                 .await
             {
                 Ok(_) => return Ok(was),
-                Err(StoreError::Conflict { .. }) => continue,
+                Err(e @ StoreError::Conflict { .. }) => last = Some(e),
                 Err(e) => return Err(e.into()),
             }
         }
+        Err(last
+            .map(MemberError::from)
+            .unwrap_or_else(|| MemberError::VolumeNotFound(volume_id.to_string())))
     }
 
     /// Keeps one ready replica of the volume as its member and marks the others rebuilding
@@ -1243,14 +1249,18 @@ impl Controller {
                 Health::Up
             )
         };
+        // The starting engine's own node is alive (it is calling), whatever its heartbeat
+        // says; otherwise a member on a node that is up.
         let kept = ready
             .iter()
-            .find(|r| r.value.node_id == node_id && up(r))
+            .find(|r| r.value.node_id == node_id)
             .or_else(|| ready.iter().find(|r| up(r)));
-        // No member on a node that is up: the engine cannot open one now either; it fails to
-        // start and a later start tries again.
+        // None: refuse the start (it is retried) rather than serve from members that may
+        // differ; nothing is demoted meanwhile.
         let Some(kept) = kept else {
-            return Ok(());
+            return Err(MemberError::NoMemberUp {
+                volume: volume_id.to_string(),
+            });
         };
         let mut rebuilt = Vec::new();
         for r in ready.iter().filter(|r| r.value.id != kept.value.id) {
@@ -2274,6 +2284,35 @@ mod tests {
                 .value
                 .engine_running
         );
+    }
+
+    /// The starting engine's node is alive whatever its heartbeat says: after an unclean
+    /// stop its own member is kept and the others are resynchronised even when that node's
+    /// heartbeat is late (they were left as they were, possibly different, before).
+    #[tokio::test]
+    async fn a_late_heartbeat_does_not_skip_the_resynchronisation() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = attached(dir.path(), &["v"]).await;
+        c.start_engine("v", "n1", 1).await.unwrap();
+        // The engine dies; n1's heartbeat is late when the next one starts there.
+        let node = c.store.nodes().get("n1").await.unwrap().unwrap();
+        let mut late = (*node.value).clone();
+        late.last_heartbeat_ms = 1;
+        c.store
+            .nodes()
+            .put("n1", late, Some(node.version))
+            .await
+            .unwrap();
+        c.start_engine("v", "n1", 1).await.unwrap();
+        let mut states: Vec<String> = c
+            .volume_replicas("v")
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| format!("{:?}", r.value.state))
+            .collect();
+        states.sort();
+        assert_eq!(states, ["Ready", "Rebuilding"]);
     }
 
     /// A new attachment starts only once the lease the controller granted to the previous

@@ -79,11 +79,16 @@ fn node_from_report(report: Option<pb::NodeReport>) -> Result<Node, Status> {
 
 /// The fields every engine's call about one of its replicas needs.
 fn engine_call_fields(volume_id: &str, replica_id: &str, node_id: &str) -> Result<(), Status> {
-    for (value, field) in [
-        (volume_id, "volume_id"),
-        (replica_id, "replica_id"),
-        (node_id, "node_id"),
-    ] {
+    volume_and_node(volume_id, node_id)?;
+    if replica_id.is_empty() {
+        return Err(Status::invalid_argument("replica_id is required"));
+    }
+    Ok(())
+}
+
+/// The fields every call of an attached engine names, each required.
+fn volume_and_node(volume_id: &str, node_id: &str) -> Result<(), Status> {
+    for (value, field) in [(volume_id, "volume_id"), (node_id, "node_id")] {
         if value.is_empty() {
             return Err(Status::invalid_argument(format!("{field} is required")));
         }
@@ -406,11 +411,7 @@ impl ControlPlane for ControlPlaneService {
         request: Request<pb::ReportRebuildsRequest>,
     ) -> Result<Response<pb::ReportRebuildsResponse>, Status> {
         let r = request.into_inner();
-        if r.volume_id.is_empty() || r.node_id.is_empty() {
-            return Err(Status::invalid_argument(
-                "volume_id and node_id are required",
-            ));
-        }
+        volume_and_node(&r.volume_id, &r.node_id)?;
         let mut reports = Vec::with_capacity(r.rebuilds.len());
         for (i, p) in r.rebuilds.into_iter().enumerate() {
             if p.replica_id.is_empty() {
@@ -450,16 +451,28 @@ impl ControlPlane for ControlPlaneService {
         request: Request<pb::RenewLeaseRequest>,
     ) -> Result<Response<pb::RenewLeaseResponse>, Status> {
         let r = request.into_inner();
-        if r.volume_id.is_empty() || r.node_id.is_empty() {
+        volume_and_node(&r.volume_id, &r.node_id)?;
+        if r.start && r.release {
             return Err(Status::invalid_argument(
-                "volume_id and node_id are required",
+                "start and release: an engine either starts or stops, not both",
+            ));
+        }
+        if r.clean && !r.release {
+            return Err(Status::invalid_argument(
+                "clean: only a release (an engine that stopped) can be clean",
             ));
         }
         if r.release {
             if r.clean {
-                self.controller
+                // Not heard: the next engine resynchronises the members, which costs a
+                // rebuild and loses nothing; the lease is given back all the same.
+                if let Err(e) = self
+                    .controller
                     .engine_stopped_cleanly(&r.volume_id, &r.node_id, r.epoch)
-                    .await?;
+                    .await
+                {
+                    tracing::warn!(volume = %r.volume_id, error = %e, "could not record a clean engine stop");
+                }
             }
             self.controller
                 .release_lease(&r.volume_id, &r.node_id, r.epoch)

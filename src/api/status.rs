@@ -40,6 +40,7 @@ impl From<MemberError> for Status {
             e @ (MemberError::Superseded { .. }
             | MemberError::LastMember { .. }
             | MemberError::NotRebuilding { .. }) => status(Code::FailedPrecondition, &e),
+            e @ MemberError::NoMemberUp { .. } => status(Code::Unavailable, &e),
             MemberError::Store(s) => Status::from(s),
         }
     }

@@ -531,7 +531,18 @@ impl Engine {
         // Renews at once, then every renew interval — more often if the controller grants a
         // lease shorter than three intervals. The shorter interval holds after a failed
         // renewal too: the next try must come while the granted lease still runs.
-        let mut every = self.inner.config.renew_interval;
+        // Before any renewal answers, the lease the engine started with sets the pace.
+        let left = self
+            .inner
+            .lease_deadline
+            .load(Ordering::Acquire)
+            .saturating_sub(self.now());
+        let mut every = self
+            .inner
+            .config
+            .renew_interval
+            .min(Duration::from_nanos(left) / 3)
+            .max(Duration::from_millis(100));
         let mut interval = Duration::ZERO;
         loop {
             tokio::select! {
