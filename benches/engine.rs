@@ -222,7 +222,7 @@ async fn start_network_engine(
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let secret = vec![7u8; 32];
     let volume = format!("net-{index}");
-    let token = palisade::token::attachment_token(&secret, &volume, 1);
+    let token = palisade::replica::token::attachment_token(&secret, &volume, 1);
     let mut list: Vec<Member> = Vec::new();
     for m in 0..members {
         let disk = dir.join(format!("net{index}-disk{m}"));
@@ -232,7 +232,7 @@ async fn start_network_engine(
         let r = palisade::replica::create(&disk, &replica_id, &volume, size)
             .map_err(|e| e.to_string())?;
         fill(&r.data_path(), size).map_err(|e| e.to_string())?;
-        let server = palisade::replica_server::ReplicaServer::bind(
+        let server = palisade::replica::server::ReplicaServer::bind(
             "127.0.0.1:0"
                 .parse::<std::net::SocketAddr>()
                 .map_err(|e| e.to_string())?,
@@ -255,7 +255,7 @@ async fn start_network_engine(
             list.push(Arc::new(session));
             continue;
         }
-        let client = palisade::replica_client::ReplicaClient::connect(
+        let client = palisade::replica::client::ReplicaClient::connect(
             addr,
             &volume,
             &replica_id,

@@ -178,7 +178,7 @@ impl Cluster {
     async fn wait_for_csi(&mut self, socket: &Path) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(channel) = palisade::csi_server::connect(socket).await {
+            if let Ok(channel) = palisade::csi::connect(socket).await {
                 let mut id = IdentityClient::new(channel);
                 if let Ok(r) = id.probe(pb::ProbeRequest {}).await {
                     if r.into_inner().ready == Some(true) {
@@ -260,7 +260,7 @@ impl Cluster {
 
     async fn controller(&self) -> ControllerClient<Channel> {
         ControllerClient::new(
-            palisade::csi_server::connect(&self.controller_socket)
+            palisade::csi::connect(&self.controller_socket)
                 .await
                 .expect("connect to the controller"),
         )
@@ -268,7 +268,7 @@ impl Cluster {
 
     async fn node_client(&self, id: &str) -> NodeClient<Channel> {
         NodeClient::new(
-            palisade::csi_server::connect(&self.node(id).socket)
+            palisade::csi::connect(&self.node(id).socket)
                 .await
                 .expect("connect to a node"),
         )

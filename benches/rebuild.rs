@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use palisade::engine::{Engine, EngineConfig, Member, Membership, RebuildState};
 use palisade::replica;
-use palisade::replica_client::ReplicaClient;
-use palisade::replica_server::ReplicaServer;
-use palisade::token::attachment_token;
+use palisade::replica::client::ReplicaClient;
+use palisade::replica::server::ReplicaServer;
+use palisade::replica::token::attachment_token;
 
 const MIB: u64 = 1 << 20;
 const SECRET: &[u8] = b"the rebuild bench's secret, 32 b";

@@ -1,33 +1,27 @@
 //! Palisade: a CSI driver that makes replicated block volumes out of the local disks of a
 //! cluster's nodes, and fences a failed node so it can never write to them again.
+//!
+//! One folder per subsystem; dependencies run one way, from the top of this list down:
+//!
+//! - `cmd`: the CLI's process wiring (standalone, controller, node, ctl);
+//! - `api`, `csi`: the gRPC services (Palisade's own, and CSI) as thin adapters;
+//! - `control`, `node`: the control plane's domain and the node's;
+//! - `scheduler`, `store`, `engine`, `replica`, `rpc`: placement, state, the data path, and
+//!   the clients of Palisade's own wire;
+//! - `model`, `params`, `settings`, `locks`: the base, imported by all, importing none of the
+//!   above.
 
-pub mod agent;
 pub mod api;
-pub mod attach;
-pub mod blockdev;
-pub mod cluster;
-pub mod controller;
+pub mod cmd;
+pub mod control;
 pub mod csi;
-pub mod csi_server;
-pub mod ctl;
 pub mod engine;
-pub mod extents;
-pub mod fence;
 pub mod locks;
 pub mod model;
-pub mod mount;
-pub mod nbd;
 pub mod node;
-pub mod node_engine;
-pub mod node_reconcile;
 pub mod params;
 pub mod replica;
-pub mod replica_client;
-pub mod replica_io;
-pub mod replica_server;
+pub mod rpc;
 pub mod scheduler;
 pub mod settings;
-pub mod standalone;
 pub mod store;
-pub mod token;
-pub mod wire;

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use palisade::cluster::controller::ControllerProcessConfig;
-use palisade::cluster::node::NodeProcessConfig;
-use palisade::standalone::{self, DiskArg, StandaloneConfig};
+use palisade::cmd::controller::ControllerProcessConfig;
+use palisade::cmd::node::NodeProcessConfig;
+use palisade::cmd::standalone::{self, DiskArg, StandaloneConfig};
 
 #[derive(Parser)]
 #[command(
@@ -106,7 +106,7 @@ enum Command {
         /// A copy of the controller's cluster secret (its <state-dir>/cluster.secret), read at
         /// start: the replica server checks session tokens with it, and the calls to and
         /// from the controller are authenticated with a key derived from it.
-        #[arg(long, env = "PALISADE_SECRET_FILE", default_value = palisade::cluster::DEFAULT_SECRET_FILE)]
+        #[arg(long, env = "PALISADE_SECRET_FILE", default_value = palisade::cmd::DEFAULT_SECRET_FILE)]
         secret_file: PathBuf,
         /// A disk for replicas: PATH or PATH:tag1,tag2. Repeat for several (default: <state-dir>/disk0).
         #[arg(long = "disk")]
@@ -139,7 +139,7 @@ enum Command {
         lease_seconds: u64,
     },
     /// The operator's view and levers: nodes, volumes, settings, force-detach.
-    Ctl(palisade::ctl::CtlArgs),
+    Ctl(palisade::cmd::ctl::CtlArgs),
 }
 
 /// The disks to use: those given, else `<state-dir>/disk0`.
@@ -229,7 +229,7 @@ fn main() -> ExitCode {
                 listen,
                 endpoint: endpoint_or_default(endpoint, &state_dir),
                 secret_file: secret_file
-                    .unwrap_or_else(|| state_dir.join(palisade::cluster::controller::SECRET_FILE)),
+                    .unwrap_or_else(|| state_dir.join(palisade::cmd::controller::SECRET_FILE)),
                 state_dir,
                 driver_name,
                 heartbeat_timeout: Duration::from_secs(heartbeat_timeout_seconds.max(1)),
@@ -238,7 +238,7 @@ fn main() -> ExitCode {
                 lease: Duration::from_secs(lease_seconds.max(1)),
             };
             runtime
-                .block_on(palisade::cluster::controller::run(cfg))
+                .block_on(palisade::cmd::controller::run(cfg))
                 .map_err(|e| e.to_string())
         }
         Command::Node {
@@ -283,13 +283,13 @@ fn main() -> ExitCode {
                 controller_timeout: heartbeat_interval.max(Duration::from_secs(5)),
             };
             runtime
-                .block_on(palisade::cluster::node::run(cfg))
+                .block_on(palisade::cmd::node::run(cfg))
                 .map_err(|e| e.to_string())
         }
         Command::Ctl(args) => {
             let mut out = std::io::stdout().lock();
             runtime
-                .block_on(palisade::ctl::run(args, &mut out))
+                .block_on(palisade::cmd::ctl::run(args, &mut out))
                 .map_err(|e| e.to_string())
         }
     };

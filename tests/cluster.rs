@@ -9,12 +9,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::cluster::*;
-use palisade::api::v1 as api;
-use palisade::api::v1::control_plane_client::ControlPlaneClient;
-use palisade::api::v1::node_agent_client::NodeAgentClient;
-use palisade::api::Auth;
 use palisade::csi::v1 as pb;
 use palisade::replica::DATA_FILE;
+use palisade::rpc::v1 as api;
+use palisade::rpc::v1::control_plane_client::ControlPlaneClient;
+use palisade::rpc::v1::node_agent_client::NodeAgentClient;
+use palisade::rpc::Auth;
 use pb::identity_client::IdentityClient;
 use pb::node_client::NodeClient;
 use serde_json::Value;
@@ -54,7 +54,7 @@ async fn three_nodes_place_replicas_survive_a_dead_node_and_obey_ctl() {
     );
 
     // Each node's CSI socket serves Identity (no controller service) and Node.
-    let node_channel = palisade::csi_server::connect(&cluster.node("n2").socket)
+    let node_channel = palisade::csi::connect(&cluster.node("n2").socket)
         .await
         .expect("connect to n2");
     let info = NodeClient::new(node_channel.clone())
@@ -414,7 +414,7 @@ async fn the_apis_refuse_callers_without_this_clusters_credential() {
     let timeout = Duration::from_secs(5);
 
     // The controller's ControlPlane: a bare client, and another cluster's credential.
-    let channel = palisade::api::channel(&cluster.api, timeout).expect("controller channel");
+    let channel = palisade::rpc::channel(&cluster.api, timeout).expect("controller channel");
     let mut bare = ControlPlaneClient::new(channel.clone());
     let missing = "missing authorization metadata";
     assert_unauthenticated(bare.list_volumes(api::ListVolumesRequest {}).await, missing);
@@ -423,7 +423,7 @@ async fn the_apis_refuse_callers_without_this_clusters_credential() {
             .await,
         missing,
     );
-    let mut wrong = palisade::api::control_client(channel.clone(), stranger.clone());
+    let mut wrong = palisade::rpc::control_client(channel.clone(), stranger.clone());
     let wrong_credential = "wrong credential for this cluster";
     assert_unauthenticated(
         wrong.list_volumes(api::ListVolumesRequest {}).await,
@@ -463,7 +463,7 @@ async fn the_apis_refuse_callers_without_this_clusters_credential() {
         "malformed authorization metadata",
     );
     // The right credential works on the same channel.
-    let mut right = palisade::api::control_client(channel, Auth::new(&secret));
+    let mut right = palisade::rpc::control_client(channel, Auth::new(&secret));
     let volumes = right
         .list_volumes(api::ListVolumesRequest {})
         .await
@@ -478,7 +478,7 @@ async fn the_apis_refuse_callers_without_this_clusters_credential() {
     );
 
     // The node's agent: nobody but the controller deletes a replica.
-    let channel = palisade::api::channel(&agent_address, timeout).expect("agent channel");
+    let channel = palisade::rpc::channel(&agent_address, timeout).expect("agent channel");
     let delete = || api::DeleteReplicaRequest {
         target: Some(target.clone()),
     };
@@ -489,14 +489,14 @@ async fn the_apis_refuse_callers_without_this_clusters_credential() {
         missing,
     );
     assert_unauthenticated(
-        palisade::api::agent_client(channel.clone(), stranger)
+        palisade::rpc::agent_client(channel.clone(), stranger)
             .delete_replica(delete())
             .await,
         wrong_credential,
     );
     assert!(replica_path.join(DATA_FILE).exists());
     // With the credential (a grow to the same size: nothing changes), it answers.
-    palisade::api::agent_client(channel, Auth::new(&secret))
+    palisade::rpc::agent_client(channel, Auth::new(&secret))
         .grow_replica(api::GrowReplicaRequest {
             target: Some(target.clone()),
             size: 8 * MIB,
@@ -735,7 +735,7 @@ async fn failover_scenario(cluster: &mut Cluster) {
             .iter()
             .find(|(r, _)| r == replica)
             .expect("a stale session on each member of the new engine");
-        use palisade::replica_io::{ReplicaIo, ReplicaIoError};
+        use palisade::replica::io::{ReplicaIo, ReplicaIoError};
         let data = || bytes::Bytes::from(vec![0xa5; 4096]);
         let refusals = [
             ("write", session.write(0, data(), false).await),

@@ -3420,9 +3420,7 @@ async fn sigterm_exits_even_while_a_client_connection_is_unresponsive() {
             .build()
             .expect("runtime");
         rt.block_on(async {
-            let channel = palisade::csi_server::connect(&socket)
-                .await
-                .expect("connect");
+            let channel = palisade::csi::connect(&socket).await.expect("connect");
             let mut id = pb::identity_client::IdentityClient::new(channel.clone());
             id.probe(pb::ProbeRequest {}).await.expect("probe");
             connected_tx.send(()).expect("signal");

@@ -13,9 +13,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use palisade::engine::{Engine, EngineConfig, Member, Membership, RebuildState};
 use palisade::replica;
-use palisade::replica_client::ReplicaClient;
-use palisade::replica_server::ReplicaServer;
-use palisade::token::attachment_token;
+use palisade::replica::client::ReplicaClient;
+use palisade::replica::server::ReplicaServer;
+use palisade::replica::token::attachment_token;
 
 const MIB: u64 = 1 << 20;
 const SECRET: &[u8] = b"the rebuild test's secret, 32 b.";

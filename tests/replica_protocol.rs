@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use palisade::replica;
-use palisade::replica_client::ReplicaClient;
-use palisade::replica_io::{ReplicaIo, ReplicaIoError};
-use palisade::replica_server::{LocalReplicas, ReplicaServer};
-use palisade::token::{attachment_token, load_or_create_secret};
-use palisade::wire::{self, Open, Request, Response};
+use palisade::replica::client::ReplicaClient;
+use palisade::replica::io::{ReplicaIo, ReplicaIoError};
+use palisade::replica::server::{LocalReplicas, ReplicaServer};
+use palisade::replica::token::{attachment_token, load_or_create_secret};
+use palisade::replica::wire::{self, Open, Request, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;

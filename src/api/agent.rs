@@ -1,5 +1,5 @@
 //! The node agent over the network: `AgentService` serves a node's agent (its disks, through
-//! [`crate::agent::LocalAgent`]) as the NodeAgent gRPC service, and `RemoteAgent` is the
+//! [`crate::replica::agent::LocalAgent`]) as the NodeAgent gRPC service, and `RemoteAgent` is the
 //! controller's [`NodeAgent`]: it looks up the node's agent address in the store and calls
 //! that service, within a timeout, with the cluster's API credential.
 
@@ -14,10 +14,10 @@ use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
 use super::status::{agent_error, agent_status};
-use super::v1 as pb;
-use super::{AgentClient, Auth};
-use crate::agent::{AgentError, NodeAgent, ReplicaTarget};
-use crate::csi_server::convert::required;
+use crate::csi::convert::required;
+use crate::replica::agent::{AgentError, NodeAgent, ReplicaTarget};
+use crate::rpc::v1 as pb;
+use crate::rpc::{AgentClient, Auth};
 use crate::store::Store;
 
 /// The NodeAgent gRPC service of one node, over the agent that acts on its disks.
@@ -25,7 +25,7 @@ pub struct AgentService {
     /// The agent that acts on this node's disks (a `LocalAgent`).
     pub agent: Arc<dyn NodeAgent>,
     /// The node's engines, for online expansion (None: this node runs none).
-    pub engines: Option<crate::node_engine::ClusterLink>,
+    pub engines: Option<crate::node::engines::ClusterLink>,
 }
 
 /// A request's target: every field required.
@@ -174,14 +174,14 @@ impl RemoteAgent {
         let channel = match channels.get(address) {
             Some(c) => c.clone(),
             None => {
-                let c = super::channel(address, self.timeout).map_err(|e| {
+                let c = crate::rpc::channel(address, self.timeout).map_err(|e| {
                     unreachable(format!("its agent address {address:?} is not usable: {e}"))
                 })?;
                 channels.insert(address.clone(), c.clone());
                 c
             }
         };
-        Ok(super::agent_client(channel, self.auth.clone()))
+        Ok(crate::rpc::agent_client(channel, self.auth.clone()))
     }
 
     /// Runs one call within the timeout, mapping what went wrong to an agent error.
@@ -267,8 +267,8 @@ impl NodeAgent for RemoteAgent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::LocalAgent;
     use crate::model::Node;
+    use crate::replica::agent::LocalAgent;
     use crate::store::embedded::EmbeddedStore;
 
     fn node(id: &str, agent_address: &str) -> Node {
@@ -304,7 +304,7 @@ mod tests {
                         agent: local,
                         engines: None,
                     },
-                    super::super::RequireCredential::new(secret.clone(), "node agent API"),
+                    crate::rpc::RequireCredential::new(secret.clone(), "node agent API"),
                 ))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::{debug, instrument};
 
-use super::v1 as pb;
-use super::v1::control_plane_server::ControlPlane;
-use crate::controller::{self, Controller, SettingUpdateError};
-use crate::csi_server::convert::required;
+use crate::control::{self, Controller, SettingUpdateError};
+use crate::csi::convert::required;
 use crate::model::{self, Disk, Node, ReplicaState, VolumeState};
+use crate::rpc::v1 as pb;
+use crate::rpc::v1::control_plane_server::ControlPlane;
 
 /// The longest node id accepted (a DNS name's bound; node ids are host names).
 pub const MAX_NODE_ID_BYTES: usize = 253;
@@ -104,7 +104,7 @@ fn volume_state(s: VolumeState) -> &'static str {
     }
 }
 
-fn replica_state(r: &controller::ReplicaStatus) -> &'static str {
+fn replica_state(r: &control::ReplicaStatus) -> &'static str {
     if r.planned {
         return "planned";
     }
@@ -128,7 +128,7 @@ fn attachment(a: &model::Attachment) -> pb::AttachmentStatus {
 /// What the volume views say about each node: its replica server address and health.
 type NodeFacts = HashMap<String, (String, bool)>;
 
-fn rebuild_progress(r: controller::RebuildReport) -> pb::RebuildProgress {
+fn rebuild_progress(r: control::RebuildReport) -> pb::RebuildProgress {
     pb::RebuildProgress {
         replica_id: r.replica_id,
         size: r.size,
@@ -142,7 +142,7 @@ fn rebuild_progress(r: controller::RebuildReport) -> pb::RebuildProgress {
 }
 
 fn volume(
-    v: &controller::VolumeStatus,
+    v: &control::VolumeStatus,
     nodes: &NodeFacts,
     controller: &Controller,
 ) -> pb::VolumeStatus {
@@ -204,7 +204,7 @@ impl ControlPlaneService {
     }
 
     /// The volume whose id, or else whose CSI name, is `key`.
-    async fn find_volume(&self, key: &str) -> Result<controller::VolumeStatus, Status> {
+    async fn find_volume(&self, key: &str) -> Result<control::VolumeStatus, Status> {
         required(key, "volume")?;
         if let Some(v) = self.controller.volume_status(key).await? {
             return Ok(v);
@@ -385,9 +385,9 @@ impl ControlPlane for ControlPlaneService {
             .update_volume(&id, replicas, locality)
             .await
             .map_err(|e| match e {
-                controller::UpdateError::NotFound(_) => Status::not_found(e.to_string()),
-                controller::UpdateError::Invalid(_) => Status::invalid_argument(e.to_string()),
-                controller::UpdateError::Store(s) => Status::from(s),
+                control::UpdateError::NotFound(_) => Status::not_found(e.to_string()),
+                control::UpdateError::Invalid(_) => Status::invalid_argument(e.to_string()),
+                control::UpdateError::Store(s) => Status::from(s),
             })?;
         let found = self.find_volume(&id).await?;
         let nodes = self.node_facts().await?;
@@ -425,7 +425,7 @@ impl ControlPlane for ControlPlaneService {
                     p.state
                 )));
             }
-            reports.push(controller::RebuildReport {
+            reports.push(control::RebuildReport {
                 replica_id: p.replica_id,
                 size: p.size,
                 done: p.done,
@@ -509,8 +509,8 @@ impl ControlPlane for ControlPlaneService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::LocalAgent;
-    use crate::controller::ControllerConfig;
+    use crate::control::ControllerConfig;
+    use crate::replica::agent::LocalAgent;
     use crate::store::embedded::EmbeddedStore;
     use tonic::Code;
 

@@ -1,76 +1,9 @@
-//! Palisade's own gRPC API (proto/palisade.proto): the controller's ControlPlane, which node
-//! agents and `palisade ctl` use, and every node's NodeAgent, which the controller uses.
-//! Thin adapters over the domain layer (`control`, `agent`), with the mapping of their errors
-//! to gRPC codes in one place (`status`). Every call of both services carries the cluster's
-//! API credential (`auth`).
+//! Palisade's own gRPC services (proto/palisade.proto), served: the controller's ControlPlane,
+//! which node agents and `palisade ctl` call, and every node's NodeAgent, which the controller
+//! calls (with `agent::RemoteAgent`, the controller's side of it). Thin adapters over the
+//! domain layers (`control`, `replica::agent`, `node`), with the mapping of their errors to
+//! gRPC codes in one place (`status`). The wire types, clients and credentials are in `rpc`.
 
 pub mod agent;
-pub mod auth;
 pub mod control;
 pub mod status;
-
-use std::time::Duration;
-
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
-
-pub use auth::{Auth, RequireCredential};
-
-/// The wire types and gRPC services generated from proto/palisade.proto.
-#[allow(clippy::all, missing_docs)]
-pub mod v1 {
-    tonic::include_proto!("palisade.v1");
-}
-
-/// A ControlPlane client whose calls carry the API credential.
-pub type ControlClient =
-    v1::control_plane_client::ControlPlaneClient<InterceptedService<Channel, Auth>>;
-
-/// A NodeAgent client whose calls carry the API credential.
-pub type AgentClient = v1::node_agent_client::NodeAgentClient<InterceptedService<Channel, Auth>>;
-
-/// A ControlPlane client over `channel` whose calls carry `auth`'s credential.
-pub fn control_client(channel: Channel, auth: Auth) -> ControlClient {
-    v1::control_plane_client::ControlPlaneClient::with_interceptor(channel, auth)
-}
-
-/// A NodeAgent client over `channel` whose calls carry `auth`'s credential.
-pub fn agent_client(channel: Channel, auth: Auth) -> AgentClient {
-    v1::node_agent_client::NodeAgentClient::with_interceptor(channel, auth)
-}
-
-/// A gRPC channel to a TCP endpoint given as `http://host:port` or `host:port`. It connects
-/// lazily (and reconnects after a failure); `timeout` bounds connecting and every call.
-pub fn channel(address: &str, timeout: Duration) -> Result<Channel, tonic::transport::Error> {
-    let uri = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    };
-    Ok(Endpoint::from_shared(uri)?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .tcp_nodelay(true)
-        .connect_lazy())
-}
-
-/// A status's message followed by the errors beneath it (a refused connection says why only
-/// there).
-pub fn message(s: &tonic::Status) -> String {
-    let mut text = s.message().to_string();
-    let mut source = std::error::Error::source(s);
-    while let Some(e) = source {
-        let part = e.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = e.source();
-    }
-    text
-}
-
-/// A status for the logs: its code and [`message`].
-pub fn describe(s: &tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), message(s))
-}

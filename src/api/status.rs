@@ -4,9 +4,9 @@
 
 use tonic::{Code, Status};
 
-use crate::agent::AgentError;
-use crate::controller::{ForceDetachError, MemberError, RegisterError, SettingUpdateError};
-use crate::csi_server::status::status;
+use crate::control::{ForceDetachError, MemberError, RegisterError, SettingUpdateError};
+use crate::csi::status::status;
+use crate::replica::agent::AgentError;
 use crate::settings::SettingError;
 
 impl From<RegisterError> for Status {

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use nix::fcntl::{fallocate, FallocateFlags};
 
-use crate::replica_io::{ReplicaIo, ReplicaIoError};
+use crate::replica::io::{ReplicaIo, ReplicaIoError};
 
 /// The largest buffer of zeroes written at once when a file system cannot punch holes.
 const ZERO_CHUNK: usize = 1 << 20;
@@ -191,7 +191,7 @@ impl ReplicaIo for FileReplica {
         self.check(offset, u64::from(len))?;
         let file = Arc::clone(&self.file);
         self.blocking("map extents", move || {
-            crate::extents::data_extents(&file, offset, len)
+            crate::replica::extents::data_extents(&file, offset, len)
         })
         .await
     }
@@ -200,11 +200,11 @@ impl ReplicaIo for FileReplica {
         &self,
         offset: u64,
         len: u32,
-    ) -> Result<[u8; crate::wire::CHECKSUM_LEN], ReplicaIoError> {
+    ) -> Result<[u8; crate::replica::wire::CHECKSUM_LEN], ReplicaIoError> {
         self.check(offset, u64::from(len))?;
         let file = Arc::clone(&self.file);
         self.blocking("checksum", move || {
-            crate::extents::checksum(&file, offset, len)
+            crate::replica::extents::checksum(&file, offset, len)
         })
         .await
     }

@@ -30,6 +30,7 @@
 //!   have; FUA writes are FUA on every member.
 
 mod file_replica;
+pub mod nbd;
 mod range_lock;
 mod rebuild;
 mod server;
@@ -46,8 +47,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::nbd;
-use crate::replica_io::{ReplicaIo, ReplicaIoError};
+use crate::replica::io::{ReplicaIo, ReplicaIoError};
 
 pub use file_replica::{FileIo, FileReplica};
 use range_lock::{RangeLock, RangeLocks};
@@ -341,10 +341,12 @@ impl Engine {
                 return Err(refuse(format!("member {} is listed twice", m.id())));
             }
         }
-        if config.rebuild_chunk == 0 || config.rebuild_chunk as usize > crate::wire::MAX_IO_LEN {
+        if config.rebuild_chunk == 0
+            || config.rebuild_chunk as usize > crate::replica::wire::MAX_IO_LEN
+        {
             return Err(refuse(format!(
                 "the rebuild chunk must be 1 to {} bytes",
-                crate::wire::MAX_IO_LEN
+                crate::replica::wire::MAX_IO_LEN
             )));
         }
         if config.max_in_flight_requests == 0

@@ -30,8 +30,8 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::{Engine, EngineError, Member};
-use crate::replica_io::ReplicaIoError;
-use crate::wire::MAX_EXTENTS;
+use crate::replica::io::ReplicaIoError;
+use crate::replica::wire::MAX_EXTENTS;
 
 /// The bytes copied under one range lock.
 pub const REBUILD_CHUNK: u32 = 4 << 20;
@@ -124,7 +124,7 @@ pub struct RebuildStatus {
 /// The data extents of `[offset, end)` on `replica`, all of them (asked again past
 /// [`MAX_EXTENTS`]).
 async fn extents_of(
-    replica: &dyn crate::replica_io::ReplicaIo,
+    replica: &dyn crate::replica::io::ReplicaIo,
     offset: u64,
     end: u64,
 ) -> Result<Vec<(u64, u32)>, ReplicaIoError> {
@@ -355,7 +355,7 @@ impl Engine {
         let mut digests = Vec::with_capacity(data.len());
         for &(data_at, data_len) in &data {
             let bytes = source.read(data_at, data_len).await.map_err(src)?;
-            digests.push(crate::extents::digest(&bytes));
+            digests.push(crate::replica::extents::digest(&bytes));
             target
                 .member
                 .write(data_at, bytes, false)
@@ -396,7 +396,7 @@ impl Engine {
                     // Stored bytes where the source has a hole: they must be zeros.
                     let n = (to - from) as u32;
                     let sum = target.member.checksum(from, n).await.map_err(dst)?;
-                    if sum != crate::extents::digest(&vec![0u8; n as usize]) {
+                    if sum != crate::replica::extents::digest(&vec![0u8; n as usize]) {
                         return Err(format!(
                             "verification failed: the target's {n} bytes at {from} are not zeros where the source has a hole"
                         ));

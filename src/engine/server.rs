@@ -22,7 +22,9 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use super::{Engine, EngineError};
-use crate::nbd::{self, Command, Errno, Handshake, HandshakeStatus, ProtocolError, Request};
+use crate::engine::nbd::{
+    self, Command, Errno, Handshake, HandshakeStatus, ProtocolError, Request,
+};
 
 /// How much the reader asks the socket for at least, per read.
 const READ_CHUNK: usize = 64 * 1024;

@@ -8,9 +8,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use palisade::api::v1 as api;
 use palisade::csi::v1 as pb;
 use palisade::replica::{DATA_FILE, REPLICAS_DIR};
+use palisade::rpc::v1 as api;
 use pb::controller_client::ControllerClient;
 use pb::identity_client::IdentityClient;
 use pb::node_client::NodeClient;
@@ -257,7 +257,7 @@ impl Cluster {
     pub async fn wait_for_csi(&mut self, socket: &Path) -> Channel {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(channel) = palisade::csi_server::connect(socket).await {
+            if let Ok(channel) = palisade::csi::connect(socket).await {
                 let mut id = IdentityClient::new(channel.clone());
                 if let Ok(r) = id.probe(pb::ProbeRequest {}).await {
                     if r.into_inner().ready == Some(true) {
@@ -353,7 +353,7 @@ impl Cluster {
 
     pub async fn controller_client(&self) -> ControllerClient<Channel> {
         ControllerClient::new(
-            palisade::csi_server::connect(&self.controller_socket)
+            palisade::csi::connect(&self.controller_socket)
                 .await
                 .expect("connect to the controller's CSI socket"),
         )
@@ -500,7 +500,7 @@ pub async fn stage_and_publish(
 ) -> PathBuf {
     let n = cluster.node(node);
     let mut client = NodeClient::new(
-        palisade::csi_server::connect(&n.socket)
+        palisade::csi::connect(&n.socket)
             .await
             .expect("connect to the node's CSI socket"),
     );
@@ -626,7 +626,7 @@ pub async fn ready_cluster(cluster: &Cluster) -> ControllerClient<Channel> {
 /// A client of a node's CSI socket.
 pub async fn node_client(cluster: &Cluster, node: &str) -> NodeClient<Channel> {
     NodeClient::new(
-        palisade::csi_server::connect(&cluster.node(node).socket)
+        palisade::csi::connect(&cluster.node(node).socket)
             .await
             .expect("connect to the node's CSI socket"),
     )
@@ -939,11 +939,11 @@ pub async fn stale_sessions(
     cluster: &Cluster,
     volume: &str,
     publish_context: &std::collections::HashMap<String, String>,
-) -> Vec<(String, palisade::replica_client::ReplicaClient)> {
-    let epoch: u64 = publish_context[palisade::controller::CONTEXT_EPOCH]
+) -> Vec<(String, palisade::replica::client::ReplicaClient)> {
+    let epoch: u64 = publish_context[palisade::control::CONTEXT_EPOCH]
         .parse()
         .expect("an epoch");
-    let token = &publish_context[palisade::controller::CONTEXT_TOKEN];
+    let token = &publish_context[palisade::control::CONTEXT_TOKEN];
     let status = cluster.ctl_json(&["volume", volume]);
     let mut sessions = Vec::new();
     for r in status["replicas"].as_array().expect("replicas") {
@@ -952,7 +952,7 @@ pub async fn stale_sessions(
         }
         let id = r["id"].as_str().expect("replica id");
         let address = r["node_address"].as_str().expect("node_address");
-        let session = palisade::replica_client::ReplicaClient::connect(
+        let session = palisade::replica::client::ReplicaClient::connect(
             address, volume, id, epoch, token, false,
         )
         .await

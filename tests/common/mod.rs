@@ -158,7 +158,7 @@ async fn spawn(dir: &Path, socket: &Path, disks: &[String], node_id: &str) -> (C
     let mut child = cmd.spawn().expect("spawn palisade");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(channel) = palisade::csi_server::connect(socket).await {
+        if let Ok(channel) = palisade::csi::connect(socket).await {
             let mut id = IdentityClient::new(channel.clone());
             if let Ok(r) = id.probe(pb::ProbeRequest {}).await {
                 if r.into_inner().ready == Some(true) {

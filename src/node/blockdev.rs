@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::stat::{major, minor};
 
-use crate::mount::{self, MountError};
+use crate::node::mount::{self, MountError};
 
 /// How much of each end of a device [`probe`] reads to make sure it holds nothing.
 const ZERO_CHECK_BYTES: u64 = 1 << 20;
@@ -765,8 +765,8 @@ pub fn grow_ext4_offline(device: &Path) -> Result<(), BlockError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mount;
-    use crate::mount::test_support::{is_root, MountGuard};
+    use crate::node::mount;
+    use crate::node::mount::test_support::{is_root, MountGuard};
     use std::io::Write;
 
     /// Unmounts, then detaches, whatever a test set up, even when an assertion failed.

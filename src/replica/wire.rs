@@ -67,7 +67,7 @@ pub const MAX_TOKEN_LEN: usize = 128;
 pub const MAX_MESSAGE_LEN: usize = 1024;
 /// The most extents one Extents answer lists; a range with more is asked for in pieces.
 pub const MAX_EXTENTS: usize = 4096;
-/// The length of a Checksum answer's digest (XXH3-128, see [`crate::extents`]).
+/// The length of a Checksum answer's digest (XXH3-128, see [`crate::replica::extents`]).
 pub const CHECKSUM_LEN: usize = 16;
 
 /// The flag bit of a Write that asks for it to be on stable storage before it is answered.
@@ -107,7 +107,7 @@ pub struct Open {
     pub replica_id: String,
     /// The attachment epoch of the engine opening the session.
     pub epoch: u64,
-    /// The attachment token for (volume_id, epoch); see [`crate::token`].
+    /// The attachment token for (volume_id, epoch); see [`crate::replica::token`].
     pub token: String,
 }
 

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::api::v1 as pb;
-use crate::api::{Auth, ControlClient};
+use crate::rpc::v1 as pb;
+use crate::rpc::{Auth, ControlClient};
 
 /// `palisade ctl` and its options.
 #[derive(Debug, clap::Args)]
@@ -29,7 +29,7 @@ pub struct CtlArgs {
         long,
         global = true,
         env = "PALISADE_SECRET_FILE",
-        default_value = crate::cluster::DEFAULT_SECRET_FILE
+        default_value = crate::cmd::DEFAULT_SECRET_FILE
     )]
     pub secret_file: PathBuf,
     /// Print JSON instead of tables.
@@ -117,7 +117,7 @@ pub enum CtlError {
     Secret {
         path: PathBuf,
         #[source]
-        source: crate::token::SecretError,
+        source: crate::replica::token::SecretError,
     },
     #[error("{what} failed ({code:?}, controller {controller}): {message}")]
     Rpc {
@@ -137,18 +137,19 @@ pub enum CtlError {
 /// Runs one `palisade ctl` command, printing to `out`.
 pub async fn run(args: CtlArgs, out: &mut dyn Write) -> Result<(), CtlError> {
     let timeout = Duration::from_secs(args.timeout_seconds.max(1));
-    let secret =
-        crate::token::read_secret_file(&args.secret_file).map_err(|source| CtlError::Secret {
+    let secret = crate::replica::token::read_secret_file(&args.secret_file).map_err(|source| {
+        CtlError::Secret {
             path: args.secret_file.clone(),
             source,
-        })?;
+        }
+    })?;
     let channel =
-        crate::api::channel(&args.controller, timeout).map_err(|source| CtlError::Address {
+        crate::rpc::channel(&args.controller, timeout).map_err(|source| CtlError::Address {
             address: args.controller.clone(),
             source,
         })?;
     let ctl = Ctl {
-        client: crate::api::control_client(channel, Auth::new(&secret)),
+        client: crate::rpc::control_client(channel, Auth::new(&secret)),
         controller: args.controller.clone(),
         json: args.json,
     };
@@ -218,7 +219,7 @@ impl Ctl {
             what,
             controller: self.controller.clone(),
             code: s.code(),
-            message: crate::api::message(&s),
+            message: crate::rpc::message(&s),
         }
     }
 

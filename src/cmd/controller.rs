@@ -16,14 +16,14 @@ use super::process::{self, LocalReadiness, Server};
 use super::{create_state_dir, listen, ClusterError};
 use crate::api::agent::RemoteAgent;
 use crate::api::control::ControlPlaneService;
-use crate::api::v1::control_plane_server::ControlPlaneServer;
-use crate::api::{Auth, RequireCredential};
-use crate::controller::{Controller, ControllerConfig, Fencing};
+use crate::control::fence::ReplicaFencer;
+use crate::control::{Controller, ControllerConfig, Fencing};
 use crate::csi::v1::{controller_server::ControllerServer, identity_server::IdentityServer};
-use crate::csi_server::{self, controller::ControllerService, identity};
-use crate::fence::ReplicaFencer;
+use crate::csi::{self, controller::ControllerService, identity};
+use crate::replica::token;
+use crate::rpc::v1::control_plane_server::ControlPlaneServer;
+use crate::rpc::{Auth, RequireCredential};
 use crate::store::{embedded::EmbeddedStore, Store};
-use crate::token;
 
 /// How long fencing waits for one replica before counting it unreachable.
 const FENCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -62,7 +62,7 @@ pub struct ControllerProcessConfig {
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
     create_state_dir(&cfg.state_dir)?;
-    let socket = csi_server::socket_path(&cfg.endpoint)?;
+    let socket = csi::socket_path(&cfg.endpoint)?;
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.state_dir.join(STORE_FILE))?);
     let secret = Arc::new(token::load_or_create_secret(&cfg.secret_file)?);
     let agent = Arc::new(RemoteAgent::new(
@@ -96,7 +96,7 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
             address: cfg.listen,
             source,
         })?;
-    let csi_listener = csi_server::bind_socket(&socket)?;
+    let csi_listener = csi::bind_socket(&socket)?;
 
     // Interrupted creations and deletions need the nodes' agents, which may not be back yet:
     // finish them in the background rather than hold up serving.

@@ -1,5 +1,12 @@
-//! The CSI gRPC surface: thin adapters over the domain services, one error mapping, and the
-//! unix socket they are served on.
+//! The CSI gRPC surface: the wire types generated from proto/csi.proto (`v1`), thin adapters
+//! over the domain services (identity, controller, node), request conversion, the one error
+//! mapping, and the unix socket they are served on.
+
+/// The CSI v1 wire types and gRPC services generated from proto/csi.proto.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("csi.v1");
+}
 
 pub mod controller;
 pub mod convert;

@@ -20,8 +20,8 @@ use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
-use crate::replica_io::{ReplicaIo, ReplicaIoError};
-use crate::wire::{self, Open, Request, Response, Tag};
+use crate::replica::io::{ReplicaIo, ReplicaIoError};
+use crate::replica::wire::{self, Open, Request, Response, Tag};
 
 /// How long [`ReplicaClient::connect`] waits for the connection and the Open's answer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -8,18 +8,18 @@ use std::time::Duration;
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
-use crate::agent::LocalAgent;
-use crate::cluster::process::{self, LocalReadiness, ReadyDisk, ServeError, Server};
-use crate::controller::{Controller, ControllerConfig, MAX_VOLUMES_PER_NODE};
+use crate::cmd::process::{self, LocalReadiness, ReadyDisk, ServeError, Server};
+use crate::control::{Controller, ControllerConfig, MAX_VOLUMES_PER_NODE};
 use crate::csi::v1::{
     controller_server::ControllerServer, identity_server::IdentityServer, node_server::NodeServer,
 };
-use crate::csi_server::{self, controller::ControllerService, identity, node::NodeRpc};
+use crate::csi::{self, controller::ControllerService, identity, node::NodeRpc};
 use crate::model::{now_ms, Node};
 use crate::node::{NodeConfig, NodeService};
+use crate::replica::agent::LocalAgent;
 use crate::store::{embedded::EmbeddedStore, Store};
 
-pub use crate::cluster::process::DiskArg;
+pub use crate::cmd::process::DiskArg;
 
 /// Everything `palisade standalone` needs.
 #[derive(Debug, Clone)]
@@ -37,7 +37,7 @@ pub struct StandaloneConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum StandaloneError {
     #[error(transparent)]
-    Socket(#[from] csi_server::SocketError),
+    Socket(#[from] csi::SocketError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
@@ -74,7 +74,7 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), StandaloneError> {
         path: cfg.state_dir.clone(),
         source,
     })?;
-    let socket = csi_server::socket_path(&cfg.endpoint)?;
+    let socket = csi::socket_path(&cfg.endpoint)?;
     let store: Arc<dyn Store> =
         Arc::new(EmbeddedStore::open(&cfg.state_dir.join("palisade.redb"))?);
 
@@ -121,7 +121,7 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), StandaloneError> {
         })
     };
 
-    let listener = csi_server::bind_socket(&socket)?;
+    let listener = csi::bind_socket(&socket)?;
     info!(endpoint = %cfg.endpoint, node = %cfg.node_id, "serving CSI identity, controller and node");
     let readiness = Arc::new(LocalReadiness {
         store: Some(store.clone()),

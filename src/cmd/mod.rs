@@ -2,6 +2,9 @@
 //! the ControlPlane API) and `palisade node` (CSI Node, the node agent, the replica server),
 //! plus the process plumbing they share with `palisade standalone`.
 
+pub mod ctl;
+pub mod standalone;
+
 pub mod controller;
 pub mod node;
 pub mod process;
@@ -16,7 +19,7 @@ pub const DEFAULT_SECRET_FILE: &str = "/var/lib/palisade/cluster.secret";
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error(transparent)]
-    Socket(#[from] crate::csi_server::SocketError),
+    Socket(#[from] crate::csi::SocketError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
@@ -24,15 +27,15 @@ pub enum ClusterError {
     #[error(transparent)]
     Node(#[from] crate::node::NodeError),
     #[error(transparent)]
-    Secret(#[from] crate::token::SecretError),
+    Secret(#[from] crate::replica::token::SecretError),
     #[error("reading the cluster secret (--secret-file {path:?}) failed: {source}; give the path of a copy of the controller's secret file (<controller state dir>/cluster.secret) with --secret-file")]
     SecretFile {
         path: PathBuf,
         #[source]
-        source: crate::token::SecretError,
+        source: crate::replica::token::SecretError,
     },
     #[error(transparent)]
-    ReplicaServer(#[from] crate::replica_server::ServerError),
+    ReplicaServer(#[from] crate::replica::server::ServerError),
     #[error("create state directory {path:?}: {source}")]
     StateDir {
         path: PathBuf,

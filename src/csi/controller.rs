@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::convert::{self, bytes_i64, required, volume_id};
-use crate::controller::{Controller, CreateRequest};
+use crate::control::{Controller, CreateRequest};
 use crate::csi::v1 as pb;
 use crate::csi::v1::controller_server::Controller as CsiController;
 use crate::model::{AccessType, Volume, TOPOLOGY_NODE_KEY};
@@ -31,7 +31,7 @@ fn topology_of(v: &Volume) -> Vec<pb::Topology> {
 
 fn volume_context(v: &Volume) -> HashMap<String, String> {
     let mut ctx = v.params.to_context();
-    if let Some(fs) = crate::controller::volume_fs_type(v) {
+    if let Some(fs) = crate::control::volume_fs_type(v) {
         ctx.insert(crate::params::FS_TYPE.to_string(), fs.to_string());
     }
     ctx.extend(v.extra_params.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -198,10 +198,10 @@ impl CsiController for ControllerService {
             Ok(c) => c,
             Err(status) => return unconfirmed(status.message().to_string()),
         };
-        if let Err(why) = crate::controller::check_capabilities(&caps, "volume_capabilities") {
+        if let Err(why) = crate::control::check_capabilities(&caps, "volume_capabilities") {
             return unconfirmed(why);
         }
-        let volume_fs = crate::controller::volume_fs_type(&volume);
+        let volume_fs = crate::control::volume_fs_type(&volume);
         for (i, c) in caps.iter().enumerate() {
             let fits = match &c.access_type {
                 AccessType::Block => volume
@@ -296,7 +296,7 @@ impl CsiController for ControllerService {
             return Ok(Response::new(pb::GetCapacityResponse {
                 available_capacity: 0,
                 maximum_volume_size: Some(0),
-                minimum_volume_size: Some(bytes_i64(crate::controller::SIZE_ALIGNMENT)),
+                minimum_volume_size: Some(bytes_i64(crate::control::SIZE_ALIGNMENT)),
             }));
         }
         let segment = req.accessible_topology.as_ref().map(|t| &t.segments);
@@ -304,7 +304,7 @@ impl CsiController for ControllerService {
         Ok(Response::new(pb::GetCapacityResponse {
             available_capacity: bytes_i64(report.available),
             maximum_volume_size: Some(bytes_i64(report.maximum_volume_size)),
-            minimum_volume_size: Some(bytes_i64(crate::controller::SIZE_ALIGNMENT)),
+            minimum_volume_size: Some(bytes_i64(crate::control::SIZE_ALIGNMENT)),
         }))
     }
 
@@ -376,7 +376,7 @@ impl CsiController for ControllerService {
         let range = convert::capacity_range(Some(range))?;
         if let Some(cap) = &req.volume_capability {
             let cap = convert::capability(cap, "volume_capability")?;
-            crate::controller::check_capabilities(std::slice::from_ref(&cap), "volume_capability")
+            crate::control::check_capabilities(std::slice::from_ref(&cap), "volume_capability")
                 .map_err(Status::invalid_argument)?;
         }
         let id = volume_id(&req.volume_id, "volume_id")?;

@@ -1,10 +1,10 @@
 //! The cluster-mode data path of a staged volume on its node: an engine over the volume's
 //! member replicas (sessions opened with the attachment's epoch and token) serving NBD on a
-//! unix socket, and nbdfuse exposing that export as one file, over which node.rs sets up the
+//! unix socket, and nbdfuse exposing that export as one file, over which the node service (`node`) sets up the
 //! loop device, filesystem and mounts exactly as for a local replica file. A watcher per
 //! engine logs it stopping on its own (fenced, lease expired), which NodeGetVolumeStats
 //! reports ([`ClusterLink::health`]); what a dead process left is torn down by
-//! node_reconcile.rs.
+//! `node::reconcile`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,15 +15,15 @@ use async_trait::async_trait;
 use tokio::sync::{oneshot, Mutex};
 use tracing::{error, info, warn};
 
-use crate::api::v1 as pb;
-use crate::api::ControlClient;
-use crate::controller::{CONTEXT_EPOCH, CONTEXT_TOKEN};
+use crate::control::{CONTEXT_EPOCH, CONTEXT_TOKEN};
 use crate::engine::{
     Engine, EngineConfig, EngineState, Member, Membership, RebuildState, RebuildStatus,
 };
-use crate::node_reconcile::{self, Reconciler, FUSE_FILE};
-use crate::replica_client::ReplicaClient;
-use crate::replica_server::LocalReplicas;
+use crate::node::reconcile::{self, Reconciler, FUSE_FILE};
+use crate::replica::client::ReplicaClient;
+use crate::replica::server::LocalReplicas;
+use crate::rpc::v1 as pb;
+use crate::rpc::ControlClient;
 
 /// How long the engine's socket and nbdfuse's file may take to appear.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -488,14 +488,12 @@ impl ClusterLink {
     }
 
     fn fuse_dir(&self, volume_id: &str) -> PathBuf {
-        self.state_dir
-            .join(node_reconcile::FUSE_DIR)
-            .join(volume_id)
+        self.state_dir.join(reconcile::FUSE_DIR).join(volume_id)
     }
 
     fn socket(&self, volume_id: &str) -> PathBuf {
         self.state_dir
-            .join(node_reconcile::ENGINES_DIR)
+            .join(reconcile::ENGINES_DIR)
             .join(format!("{volume_id}.sock"))
     }
 
@@ -573,7 +571,7 @@ impl ClusterLink {
         // The export is as large as any volume can grow, fixed for nbdfuse's life; the
         // loop device over it is bounded to the volume's size (see `size`).
         let config = EngineConfig {
-            export_size: crate::controller::MAX_VOLUME_SIZE.max(status.size),
+            export_size: crate::control::MAX_VOLUME_SIZE.max(status.size),
             ..self.engine.clone()
         };
         let engine = Engine::with_config(
@@ -615,7 +613,7 @@ impl ClusterLink {
             })?;
         let fuse_dir = self.fuse_dir(volume_id);
         // A mount left by a process that died is stale: clear it first.
-        let _ = crate::mount::unmount(&fuse_dir);
+        let _ = crate::node::mount::unmount(&fuse_dir);
         std::fs::create_dir_all(&fuse_dir)
             .map_err(|e| self.start_error(volume_id, "fuse directory", e))?;
         let fuse = tokio::process::Command::new("nbdfuse")
@@ -794,7 +792,7 @@ impl ClusterLink {
     }
 
     /// Start-up: tears down the data path of every volume under the state directory that
-    /// has no engine in this process (see node_reconcile.rs). Only before CSI is served.
+    /// has no engine in this process (see `node::reconcile`). Only before CSI is served.
     pub async fn tear_down_stale(&self) {
         let live: std::collections::HashSet<String> =
             self.runtimes.lock().await.keys().cloned().collect();
@@ -836,12 +834,12 @@ impl ClusterLink {
         volume_id: &str,
         runtime: Option<&mut Runtime>,
     ) -> Result<(), EngineLinkError> {
-        let loops = crate::blockdev::list_loops().map_err(|e| EngineLinkError::Start {
+        let loops = crate::node::blockdev::list_loops().map_err(|e| EngineLinkError::Start {
             volume: volume_id.to_string(),
             what: "listing loop devices",
             why: e.to_string(),
         })?;
-        let Some(device) = node_reconcile::loops_over(&self.backing_file(volume_id), &loops)
+        let Some(device) = reconcile::loops_over(&self.backing_file(volume_id), &loops)
             .into_iter()
             .next()
         else {
@@ -864,7 +862,7 @@ impl ClusterLink {
     async fn stop_runtime(&self, volume_id: &str, mut r: Runtime) {
         r.watcher.abort();
         r.follower.abort();
-        if let Err(e) = crate::mount::unmount(&r.fuse_dir) {
+        if let Err(e) = crate::node::mount::unmount(&r.fuse_dir) {
             warn!(volume = %volume_id, error = %e, "unmounting the nbdfuse mount failed");
         }
         if tokio::time::timeout(Duration::from_secs(5), r.fuse.wait())

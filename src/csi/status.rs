@@ -4,10 +4,10 @@
 
 use tonic::{Code, Status};
 
-use crate::agent::AgentError;
-use crate::controller::{
+use crate::control::{
     CreateError, DeleteError, ExpandError, ListError, PublishError, UnpublishError,
 };
+use crate::replica::agent::AgentError;
 use crate::scheduler::PlacementError;
 use crate::store::StoreError;
 

@@ -16,8 +16,16 @@
 //! serialised by an advisory lock (`replicas/.lock`, flock), across threads and processes.
 //! The functions block on file I/O; async callers wrap them in `spawn_blocking`.
 
+pub mod agent;
+pub mod client;
+pub mod extents;
+pub mod io;
+pub mod server;
+pub mod token;
+pub mod wire;
+
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -114,7 +122,7 @@ pub enum ReplicaError {
         action: &'static str,
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: std::io::Error,
     },
     #[error("{path} is malformed: {source}")]
     Malformed {
@@ -419,7 +427,7 @@ pub fn init_disk(path: &Path) -> Result<DiskInfo, ReplicaError> {
             }
             marker.id
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let marker = DiskMarker {
                 format_version: FORMAT_VERSION,
                 id: random_id()?,
@@ -474,7 +482,7 @@ fn check_id(what: &'static str, id: &str) -> Result<(), ReplicaError> {
     })
 }
 
-fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ReplicaError {
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ReplicaError {
     let path = path.to_path_buf();
     move |source| ReplicaError::Io {
         action,
@@ -486,7 +494,7 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Repl
 fn exists(path: &Path) -> Result<bool, ReplicaError> {
     match fs::symlink_metadata(path) {
         Ok(_) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(io_error("stat", path)(e)),
     }
 }
@@ -504,7 +512,7 @@ fn ensure_dir(path: &Path) -> Result<(), ReplicaError> {
             Some(parent) => sync_dir(parent),
             None => Ok(()),
         },
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(io_error("create directory", path)(e)),
     }
 }
@@ -512,7 +520,7 @@ fn ensure_dir(path: &Path) -> Result<(), ReplicaError> {
 fn remove_dir_all_if_present(path: &Path) -> Result<(), ReplicaError> {
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_error("remove", path)(e)),
     }
 }
@@ -543,7 +551,7 @@ fn write_json_atomically(
     let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| ReplicaError::Io {
         action: "encode",
         path: path.clone(),
-        source: io::Error::other(e),
+        source: std::io::Error::other(e),
     })?;
     bytes.push(b'\n');
     let mut file = OpenOptions::new()
@@ -569,7 +577,7 @@ fn load(dir: &Path, replica_id: &str) -> Result<Option<ReplicaDir>, ReplicaError
     let path = dir.join(METADATA_FILE);
     let bytes = match fs::read(&path) {
         Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if exists(dir)? {
                 return Err(ReplicaError::Invalid {
                     path: dir.to_path_buf(),

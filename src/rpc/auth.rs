@@ -1,5 +1,5 @@
 //! Authentication of Palisade's own gRPC APIs (ControlPlane, NodeAgent): every call carries
-//! the cluster's API credential (see [`crate::token`]) as `authorization: Bearer <hex>`
+//! the cluster's API credential (see [`crate::replica::token`]) as `authorization: Bearer <hex>`
 //! metadata. [`Auth`] adds it to a client's calls; [`RequireCredential`] refuses a server's
 //! calls without it (UNAUTHENTICATED).
 
@@ -13,7 +13,7 @@ use tonic::service::Interceptor;
 use tonic::{Request, Status};
 use tracing::{debug, warn};
 
-use crate::token;
+use crate::replica::token;
 
 /// The metadata key of the credential.
 pub const AUTHORIZATION: &str = "authorization";

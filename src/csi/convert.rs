@@ -180,7 +180,7 @@ pub fn to_pb_capability(c: &Capability) -> pb::VolumeCapability {
 /// A capacity range: negative numbers are INVALID_ARGUMENT.
 pub fn capacity_range(
     r: Option<&pb::CapacityRange>,
-) -> Result<crate::controller::CapacityRange, Status> {
+) -> Result<crate::control::CapacityRange, Status> {
     let Some(r) = r else {
         return Ok(Default::default());
     };
@@ -191,7 +191,7 @@ pub fn capacity_range(
             ))
         })
     };
-    Ok(crate::controller::CapacityRange {
+    Ok(crate::control::CapacityRange {
         required: field(r.required_bytes, "required_bytes")?,
         limit: field(r.limit_bytes, "limit_bytes")?,
     })

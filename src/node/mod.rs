@@ -3,17 +3,22 @@
 //! and grows filesystems. What is staged or published is read from the kernel (mountinfo,
 //! sysfs), never remembered, so a restarted process knows where it stands.
 
+pub mod blockdev;
+pub mod engines;
+pub mod mount;
+pub mod reconcile;
+
 use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
 
-use crate::blockdev::{self, BlockError};
 use crate::locks::KeyLocks;
 use crate::model::{AccessMode, AccessType, Capability};
-use crate::mount::{self, MountError};
-use crate::node_engine::{ClusterLink, EngineHealth};
-use crate::node_reconcile::{self, Reconciler};
+use crate::node::engines::{ClusterLink, EngineHealth};
 use crate::replica::{self, ReplicaDir, ReplicaError};
+use blockdev::BlockError;
+use mount::MountError;
+use reconcile::Reconciler;
 
 /// The node this process serves.
 #[derive(Debug, Clone)]
@@ -67,7 +72,7 @@ pub enum NodeError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Engine(#[from] crate::node_engine::EngineLinkError),
+    Engine(#[from] crate::node::engines::EngineLinkError),
     #[error("node task failed: {0}")]
     Task(String),
 }
@@ -174,7 +179,7 @@ impl NodeService {
         let (volume, staging) = (volume_id.to_string(), staging.to_path_buf());
         let torn_down = self.reconciler();
         blocking(move || {
-            let key = node_reconcile::canonical(&staging);
+            let key = reconcile::canonical(&staging);
             unstage_blocking(&volume, backing.as_deref(), &staging)?;
             forget_torn_down(torn_down.as_ref(), &volume, &key);
             Ok(())
@@ -218,7 +223,7 @@ impl NodeService {
         let (volume, target) = (volume_id.to_string(), target.to_path_buf());
         let torn_down = self.reconciler();
         blocking(move || {
-            let key = node_reconcile::canonical(&target);
+            let key = reconcile::canonical(&target);
             mount::unmount_and_remove(&target)?;
             forget_torn_down(torn_down.as_ref(), &volume, &key);
             Ok(())
@@ -279,7 +284,7 @@ impl NodeService {
     }
 
     /// Start-up reconciliation: in cluster mode, tears down the data path of every volume
-    /// whose engine died with an earlier process (see node_reconcile.rs); then detaches loop
+    /// whose engine died with an earlier process (see `node::reconcile`); then detaches loop
     /// devices over replica files of this node's disks whose replica no longer exists and
     /// which nothing mounts.
     pub async fn reconcile(&self) -> Result<(), NodeError> {
@@ -463,11 +468,9 @@ fn loop_over(backing: &Path) -> Result<Option<PathBuf>, NodeError> {
         Ok(found) => Ok(found),
         Err(e) => {
             warn!(file = %backing.display(), error = %e, "cannot resolve the loop device's file; matching its path as it is");
-            Ok(
-                node_reconcile::loops_over(backing, &blockdev::list_loops()?)
-                    .into_iter()
-                    .next(),
-            )
+            Ok(reconcile::loops_over(backing, &blockdev::list_loops()?)
+                .into_iter()
+                .next())
         }
     }
 }
@@ -642,7 +645,7 @@ fn stats_blocking(
         Some(e) => match &e.health {
             EngineHealth::Serving => None,
             EngineHealth::Stopped(reason) => Some(reason.clone()),
-            EngineHealth::Gone => Some(crate::node_engine::gone_message(volume)),
+            EngineHealth::Gone => Some(crate::node::engines::gone_message(volume)),
         },
         None if is_replica_file_of(&backing, volume, disks) => deleted.then(|| {
             format!("the replica data file {backing:?} is missing: the volume is served from a deleted file and will not survive detaching")

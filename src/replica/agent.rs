@@ -109,7 +109,7 @@ impl NodeAgent for LocalAgent {
             replica::grow(&disk, &rid, size)?;
             // Sessions open on it now serve the new bytes too (an attached volume grows
             // online).
-            crate::replica_server::replica_grown(&disk, &rid, size);
+            crate::replica::server::replica_grown(&disk, &rid, size);
             Ok(())
         })
         .await

@@ -16,18 +16,18 @@ use tracing::{debug, info, warn};
 
 use super::process::{self, DiskArg, LocalReadiness, ReadyDisk, Server};
 use super::{create_state_dir, listen, ClusterError};
-use crate::agent::LocalAgent;
 use crate::api::agent::AgentService;
-use crate::api::v1 as pb;
-use crate::api::v1::node_agent_server::NodeAgentServer;
-use crate::api::{Auth, ControlClient, RequireCredential};
-use crate::controller::MAX_VOLUMES_PER_NODE;
+use crate::control::MAX_VOLUMES_PER_NODE;
 use crate::csi::v1::{identity_server::IdentityServer, node_server::NodeServer};
-use crate::csi_server::{self, identity, node::NodeRpc};
+use crate::csi::{self, identity, node::NodeRpc};
+use crate::node::engines::ClusterLink;
 use crate::node::{NodeConfig, NodeService};
-use crate::node_engine::ClusterLink;
-use crate::replica_server::{ReplicaServer, ServerError};
-use crate::token;
+use crate::replica::agent::LocalAgent;
+use crate::replica::server::{ReplicaServer, ServerError};
+use crate::replica::token;
+use crate::rpc::v1 as pb;
+use crate::rpc::v1::node_agent_server::NodeAgentServer;
+use crate::rpc::{Auth, ControlClient, RequireCredential};
 
 /// Everything `palisade node` needs.
 #[derive(Debug, Clone)]
@@ -68,14 +68,14 @@ pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
     })?);
     let auth = Auth::new(&secret);
     create_state_dir(&cfg.state_dir)?;
-    let socket = csi_server::socket_path(&cfg.endpoint)?;
+    let socket = csi::socket_path(&cfg.endpoint)?;
     let disks = process::init_disks(&cfg.disks)?;
     let agent = Arc::new(LocalAgent::new(
         cfg.node_id.clone(),
         process::disk_dirs(&disks).into_iter().collect(),
     ));
     let controller =
-        crate::api::channel(&cfg.controller, cfg.controller_timeout).map_err(|source| {
+        crate::rpc::channel(&cfg.controller, cfg.controller_timeout).map_err(|source| {
             ClusterError::ControllerAddress {
                 address: cfg.controller.clone(),
                 source,
@@ -96,7 +96,7 @@ pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
         e => ClusterError::from(e),
     })?;
     let engines = ClusterLink::new(
-        crate::api::control_client(controller.clone(), auth.clone()),
+        crate::rpc::control_client(controller.clone(), auth.clone()),
         cfg.node_id.clone(),
         cfg.state_dir.clone(),
         cfg.engine.clone(),
@@ -134,11 +134,11 @@ pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
         cfg.advertise_host.as_deref(),
         "--replica-listen",
     )?;
-    let csi_listener = csi_server::bind_socket(&socket)?;
+    let csi_listener = csi::bind_socket(&socket)?;
 
     let membership = tokio::spawn(
         Membership {
-            client: crate::api::control_client(controller, auth),
+            client: crate::rpc::control_client(controller, auth),
             cfg: cfg.clone(),
             disks: disks.clone(),
             agent_address: agent_address.clone(),
@@ -291,7 +291,7 @@ impl Membership {
 
     /// A refused call for the log, with a hint when the credential was refused.
     fn describe(&self, s: &tonic::Status) -> String {
-        let described = crate::api::describe(s);
+        let described = crate::rpc::describe(s);
         if s.code() == Code::Unauthenticated {
             format!(
                 "{described} (is --secret-file {} a copy of this controller's cluster secret?)",

@@ -7,6 +7,9 @@
 //! CreateVolume with its name (or by `reconcile` at start-up), a volume in `Deleting` is
 //! finished by the next DeleteVolume or by `reconcile`.
 
+pub mod attach;
+pub mod fence;
+
 mod lifecycle;
 pub use lifecycle::{RebuildReport, UpdateError};
 
@@ -15,17 +18,17 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::agent::{AgentError, NodeAgent, ReplicaTarget};
-use crate::attach::{self, Health, PublishDecision, PublishRequest};
 use crate::locks::KeyLocks;
 use crate::model::{
     self, now_ms, Attachment, Capability, Node, Replica, ReplicaState, Volume, VolumeState,
     TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY,
 };
 use crate::params::{self, DataLocality, ParamError, RecoveryPolicy, VolumeParams};
+use crate::replica::agent::{AgentError, NodeAgent, ReplicaTarget};
 use crate::scheduler::{self, ClusterView, PlacementError, PlacementRequest, ScheduledSpace};
 use crate::settings::Settings;
 use crate::store::{Store, StoreError, Versioned, SETTINGS_KEY};
+use attach::{Health, PublishDecision, PublishRequest};
 
 /// Size of a volume created without a capacity range.
 pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
@@ -306,7 +309,7 @@ pub struct Controller {
 #[derive(Clone)]
 pub struct Fencing {
     pub secret: Arc<Vec<u8>>,
-    pub fencer: Arc<dyn crate::fence::Fencer>,
+    pub fencer: Arc<dyn crate::control::fence::Fencer>,
     /// How long an engine's lease lasts without renewal.
     pub lease_ms: u64,
 }
@@ -338,7 +341,7 @@ impl Controller {
         if let Some(f) = &self.fencing {
             ctx.insert(
                 CONTEXT_TOKEN.to_string(),
-                crate::token::attachment_token(&f.secret, volume_id, a.epoch),
+                crate::replica::token::attachment_token(&f.secret, volume_id, a.epoch),
             );
         }
         ctx
@@ -356,7 +359,7 @@ impl Controller {
                 failures: vec![],
             });
         };
-        let token = crate::token::attachment_token(&fencing.secret, volume_id, epoch);
+        let token = crate::replica::token::attachment_token(&fencing.secret, volume_id, epoch);
         let nodes = self.list_nodes().await?;
         let members: Vec<Versioned<Replica>> = self
             .volume_replicas(volume_id)
@@ -395,7 +398,7 @@ impl Controller {
             // A node known to be down cannot answer: its replicas are failed at once rather
             // than after the fence timeout (they are fenced when they come back, by the
             // epoch any later session carries).
-            let down = !matches!(self.health(node, now), crate::attach::Health::Up);
+            let down = !matches!(self.health(node, now), crate::control::attach::Health::Up);
             let (fencer, token) = (fencing.fencer.clone(), token.clone());
             let (volume, replica) = (volume_id.to_string(), r.value.id.clone());
             async move {
@@ -1711,7 +1714,7 @@ pub fn resolve_fs_types(
             if let model::AccessType::Mount { fs_type, .. } = &mut cap.access_type {
                 match (fs_type.is_empty(), param) {
                     (true, Some(p)) => *fs_type = p.to_string(),
-                    (true, None) => *fs_type = crate::csi_server::convert::DEFAULT_FS.to_string(),
+                    (true, None) => *fs_type = crate::csi::convert::DEFAULT_FS.to_string(),
                     (false, Some(p)) if p != fs_type => {
                         return Err(format!(
                             "volume_capabilities[{i}].mount.fs_type {fs_type:?} contradicts parameter fsType {p:?}"
@@ -2111,8 +2114,8 @@ fn volume_status_of(volume: Arc<Volume>, recorded: Vec<Arc<Replica>>) -> VolumeS
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::LocalAgent;
     use crate::model::{AccessMode, AccessType, Disk};
+    use crate::replica::agent::LocalAgent;
     use crate::store::embedded::EmbeddedStore;
     use std::time::Duration;
 
@@ -2198,7 +2201,7 @@ mod tests {
     struct Fences;
 
     #[async_trait::async_trait]
-    impl crate::fence::Fencer for Fences {
+    impl crate::control::fence::Fencer for Fences {
         async fn fence(&self, _: &str, _: &str, _: &str, _: u64, _: &str) -> Result<(), String> {
             Ok(())
         }

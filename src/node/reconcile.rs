@@ -1,7 +1,7 @@
 //! What a node process finds of the cluster data path when it (re)starts, and how it tears
 //! down the part that can never serve again.
 //!
-//! A staged volume is served in layers (see node_engine.rs): the engine, in this process, on
+//! A staged volume is served in layers (see `node::engines`): the engine, in this process, on
 //! `<state-dir>/engines/<volume>.sock`; nbdfuse, a child process, exposing it as the file
 //! `<state-dir>/fuse/<volume>/nbd`; a loop device over that file; a filesystem on the loop
 //! device mounted at the staging path; bind mounts of it at the pods' target paths. When the
@@ -43,8 +43,8 @@ use std::time::{Duration, Instant};
 use nix::mount::MntFlags;
 use tracing::{error, info, warn};
 
-use crate::blockdev;
-use crate::mount::{self, MountInfo};
+use crate::node::blockdev;
+use crate::node::mount::{self, MountInfo};
 
 /// Under the state directory: one FUSE mount point per staged volume.
 pub const FUSE_DIR: &str = "fuse";

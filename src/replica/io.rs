@@ -44,7 +44,7 @@ pub trait ReplicaIo: Send + Sync + 'static {
     async fn trim(&self, offset: u64, len: u32) -> Result<(), ReplicaIoError>;
 
     /// The ranges within `len` bytes at `offset` that hold data (the rest read as zeros), in
-    /// order, at most [`crate::wire::MAX_EXTENTS`]. By default the whole range, which is
+    /// order, at most [`crate::replica::wire::MAX_EXTENTS`]. By default the whole range, which is
     /// always true, if wasteful.
     async fn extents(&self, offset: u64, len: u32) -> Result<Vec<(u64, u32)>, ReplicaIoError> {
         Ok(vec![(offset, len)])
@@ -55,7 +55,9 @@ pub trait ReplicaIo: Send + Sync + 'static {
         &self,
         offset: u64,
         len: u32,
-    ) -> Result<[u8; crate::wire::CHECKSUM_LEN], ReplicaIoError> {
-        Ok(crate::extents::digest(&self.read(offset, len).await?))
+    ) -> Result<[u8; crate::replica::wire::CHECKSUM_LEN], ReplicaIoError> {
+        Ok(crate::replica::extents::digest(
+            &self.read(offset, len).await?,
+        ))
     }
 }

@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use nix::unistd::{lseek, Whence};
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::wire::{CHECKSUM_LEN, MAX_EXTENTS};
+use crate::replica::wire::{CHECKSUM_LEN, MAX_EXTENTS};
 
 /// The ranges within `len` bytes at `offset` of `file` that hold data, in order, clipped to
 /// the range; at most [`MAX_EXTENTS`] (the caller asks again from the end of the last one).

@@ -1,5 +1,5 @@
 //! The replica server: one per node, on TCP, serving the replicas on the node's disks to the
-//! engines of their volumes with the protocol of [`crate::wire`].
+//! engines of their volumes with the protocol of [`crate::replica::wire`].
 //!
 //! A connection is one session on one replica. Its first frame must be Open, which the server
 //! accepts only with the attachment token for that volume and epoch, for a replica of that
@@ -38,11 +38,11 @@ use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, RwLock, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::replica::client::refusal;
+use crate::replica::io::{ReplicaIo, ReplicaIoError};
+use crate::replica::token;
+use crate::replica::wire::{self, Open, Request, Response, Tag};
 use crate::replica::{self, ReplicaError};
-use crate::replica_client::refusal;
-use crate::replica_io::{ReplicaIo, ReplicaIoError};
-use crate::token;
-use crate::wire::{self, Open, Request, Response, Tag};
 
 /// The most requests of one session executing at once; the server stops reading the
 /// session's frames while it has this many.
@@ -54,7 +54,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long a new connection has to open its session before the server closes it.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The shortest cluster secret the server accepts.
-pub use crate::token::MIN_SECRET_LEN;
+pub use crate::replica::token::MIN_SECRET_LEN;
 
 /// The longest frame a connection may send before its session is open (an Open frame is far
 /// smaller), so that no unauthenticated peer makes the server reserve a large buffer.
@@ -384,7 +384,7 @@ impl ReplicaIo for LocalSession {
         &self,
         offset: u64,
         len: u32,
-    ) -> Result<[u8; crate::wire::CHECKSUM_LEN], ReplicaIoError> {
+    ) -> Result<[u8; crate::replica::wire::CHECKSUM_LEN], ReplicaIoError> {
         let request = Request::Checksum { offset, len };
         match execute(Arc::clone(&self.replica), self.epoch, request).await {
             Response::Checksum(digest) => Ok(digest),
@@ -957,13 +957,13 @@ fn do_io(state: &ReplicaState, request: Request) -> Response {
             if let Err(refusal) = check_range("extents", offset, u64::from(len), size) {
                 return refusal;
             }
-            crate::extents::data_extents(file, offset, len).map(Response::Extents)
+            crate::replica::extents::data_extents(file, offset, len).map(Response::Extents)
         }
         Request::Checksum { offset, len } => {
             if let Err(refusal) = check_range("checksum", offset, u64::from(len), size) {
                 return refusal;
             }
-            crate::extents::checksum(file, offset, len).map(Response::Checksum)
+            crate::replica::extents::checksum(file, offset, len).map(Response::Checksum)
         }
         Request::Open(_) => return Response::Invalid("the session is open already".to_string()),
     };

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
 
-use crate::csi_server::identity;
+use crate::csi::identity;
 use crate::model::Disk;
 use crate::replica::{self, ReplicaError};
 use crate::store::{Store, SETTINGS_KEY};

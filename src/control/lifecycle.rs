@@ -26,8 +26,8 @@ use std::sync::Arc;
 use tracing::{info, warn};
 
 use super::*;
-use crate::agent::ReplicaTarget;
 use crate::params::DataLocality;
+use crate::replica::agent::ReplicaTarget;
 
 /// A failed replica whose node is back waits this long before it is reused (so that a
 /// replica that fails again at once is not retried in a tight loop).
@@ -235,7 +235,7 @@ impl Controller {
         let up = |node_id: &str| {
             matches!(
                 self.health(nodes.iter().find(|n| n.id == node_id), now),
-                crate::attach::Health::Up
+                crate::control::attach::Health::Up
             )
         };
         let mut replicas = self.volume_replicas(volume_id).await.map_err(store_error)?;

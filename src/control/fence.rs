@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::replica_client::ReplicaClient;
+use crate::replica::client::ReplicaClient;
 
 /// Fences one replica.
 #[async_trait]

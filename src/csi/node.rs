@@ -10,8 +10,8 @@ use super::convert::{self, bytes_i64, required};
 use crate::csi::v1 as pb;
 use crate::csi::v1::node_server::Node;
 use crate::model::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
+use crate::node::engines::EngineLinkError;
 use crate::node::{NodeError, NodeService};
-use crate::node_engine::EngineLinkError;
 
 pub struct NodeRpc {
     pub node: Arc<NodeService>,
