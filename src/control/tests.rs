@@ -1,0 +1,557 @@
+//! The controller's rules against the real embedded store and a real agent over disk
+//! directories: resynchronisation, leases, interrupted replacements, stale replicas, rebuild
+//! limits, scheduled space, capacity ranges.
+
+use super::*;
+use crate::model::{AccessMode, AccessType, Disk};
+use crate::replica::agent::LocalAgent;
+use crate::store::embedded::EmbeddedStore;
+use std::time::Duration;
+
+async fn controller(dir: &std::path::Path) -> Controller {
+    controller_with(dir, ControllerConfig::default()).await
+}
+
+async fn controller_with(dir: &std::path::Path, config: ControllerConfig) -> Controller {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.join("db.redb")).unwrap());
+    let mut disks = Vec::new();
+    let mut paths = HashMap::new();
+    for name in ["d0", "d1"] {
+        let path = dir.join(name);
+        let info = crate::replica::init_disk(&path).unwrap();
+        paths.insert(info.id.clone(), path.clone());
+        disks.push(Disk {
+            id: info.id,
+            path,
+            tags: vec![],
+            schedulable: true,
+            storage_maximum: info.storage_maximum,
+            storage_available: info.storage_available,
+            storage_reserved: 0,
+        });
+    }
+    let agent = Arc::new(LocalAgent::new("n1".into(), paths));
+    // The test's disks are directories on the host's filesystem, whose free share is
+    // not this test's business.
+    let settings = Settings {
+        storage_minimal_available_percentage: 0,
+        ..Settings::default()
+    };
+    store
+        .settings()
+        .put(SETTINGS_KEY, settings, None)
+        .await
+        .unwrap();
+    let c = Controller::new(store, agent, config);
+    c.heartbeat(Node {
+        id: "n1".into(),
+        address: String::new(),
+        agent_address: String::new(),
+        zone: None,
+        tags: vec![],
+        schedulable: true,
+        last_heartbeat_ms: 0,
+        disks,
+    })
+    .await
+    .unwrap();
+    c
+}
+
+fn request(name: &str, size: u64) -> CreateRequest {
+    CreateRequest {
+        name: name.into(),
+        capacity: CapacityRange {
+            required: size,
+            limit: 0,
+        },
+        capabilities: vec![Capability {
+            access_type: AccessType::Block,
+            access_mode: AccessMode::SingleNodeWriter,
+        }],
+        parameters: HashMap::from([
+            ("numberOfReplicas".to_string(), "2".to_string()),
+            ("replicaSoftAntiAffinity".to_string(), "enabled".to_string()),
+        ]),
+        preferred_node: None,
+        requisite: vec![],
+    }
+}
+
+async fn from_store(c: &Controller) -> ScheduledSpace {
+    let mut s = ScheduledSpace::default();
+    for r in c.store.replicas().list().await.unwrap() {
+        s.add(&r.value);
+    }
+    s
+}
+
+/// Fences every replica it is asked to.
+struct Fences;
+
+#[async_trait::async_trait]
+impl crate::control::fence::Fencer for Fences {
+    async fn fence(&self, _: &str, _: &str, _: &str, _: u64, _: &str) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+async fn beat(c: &Controller, id: &str) {
+    c.heartbeat(Node {
+        id: id.into(),
+        address: format!("{id}.test:9502"),
+        agent_address: String::new(),
+        zone: None,
+        tags: vec![],
+        schedulable: true,
+        last_heartbeat_ms: 0,
+        disks: if id == "n1" {
+            c.store
+                .nodes()
+                .get("n1")
+                .await
+                .unwrap()
+                .unwrap()
+                .value
+                .disks
+                .clone()
+        } else {
+            vec![]
+        },
+    })
+    .await
+    .unwrap();
+}
+
+/// An engine that starts after one that did not stop cleanly (it died, was fenced or
+/// lost its lease, maybe with writes that reached some members and not others) finds one
+/// member kept and the others marked rebuilding, to be rebuilt from it; after a clean stop
+/// the next engine keeps every member. A clean stop of a superseded engine says nothing.
+#[tokio::test]
+async fn an_engine_after_an_unclean_stop_keeps_one_member_and_rebuilds_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = attached(dir.path(), &["v"]).await;
+    let states = || async {
+        let mut states: Vec<ReplicaState> = c
+            .volume_replicas("v")
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.value.state)
+            .collect();
+        states.sort_by_key(|s| format!("{s:?}"));
+        states
+    };
+    let both = vec![ReplicaState::Ready, ReplicaState::Ready];
+
+    // The first engine has nothing to repair, and stops cleanly.
+    c.start_engine("v", "n1", 1).await.unwrap();
+    assert_eq!(states().await, both);
+    c.engine_stopped_cleanly("v", "n1", 1).await.unwrap();
+    c.release_lease("v", "n1", 1).await.unwrap();
+    // So does the next one, which then dies.
+    c.start_engine("v", "n1", 1).await.unwrap();
+    assert_eq!(states().await, both);
+    // The one after it (the volume staged again) keeps one member.
+    c.start_engine("v", "n1", 1).await.unwrap();
+    assert_eq!(
+        states().await,
+        vec![ReplicaState::Ready, ReplicaState::Rebuilding]
+    );
+    // Starting again keeps the same one: nothing else is ready.
+    c.start_engine("v", "n1", 1).await.unwrap();
+    assert_eq!(
+        states().await,
+        vec![ReplicaState::Ready, ReplicaState::Rebuilding]
+    );
+    // A superseded engine's clean stop is ignored; the current one still runs.
+    c.engine_stopped_cleanly("v", "n1", 0).await.unwrap();
+    assert!(
+        c.store
+            .volumes()
+            .get("v")
+            .await
+            .unwrap()
+            .unwrap()
+            .value
+            .engine_running
+    );
+}
+
+/// The starting engine's node is alive whatever its heartbeat says: after an unclean
+/// stop its own member is kept and the others are resynchronised even when that node's
+/// heartbeat is late (they were left as they were, possibly different, before).
+#[tokio::test]
+async fn a_late_heartbeat_does_not_skip_the_resynchronisation() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = attached(dir.path(), &["v"]).await;
+    c.start_engine("v", "n1", 1).await.unwrap();
+    // The engine dies; n1's heartbeat is late when the next one starts there.
+    let node = c.store.nodes().get("n1").await.unwrap().unwrap();
+    let mut late = (*node.value).clone();
+    late.last_heartbeat_ms = 1;
+    c.store
+        .nodes()
+        .put("n1", late, Some(node.version))
+        .await
+        .unwrap();
+    c.start_engine("v", "n1", 1).await.unwrap();
+    let mut states: Vec<String> = c
+        .volume_replicas("v")
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| format!("{:?}", r.value.state))
+        .collect();
+    states.sort();
+    assert_eq!(states, ["Ready", "Rebuilding"]);
+}
+
+/// A new attachment starts only once the lease the controller granted to the previous
+/// one has lapsed (so a cut-off engine has stopped writing anywhere), unless that engine
+/// gave it back; a superseded engine's renewals are refused.
+#[tokio::test]
+async fn a_new_attachment_waits_for_the_previous_lease_unless_released() {
+    const LEASE_MS: u64 = 1_000;
+    let dir = tempfile::tempdir().unwrap();
+    let config = ControllerConfig {
+        heartbeat_timeout_ms: 200,
+        termination_grace_ms: 0,
+    };
+    let c = controller_with(dir.path(), config)
+        .await
+        .with_fencing(Fencing {
+            secret: Arc::new(vec![1; 32]),
+            fencer: Arc::new(Fences),
+            lease_ms: LEASE_MS,
+        });
+    let mut create = request("v", 8 << 20);
+    create
+        .parameters
+        .insert("volumeAttachmentRecoveryPolicy".into(), "immediate".into());
+    c.create_volume(create).await.unwrap();
+    beat(&c, "n1").await;
+    let cap = Capability {
+        access_type: AccessType::Block,
+        access_mode: AccessMode::SingleNodeWriter,
+    };
+    let lease = Duration::from_millis(LEASE_MS);
+
+    // Take-over from a node that went down after a renewal: waits out the lease.
+    // The replicas are on n1; the engine runs on n2, which goes down after a renewal.
+    beat(&c, "n2").await;
+    c.publish("v", "n2", &cap, false).await.unwrap();
+    c.renew_lease("v", "n2", 1).await.unwrap();
+    let granted = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    beat(&c, "n1").await;
+    c.publish("v", "n1", &cap, false).await.unwrap();
+    assert!(
+        granted.elapsed() >= lease + LEASE_SLACK,
+        "took over {:?} after the old engine's last renewal, within its lease",
+        granted.elapsed()
+    );
+    let superseded = c.renew_lease("v", "n2", 1).await;
+    assert!(
+        matches!(superseded, Err(MemberError::Superseded { .. })),
+        "{superseded:?}"
+    );
+
+    // The engine on n1 stops and gives its lease back: the next attachment is at once.
+    beat(&c, "n1").await;
+    beat(&c, "n2").await;
+    c.renew_lease("v", "n1", 2).await.unwrap();
+    c.release_lease("v", "n1", 2).await.unwrap();
+    c.unpublish("v", "n1").await.unwrap();
+    let started = std::time::Instant::now();
+    let context = c.publish("v", "n2", &cap, false).await.unwrap();
+    assert!(started.elapsed() < lease, "{:?}", started.elapsed());
+
+    // Without the release, a clean detach and attach elsewhere still waits for it.
+    let epoch: u64 = context[CONTEXT_EPOCH].parse().unwrap();
+    c.renew_lease("v", "n2", epoch).await.unwrap();
+    let granted = std::time::Instant::now();
+    c.unpublish("v", "n2").await.unwrap();
+    beat(&c, "n1").await;
+    beat(&c, "n2").await;
+    c.publish("v", "n1", &cap, false).await.unwrap();
+    assert!(
+        granted.elapsed() >= lease + LEASE_SLACK,
+        "{:?}",
+        granted.elapsed()
+    );
+
+    // A take-over whose every member is on a down node moves nothing.
+    beat(&c, "n1").await;
+    c.renew_lease("v", "n1", epoch + 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    beat(&c, "n2").await;
+    let refused = c.publish("v", "n2", &cap, false).await;
+    assert!(
+        matches!(refused, Err(PublishError::Unfenceable { .. })),
+        "{refused:?}"
+    );
+}
+
+/// A replacement whose creation a crash interrupted (recorded `Creating`) is finished by
+/// the next lifecycle pass; one its node cannot create is deleted, not piled up.
+#[tokio::test]
+async fn interrupted_replacements_are_finished_or_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = attached(dir.path(), &["v"]).await;
+    let disk = c
+        .store
+        .nodes()
+        .get("n1")
+        .await
+        .unwrap()
+        .unwrap()
+        .value
+        .disks[0]
+        .clone();
+    let pending = |id: &str, disk_id: &str| Replica {
+        id: id.into(),
+        volume_id: "v".into(),
+        node_id: "n1".into(),
+        disk_id: disk_id.into(),
+        path: Default::default(),
+        size: 8 << 20,
+        state: ReplicaState::Creating,
+        failed_ms: 0,
+    };
+    c.put_replica(pending("v-r-7", &disk.id), None)
+        .await
+        .unwrap();
+    c.reconcile_replicas().await.unwrap();
+    let finished = c
+        .store
+        .replicas()
+        .get("v-r-7")
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    assert_eq!(finished.state, ReplicaState::Rebuilding);
+    assert!(
+        finished.path.join(crate::replica::DATA_FILE).exists(),
+        "{finished:?}"
+    );
+
+    c.put_replica(pending("v-r-8", "no-such-disk"), None)
+        .await
+        .unwrap();
+    c.reconcile_replicas().await.unwrap();
+    assert!(c.store.replicas().get("v-r-8").await.unwrap().is_none());
+}
+
+/// A controller with fencing, and volumes of 8 MiB with two replicas (on n1's two
+/// disks) and a staleReplicaTimeout of 30 minutes, attached on n1.
+async fn attached(dir: &std::path::Path, names: &[&str]) -> Controller {
+    let c = controller(dir).await.with_fencing(Fencing {
+        secret: Arc::new(vec![1; 32]),
+        fencer: Arc::new(Fences),
+        lease_ms: 1_000,
+    });
+    beat(&c, "n1").await;
+    let cap = Capability {
+        access_type: AccessType::Block,
+        access_mode: AccessMode::SingleNodeWriter,
+    };
+    for name in names {
+        let mut request = request(name, 8 << 20);
+        request
+            .parameters
+            .insert("staleReplicaTimeout".into(), "30".into());
+        c.create_volume(request).await.unwrap();
+        c.publish(name, "n1", &cap, false).await.unwrap();
+    }
+    c
+}
+
+/// Marks one replica of `volume` failed `ago_ms` ago; returns it.
+async fn fail_one(c: &Controller, volume: &str, ago_ms: u64) -> Replica {
+    let r = c.volume_replicas(volume).await.unwrap().remove(1);
+    let mut failed = (*r.value).clone();
+    failed.state = ReplicaState::Failed;
+    failed.failed_ms = now_ms() - ago_ms;
+    c.put_replica(failed.clone(), Some(&r)).await.unwrap();
+    failed
+}
+
+async fn replica(c: &Controller, id: &str) -> Option<Replica> {
+    let r = c.store.replicas().get(id).await.unwrap();
+    r.map(|r| (*r.value).clone())
+}
+
+/// staleReplicaTimeout (30 minutes here): a failed replica older than that is
+/// deleted, record and files, and replaced; a younger one whose node is up is reused —
+/// grown first when the volume grew meanwhile, since its rebuild writes the new end.
+#[tokio::test]
+async fn stale_replicas_are_deleted_and_younger_ones_reused_at_the_volume_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = attached(dir.path(), &["old", "young"]).await;
+    let stale = fail_one(&c, "old", 31 * 60_000).await;
+    let young = fail_one(&c, "young", 10_000).await;
+    // The young replica's volume grows while it is failed: it is left as it was.
+    c.expand(
+        "young",
+        CapacityRange {
+            required: 16 << 20,
+            limit: 0,
+        },
+    )
+    .await
+    .unwrap();
+    let data = |r: &Replica| r.path.join(crate::replica::DATA_FILE);
+    assert_eq!(std::fs::metadata(data(&young)).unwrap().len(), 8 << 20);
+    assert_eq!(replica(&c, &young.id).await.unwrap().size, 8 << 20);
+
+    c.reconcile_replicas().await.unwrap();
+
+    assert!(
+        replica(&c, &stale.id).await.is_none(),
+        "the stale record: {:?}",
+        replica(&c, &stale.id).await
+    );
+    assert!(!stale.path.exists(), "the stale replica's files");
+    let replacement = c.volume_replicas("old").await.unwrap();
+    assert!(
+        replacement
+            .iter()
+            .any(|r| r.value.state == ReplicaState::Rebuilding && r.value.id != stale.id),
+        "no replacement: {replacement:?}"
+    );
+    let reused = replica(&c, &young.id).await.unwrap();
+    assert_eq!(reused.state, ReplicaState::Rebuilding);
+    assert_eq!(reused.size, 16 << 20);
+    assert_eq!(std::fs::metadata(data(&young)).unwrap().len(), 16 << 20);
+}
+
+/// concurrent-replica-rebuild-per-node-limit counts a node's rebuilds over every
+/// volume: with a limit of 1, a second volume's rebuild waits for the first.
+#[tokio::test]
+async fn the_rebuild_limit_is_per_node_across_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = attached(dir.path(), &["a", "b"]).await;
+    let current = c.store.settings().get(SETTINGS_KEY).await.unwrap().unwrap();
+    let mut settings = (*current.value).clone();
+    settings.concurrent_replica_rebuild_per_node_limit = 1;
+    c.store
+        .settings()
+        .put(SETTINGS_KEY, settings, Some(current.version))
+        .await
+        .unwrap();
+    let failed = [
+        fail_one(&c, "a", 10_000).await,
+        fail_one(&c, "b", 10_000).await,
+    ];
+    let states = || async {
+        let mut states = Vec::new();
+        for r in &failed {
+            states.push(replica(&c, &r.id).await.unwrap().state);
+        }
+        states
+    };
+
+    c.reconcile_replicas().await.unwrap();
+    c.reconcile_replicas().await.unwrap();
+    let now = states().await;
+    assert_eq!(
+        now.iter()
+            .filter(|s| **s == ReplicaState::Rebuilding)
+            .count(),
+        1,
+        "{now:?}"
+    );
+    assert!(now.contains(&ReplicaState::Failed), "{now:?}");
+
+    // The first rebuild is done: the other starts.
+    let first = &failed[now
+        .iter()
+        .position(|s| *s == ReplicaState::Rebuilding)
+        .unwrap()];
+    let r = c.store.replicas().get(&first.id).await.unwrap().unwrap();
+    let mut done = (*r.value).clone();
+    done.state = ReplicaState::Ready;
+    c.put_replica(done, Some(&r)).await.unwrap();
+    c.reconcile_replicas().await.unwrap();
+    let now = states().await;
+    assert!(now.contains(&ReplicaState::Ready), "{now:?}");
+    assert!(now.contains(&ReplicaState::Rebuilding), "{now:?}");
+}
+
+#[test]
+fn leases_lapse_only_for_older_epochs() {
+    let leases = Leases::default();
+    let lease = Duration::from_millis(100) + LEASE_SLACK;
+    // Nothing known (a restart): as if granted just before the controller started.
+    assert_eq!(leases.lapse("v", 1, 100), Some(leases.started + lease));
+    leases.grant("v", 3);
+    let at = leases.lapse("v", 4, 100).unwrap();
+    assert!(at >= leases.started + lease && at <= std::time::Instant::now() + lease);
+    assert_eq!(leases.lapse("v", 3, 100), None, "the holder's own epoch");
+    assert_eq!(
+        leases.lapse("v", 2, 100),
+        None,
+        "an epoch older than the holder's"
+    );
+    assert!(
+        !leases.release("v", 2),
+        "an older epoch's release changes nothing"
+    );
+    assert!(leases.lapse("v", 4, 100).is_some());
+    assert!(leases.release("v", 3));
+    assert_eq!(leases.lapse("v", 4, 100), None);
+}
+
+#[tokio::test]
+async fn scheduled_space_follows_every_replica_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = controller(dir.path()).await;
+    let empty = c.scheduled_space().await.unwrap();
+    assert_eq!(empty, ScheduledSpace::default());
+    for i in 0..4 {
+        c.create_volume(request(&format!("v{i}"), 8 << 20))
+            .await
+            .unwrap();
+    }
+    c.expand(
+        "v1",
+        CapacityRange {
+            required: 16 << 20,
+            limit: 0,
+        },
+    )
+    .await
+    .unwrap();
+    c.delete_volume("v2").await.unwrap();
+    let kept = c.scheduled_space().await.unwrap();
+    assert_eq!(kept, from_store(&c).await);
+    let total: u64 = c
+        .store
+        .nodes()
+        .get("n1")
+        .await
+        .unwrap()
+        .unwrap()
+        .value
+        .disks
+        .iter()
+        .map(|d| kept.get("n1", &d.id))
+        .sum();
+    // v0, v3: 2 × 8 MiB each; v1: 2 × 16 MiB.
+    assert_eq!(total, (2 * 8 + 2 * 8 + 2 * 16) << 20);
+}
+
+#[test]
+fn capacity_range_resolves_within_bounds() {
+    let r = |required, limit| CapacityRange { required, limit }.resolve();
+    assert_eq!(r(0, 0), Ok(DEFAULT_VOLUME_SIZE));
+    assert_eq!(r(1, 0), Ok(SIZE_ALIGNMENT));
+    assert_eq!(r(SIZE_ALIGNMENT + 1, 0), Ok(2 * SIZE_ALIGNMENT));
+    assert_eq!(r(0, 10 * SIZE_ALIGNMENT + 5), Ok(10 * SIZE_ALIGNMENT));
+    assert!(r(10, 5).unwrap_err().contains("limit_bytes"));
+    assert!(r(SIZE_ALIGNMENT + 1, SIZE_ALIGNMENT + 2).is_err());
+    assert!(r(0, 100).is_err());
+    assert!(r(MAX_VOLUME_SIZE + 1, 0).is_err());
+}
