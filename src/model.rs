@@ -13,6 +13,20 @@ pub const TOPOLOGY_NODE_KEY: &str = "topology.palisade.io/node";
 /// Topology key for the node's zone (only reported when the node has one).
 pub const TOPOLOGY_ZONE_KEY: &str = "topology.kubernetes.io/zone";
 
+/// The publish context key of the attachment's epoch, which ControllerPublish hands to the
+/// node and the node's engine opens its replica sessions with.
+pub const CONTEXT_EPOCH: &str = "palisade.io/epoch";
+/// The publish context key of the attachment token an engine opens its replica sessions with
+/// (cluster mode).
+pub const CONTEXT_TOKEN: &str = "palisade.io/token";
+
+/// The filesystem of a mount capability that names none, and of a StorageClass without
+/// `fsType`.
+pub const DEFAULT_FS: &str = "ext4";
+
+/// The largest volume Palisade creates (a sparse file's practical bound on ext4 is 16 TiB).
+pub const MAX_VOLUME_SIZE: u64 = 16 << 40;
+
 /// A node of the cluster as its agent reported it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Node {

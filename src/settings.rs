@@ -4,7 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::params::{
-    one_of, parse_digits, spelled_enum, DataLocality, RecoveryPolicy, UnknownSpelling, MAX_REPLICAS,
+    self, one_of, parse_digits, spelled_enum, DataLocality, RecoveryPolicy, UnknownSpelling,
+    MAX_REPLICAS,
 };
 
 /// Longhorn's node-down pod deletion policy names.
@@ -57,6 +58,24 @@ impl Default for Settings {
             node_down_pod_deletion_policy: NodeDownPodDeletionPolicy::DoNothing,
             auto_delete_pod_when_volume_detached_unexpectedly: true,
         }
+    }
+}
+
+impl params::Defaults for Settings {
+    fn replica_count(&self) -> u32 {
+        self.default_replica_count
+    }
+    fn data_locality(&self) -> DataLocality {
+        self.default_data_locality
+    }
+    fn node_soft_anti_affinity(&self) -> bool {
+        self.replica_soft_anti_affinity
+    }
+    fn zone_soft_anti_affinity(&self) -> bool {
+        self.replica_zone_soft_anti_affinity
+    }
+    fn disk_soft_anti_affinity(&self) -> bool {
+        self.replica_disk_soft_anti_affinity
     }
 }
 

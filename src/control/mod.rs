@@ -37,7 +37,8 @@ use tracing::{info, warn};
 use crate::locks::KeyLocks;
 use crate::model::{
     self, now_ms, Attachment, Capability, Node, Replica, ReplicaState, Volume, VolumeState,
-    TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY,
+    CONTEXT_EPOCH, CONTEXT_TOKEN, DEFAULT_FS, MAX_VOLUME_SIZE, TOPOLOGY_NODE_KEY,
+    TOPOLOGY_ZONE_KEY,
 };
 use crate::params::{self, DataLocality, ParamError, RecoveryPolicy, VolumeParams};
 use crate::replica::agent::{AgentError, NodeAgent, ReplicaTarget};
@@ -50,8 +51,6 @@ use attach::{Health, PublishDecision, PublishRequest};
 pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
 /// Volume sizes are multiples of this.
 pub const SIZE_ALIGNMENT: u64 = 1 << 20;
-/// The largest volume Palisade creates (a sparse file's practical bound on ext4 is 16 TiB).
-pub const MAX_VOLUME_SIZE: u64 = 16 << 40;
 /// How many volumes one node may have attached.
 pub const MAX_VOLUMES_PER_NODE: u64 = 256;
 /// How long a store compare-and-swap is retried before the call gives up.
@@ -74,11 +73,6 @@ impl Default for ControllerConfig {
         }
     }
 }
-
-/// The published context handed to the node with ControllerPublish.
-pub const CONTEXT_EPOCH: &str = "palisade.io/epoch";
-/// The attachment token an engine opens its replica sessions with (cluster mode).
-pub const CONTEXT_TOKEN: &str = "palisade.io/token";
 
 /// The controller's domain service.
 pub struct Controller {

@@ -188,7 +188,7 @@ pub fn resolve_fs_types(
             if let model::AccessType::Mount { fs_type, .. } = &mut cap.access_type {
                 match (fs_type.is_empty(), param) {
                     (true, Some(p)) => *fs_type = p.to_string(),
-                    (true, None) => *fs_type = crate::csi::convert::DEFAULT_FS.to_string(),
+                    (true, None) => *fs_type = DEFAULT_FS.to_string(),
                     (false, Some(p)) if p != fs_type => {
                         return Err(format!(
                             "volume_capabilities[{i}].mount.fs_type {fs_type:?} contradicts parameter fsType {p:?}"

@@ -3,12 +3,10 @@
 use tonic::Status;
 
 use crate::csi::v1 as pb;
-use crate::model::{AccessMode, AccessType, Capability};
+use crate::model::{AccessMode, AccessType, Capability, DEFAULT_FS};
 
 /// Filesystems Palisade formats and mounts.
 pub const SUPPORTED_FS: &[&str] = &["ext4", "xfs"];
-/// The filesystem used when a mount capability names none.
-pub const DEFAULT_FS: &str = "ext4";
 
 /// A required string field: non-empty, or INVALID_ARGUMENT naming it.
 pub fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {

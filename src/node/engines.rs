@@ -15,10 +15,10 @@ use async_trait::async_trait;
 use tokio::sync::{oneshot, Mutex};
 use tracing::{error, info, warn};
 
-use crate::control::{CONTEXT_EPOCH, CONTEXT_TOKEN};
 use crate::engine::{
     Engine, EngineConfig, EngineState, Member, Membership, RebuildState, RebuildStatus,
 };
+use crate::model::{CONTEXT_EPOCH, CONTEXT_TOKEN, MAX_VOLUME_SIZE};
 use crate::node::reconcile::{self, Reconciler, FUSE_FILE};
 use crate::replica::client::ReplicaClient;
 use crate::replica::server::LocalReplicas;
@@ -571,7 +571,7 @@ impl ClusterLink {
         // The export is as large as any volume can grow, fixed for nbdfuse's life; the
         // loop device over it is bounded to the volume's size (see `size`).
         let config = EngineConfig {
-            export_size: crate::control::MAX_VOLUME_SIZE.max(status.size),
+            export_size: MAX_VOLUME_SIZE.max(status.size),
             ..self.engine.clone()
         };
         let engine = Engine::with_config(

@@ -940,10 +940,10 @@ pub async fn stale_sessions(
     volume: &str,
     publish_context: &std::collections::HashMap<String, String>,
 ) -> Vec<(String, palisade::replica::client::ReplicaClient)> {
-    let epoch: u64 = publish_context[palisade::control::CONTEXT_EPOCH]
+    let epoch: u64 = publish_context[palisade::model::CONTEXT_EPOCH]
         .parse()
         .expect("an epoch");
-    let token = &publish_context[palisade::control::CONTEXT_TOKEN];
+    let token = &publish_context[palisade::model::CONTEXT_TOKEN];
     let status = cluster.ctl_json(&["volume", volume]);
     let mut sessions = Vec::new();
     for r in status["replicas"].as_array().expect("replicas") {
