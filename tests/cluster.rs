@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -1395,6 +1396,52 @@ async fn a_strict_local_volume_stays_on_its_node() {
 
 async fn strict_local_scenario(cluster: &mut Cluster) {
     let mut csi = ready_cluster(cluster).await;
+    // Topology is the consumer's reach, not a limit on where replicas live: a replicated
+    // volume whose requisite names only n1 is accessible from every node, its replicas are
+    // placed by the usual rules (two nodes), and it attaches elsewhere.
+    let only_n1 = || pb::Topology {
+        segments: [(
+            palisade::model::TOPOLOGY_NODE_KEY.to_string(),
+            "n1".to_string(),
+        )]
+        .into(),
+    };
+    let mut request = create_request("reach", 32 * MIB, "2");
+    request.accessibility_requirements = Some(pb::TopologyRequirement {
+        requisite: vec![only_n1()],
+        preferred: vec![only_n1()],
+    });
+    let reach = csi
+        .create_volume(request)
+        .await
+        .expect("CreateVolume with a requisite of one node")
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert!(
+        reach.accessible_topology.is_empty(),
+        "a replicated volume is accessible from every node: {:?}",
+        reach.accessible_topology
+    );
+    let v = cluster.ctl_json(&["volume", &reach.volume_id]);
+    let homes: BTreeSet<String> = ready_replicas(&v).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(homes.len(), 2, "two replicas on two nodes: {v:#}");
+    csi.controller_publish_volume(pb::ControllerPublishVolumeRequest {
+        volume_id: reach.volume_id.clone(),
+        node_id: "n3".into(),
+        volume_capability: Some(block_cap()),
+        ..Default::default()
+    })
+    .await
+    .expect("ControllerPublish outside the requisite");
+    csi.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+        volume_id: reach.volume_id.clone(),
+        node_id: "n3".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("ControllerUnpublish");
+
     cluster.ctl_ok(&[
         "settings",
         "set",

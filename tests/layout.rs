@@ -118,7 +118,11 @@ fn imports_run_down_the_layers_without_circles_and_files_stay_small() {
     let mut problems = Vec::new();
     for file in &files {
         let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("read {file:?}: {e}"));
-        let rel = file.strip_prefix(&src).expect("under src").display().to_string();
+        let rel = file
+            .strip_prefix(&src)
+            .expect("under src")
+            .display()
+            .to_string();
         if !is_test_file(file) && text.lines().count() > MAX_LINES {
             problems.push(format!(
                 "{rel}: {} lines (at most {MAX_LINES} outside tests)",
@@ -129,7 +133,9 @@ fn imports_run_down_the_layers_without_circles_and_files_stay_small() {
             continue;
         };
         let Some(&from_layer) = layers.get(from.as_str()) else {
-            problems.push(format!("{rel}: module {from:?} has no layer in tests/layout.rs"));
+            problems.push(format!(
+                "{rel}: module {from:?} has no layer in tests/layout.rs"
+            ));
             continue;
         };
         if is_test_file(file) {
@@ -165,7 +171,10 @@ fn imports_run_down_the_layers_without_circles_and_files_stay_small() {
             return;
         }
         if let Some(i) = path.iter().position(|n| n == node) {
-            problems.push(format!("import circle: {} -> {node}", path[i..].join(" -> ")));
+            problems.push(format!(
+                "import circle: {} -> {node}",
+                path[i..].join(" -> ")
+            ));
             return;
         }
         path.push(node.to_string());

@@ -60,8 +60,11 @@ pub struct CreateRequest {
     pub parameters: HashMap<String, String>,
     /// The node named first in accessibility_requirements.preferred (or requisite).
     pub preferred_node: Option<String>,
-    /// accessibility_requirements.requisite: when given, replicas (and so the volume's
-    /// accessibility) are kept to nodes matching one of these segments.
+    /// accessibility_requirements.requisite. Topology is the consumer's reach, not a limit on
+    /// where replicas live: in a cluster an engine reaches its members over the network from
+    /// any node, so a volume there is accessible everywhere and the requisite places nothing.
+    /// Only where a volume is served from a replica on the consumer's own node (standalone,
+    /// and strict-local anywhere) are its replicas kept to nodes matching these segments.
     pub requisite: Vec<HashMap<String, String>>,
 }
 
@@ -313,8 +316,7 @@ impl Controller {
         let mut replica_nodes: Vec<&String> = placement.replicas.iter().map(|(n, _)| n).collect();
         replica_nodes.sort();
         replica_nodes.dedup();
-        let networked = self.fencing.is_some();
-        if !networked || volume.params.data_locality == DataLocality::StrictLocal {
+        if self.serves_from_consumer_node(&volume) {
             volume.accessible_topology = replica_nodes
                 .into_iter()
                 .map(|n| BTreeMap::from([(TOPOLOGY_NODE_KEY.to_string(), n.clone())]))
@@ -350,6 +352,14 @@ impl Controller {
         })
     }
 
+    /// True where `volume` is served from a replica on the consumer's own node, so that its
+    /// accessibility is its replicas' nodes: in standalone (no network data path), and for a
+    /// strict-local volume anywhere. Elsewhere it is accessible from every node.
+    fn serves_from_consumer_node(&self, volume: &Volume) -> bool {
+        let networked = self.fencing.is_some();
+        !networked || volume.params.data_locality == DataLocality::StrictLocal
+    }
+
     pub(super) async fn place(
         &self,
         volume: &Volume,
@@ -358,7 +368,7 @@ impl Controller {
         settings: &Settings,
     ) -> Result<scheduler::Placement, CreateError> {
         let mut nodes = self.list_nodes().await?;
-        if !req.requisite.is_empty() {
+        if !req.requisite.is_empty() && self.serves_from_consumer_node(volume) {
             nodes.retain(|n| {
                 req.requisite
                     .iter()
