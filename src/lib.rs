@@ -31,4 +31,5 @@ pub mod settings;
 pub mod standalone;
 pub mod store;
 pub mod token;
+pub mod uds_authority;
 pub mod wire;
