@@ -172,7 +172,7 @@ pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
             Server::new(
                 "CSI",
                 csi.serve_with_incoming_shutdown(
-                    UnixListenerStream::new(csi_listener),
+                    crate::csi::uds_authority::incoming(UnixListenerStream::new(csi_listener)),
                     shutdown.clone().wait(),
                 ),
             ),

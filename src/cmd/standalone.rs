@@ -140,7 +140,10 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), StandaloneError> {
     let result = process::serve_until_signal(|shutdown| {
         vec![Server::new(
             "CSI",
-            csi.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown.wait()),
+            csi.serve_with_incoming_shutdown(
+                crate::csi::uds_authority::incoming(UnixListenerStream::new(listener)),
+                shutdown.wait(),
+            ),
         )]
     })
     .await;

@@ -13,6 +13,7 @@ pub mod convert;
 pub mod identity;
 pub mod node;
 pub mod status;
+pub mod uds_authority;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
