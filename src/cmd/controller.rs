@@ -130,7 +130,6 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
     let csi = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity::IdentityService {
             driver_name: cfg.driver_name.clone(),
-            controller: true,
             readiness,
         }))
         .add_service(ControllerServer::new(ControllerService {

@@ -155,7 +155,6 @@ pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
     let csi = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(identity::IdentityService {
             driver_name: cfg.driver_name.clone(),
-            controller: false,
             readiness,
         }))
         .add_service(NodeServer::new(NodeRpc { node }));

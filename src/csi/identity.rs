@@ -15,8 +15,6 @@ pub trait Readiness: Send + Sync + 'static {
 
 pub struct IdentityService {
     pub driver_name: String,
-    /// True where this process serves the Controller service.
-    pub controller: bool,
     pub readiness: Arc<dyn Readiness>,
 }
 
@@ -40,19 +38,21 @@ impl Identity for IdentityService {
         use pb::plugin_capability::{
             service::Type as S, volume_expansion::Type as E, Service, Type, VolumeExpansion,
         };
-        let mut capabilities = Vec::new();
         let service = |t: S| pb::PluginCapability {
             r#type: Some(Type::Service(Service { r#type: t as i32 })),
         };
-        if self.controller {
-            capabilities.push(service(S::ControllerService));
-        }
-        capabilities.push(service(S::VolumeAccessibilityConstraints));
-        capabilities.push(pb::PluginCapability {
-            r#type: Some(Type::VolumeExpansion(VolumeExpansion {
-                r#type: E::Online as i32,
-            })),
-        });
+        // The plugin's capabilities, not this process's: the spec requires every instance
+        // of a plugin (the controller's socket and every node's) to answer the same, and a
+        // CO calls Controller RPCs only on the controller's socket whatever a node says.
+        let capabilities = vec![
+            service(S::ControllerService),
+            service(S::VolumeAccessibilityConstraints),
+            pb::PluginCapability {
+                r#type: Some(Type::VolumeExpansion(VolumeExpansion {
+                    r#type: E::Online as i32,
+                })),
+            },
+        ];
         Ok(Response::new(pb::GetPluginCapabilitiesResponse {
             capabilities,
         }))

@@ -148,9 +148,9 @@ mod tests {
 
     use super::rewrite::{tests::GRPCIO_FIRST, PREFACE};
     use super::*;
+    use crate::csi::identity::{IdentityService, Readiness};
     use crate::csi::v1 as pb;
     use crate::csi::v1::identity_server::IdentityServer;
-    use crate::csi::identity::{IdentityService, Readiness};
 
     struct AlwaysReady;
 
@@ -168,7 +168,6 @@ mod tests {
         let server =
             tonic::transport::Server::builder().add_service(IdentityServer::new(IdentityService {
                 driver_name: "driver.test".into(),
-                controller: false,
                 readiness: Arc::new(AlwaysReady),
             }));
         let connections = UnixListenerStream::new(listener);
