@@ -694,21 +694,43 @@ pub fn unmount(target: &Path) -> Result<(), MountError> {
     let Some(resolved) = resolve(target)? else {
         return Ok(());
     };
-    let mut busy_retries = 0;
-    let mut attempts = 0;
-    while attempts < MAX_STACKED_MOUNTS {
-        attempts += 1;
-        if !is_mount_point(&resolved)? {
+    for _ in 0..MAX_STACKED_MOUNTS {
+        if !unmount_once(target, &resolved)? {
             return Ok(());
         }
+    }
+    if is_mount_point(&resolved)? {
+        return Err(MountError::TooManyStacked {
+            target: target.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Unmounts the mount on top at `target` (when mounts are stacked, the one the path shows),
+/// and only that one: true when something was mounted there. Errors as [`unmount`].
+pub fn unmount_top(target: &Path) -> Result<bool, MountError> {
+    match resolve(target)? {
+        Some(resolved) => unmount_once(target, &resolved),
+        None => Ok(false),
+    }
+}
+
+/// One unmount of the top mount at `resolved` (`target`, symlinks resolved): false when
+/// nothing was mounted there.
+fn unmount_once(target: &Path, resolved: &Path) -> Result<bool, MountError> {
+    let mut busy_retries = 0;
+    loop {
+        if !is_mount_point(resolved)? {
+            return Ok(false);
+        }
         tracing::info!(target = %resolved.display(), "unmounting");
-        match nix::mount::umount2(&resolved, MntFlags::UMOUNT_NOFOLLOW) {
-            Ok(()) => {}
+        match nix::mount::umount2(resolved, MntFlags::UMOUNT_NOFOLLOW) {
+            Ok(()) => return Ok(true),
             // A device probe (udev, blkid) can hold a freshly used device for a moment:
             // retry briefly before saying the mount is busy.
             Err(Errno::EBUSY) if busy_retries < BUSY_RETRIES => {
                 busy_retries += 1;
-                attempts -= 1;
                 std::thread::sleep(BUSY_RETRY_PAUSE);
             }
             Err(Errno::EBUSY) => {
@@ -719,12 +741,13 @@ pub fn unmount(target: &Path) -> Result<(), MountError> {
             // "Not a mount point" / "no such path": someone else unmounted or removed it
             // between our look and our unmount; the next look decides.
             Err(errno @ (Errno::EINVAL | Errno::ENOENT)) => {
-                if is_mount_point(&resolved)? {
+                if is_mount_point(resolved)? {
                     return Err(MountError::Unmount {
                         target: target.to_owned(),
                         errno,
                     });
                 }
+                return Ok(true);
             }
             Err(errno) => {
                 return Err(MountError::Unmount {
@@ -734,12 +757,6 @@ pub fn unmount(target: &Path) -> Result<(), MountError> {
             }
         }
     }
-    if is_mount_point(&resolved)? {
-        return Err(MountError::TooManyStacked {
-            target: target.to_owned(),
-        });
-    }
-    Ok(())
 }
 
 /// [`unmount`]s `target`, then removes it: an empty directory, or a file (a block volume's
@@ -1112,8 +1129,12 @@ mod tests {
             .unwrap();
         }
         assert_eq!(mounts_at(&target).unwrap().len(), 3);
+        assert!(unmount_top(&target).unwrap());
+        assert_eq!(mounts_at(&target).unwrap().len(), 2, "one came off");
         unmount(&target).unwrap();
         assert!(!is_mount_point(&target).unwrap());
+        assert!(!unmount_top(&target).unwrap(), "nothing left to unmount");
+        assert!(!unmount_top(&dir.path().join("missing")).unwrap());
     }
 
     #[test]
