@@ -688,8 +688,7 @@ const BUSY_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(5
 
 /// Unmounts everything mounted at `target`, top first, until nothing is. Ok if nothing was
 /// mounted or the path does not exist. A busy mount is [`MountError::Busy`] and stays
-/// mounted: nothing is detached lazily. The path itself is left in place (see
-/// [`unmount_and_remove`]).
+/// mounted: nothing is detached lazily. The path itself is left in place.
 pub fn unmount(target: &Path) -> Result<(), MountError> {
     let Some(resolved) = resolve(target)? else {
         return Ok(());
@@ -756,39 +755,6 @@ fn unmount_once(target: &Path, resolved: &Path) -> Result<bool, MountError> {
                 })
             }
         }
-    }
-}
-
-/// [`unmount`]s `target`, then removes it: an empty directory, or a file (a block volume's
-/// target). Ok if it is already gone. A directory that is not empty after unmounting is an
-/// error, never removed recursively: its contents would be a volume's data written to the
-/// node's own disk.
-pub fn unmount_and_remove(target: &Path) -> Result<(), MountError> {
-    unmount(target)?;
-    let meta = match fs::symlink_metadata(target) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(MountError::Io {
-                action: "inspecting",
-                path: target.to_owned(),
-                source,
-            })
-        }
-    };
-    let (action, result) = if meta.is_dir() {
-        ("removing directory", fs::remove_dir(target))
-    } else {
-        ("removing", fs::remove_file(target))
-    };
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(MountError::Io {
-            action,
-            path: target.to_owned(),
-            source,
-        }),
     }
 }
 
@@ -885,6 +851,40 @@ pub(crate) mod test_support {
         }
     }
 
+    /// [`unmount`]s `target`, then removes it: an empty directory, or a file (a block volume's
+    /// target); for tests, which know what is at their paths (the node removes only what it
+    /// made, node/paths.rs). Ok if it is already gone. A directory that is not empty after unmounting is an
+    /// error, never removed recursively: its contents would be a volume's data written to the
+    /// node's own disk.
+    pub(crate) fn unmount_and_remove(target: &Path) -> Result<(), MountError> {
+        unmount(target)?;
+        let meta = match fs::symlink_metadata(target) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(MountError::Io {
+                    action: "inspecting",
+                    path: target.to_owned(),
+                    source,
+                })
+            }
+        };
+        let (action, result) = if meta.is_dir() {
+            ("removing directory", fs::remove_dir(target))
+        } else {
+            ("removing", fs::remove_file(target))
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(MountError::Io {
+                action,
+                path: target.to_owned(),
+                source,
+            }),
+        }
+    }
+
     /// Whether the test runs as root; says that it skips when not.
     pub(crate) fn is_root() -> bool {
         let root = nix::unistd::geteuid().is_root();
@@ -897,7 +897,7 @@ pub(crate) mod test_support {
 
 #[cfg(test)]
 mod tests {
-    use super::test_support::{is_root, MountGuard};
+    use super::test_support::{is_root, unmount_and_remove, MountGuard};
     use super::*;
 
     const SAMPLE: &str = "\

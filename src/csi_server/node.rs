@@ -7,9 +7,12 @@ use tonic::{Code, Request, Response, Status};
 use tracing::instrument;
 
 use super::convert::{self, bytes_i64, required};
+use crate::blockdev::BlockError;
 use crate::csi::v1 as pb;
 use crate::csi::v1::node_server::Node;
 use crate::model::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
+use crate::mount::MountError;
+use crate::node::paths::{self, PathError};
 use crate::node::{NodeError, NodeService};
 use crate::node_engine::EngineLinkError;
 
@@ -26,6 +29,20 @@ fn node_status(e: NodeError) -> Status {
         NodeError::FsMismatch { .. } => Code::FailedPrecondition,
         NodeError::StillPublished { .. } => Code::FailedPrecondition,
         NodeError::SingleWriter { .. } => Code::FailedPrecondition,
+        NodeError::Path(p) => match p {
+            PathError::NotAbsolute { .. }
+            | PathError::GoesUp { .. }
+            | PathError::Symlink { .. } => Code::InvalidArgument,
+            PathError::NotUsable { .. } => Code::FailedPrecondition,
+            PathError::Io { .. } => Code::Internal,
+        },
+        NodeError::Covered { .. } | NodeError::Busy { .. } | NodeError::MadeNotEmpty { .. } => {
+            Code::FailedPrecondition
+        }
+        // Something holds the device or the mount: it comes off once that lets go.
+        NodeError::Block(BlockError::InUse { .. }) | NodeError::Mount(MountError::Busy { .. }) => {
+            Code::FailedPrecondition
+        }
         NodeError::Replica(_) | NodeError::Block(_) | NodeError::Mount(_) => Code::Internal,
         NodeError::Io { .. } | NodeError::Task(_) => Code::Internal,
         NodeError::Engine(e) => match e {
@@ -40,15 +57,11 @@ fn node_status(e: NodeError) -> Status {
     super::status::status(code, &e)
 }
 
-/// A path field: required, absolute, no NUL.
-fn path<'a>(value: &'a str, field: &str) -> Result<&'a Path, Status> {
+/// A path field: required, absolute, no NUL, no `..` (node/paths.rs; the links along it are
+/// looked at where it is used).
+fn path<'a>(value: &'a str, field: &'static str) -> Result<&'a Path, Status> {
     required(value, field)?;
-    if !value.starts_with('/') || value.contains('\0') {
-        return Err(Status::invalid_argument(format!(
-            "{field}: {value:?} is not an absolute path"
-        )));
-    }
-    Ok(Path::new(value))
+    paths::check_form(field, value).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 /// A volume_path the driver looks up: required; a path that is not absolute cannot be
