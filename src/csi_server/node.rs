@@ -46,7 +46,10 @@ fn node_status(e: NodeError) -> Status {
         NodeError::Replica(_) | NodeError::Block(_) | NodeError::Mount(_) => Code::Internal,
         NodeError::Io { .. } | NodeError::Task(_) => Code::Internal,
         NodeError::Engine(e) => match e {
-            EngineLinkError::NotPublished { .. } => Code::FailedPrecondition,
+            EngineLinkError::NotPublished { .. } | EngineLinkError::NotCurrent { .. } => {
+                Code::FailedPrecondition
+            }
+            EngineLinkError::VolumeNotFound { .. } => Code::NotFound,
             EngineLinkError::Controller { .. } | EngineLinkError::NoMembers { .. } => {
                 Code::Unavailable
             }
