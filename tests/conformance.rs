@@ -3869,3 +3869,66 @@ async fn node_unpublish_keeps_a_target_it_made_that_is_not_empty_and_says_so() {
         .expect("now empty: removed");
     assert!(!target.exists());
 }
+
+/// A message with raw bytes in fields 1 and 2, where the CSI requests have `string` fields.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawStrings {
+    #[prost(bytes = "vec", tag = "1")]
+    one: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    two: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct AnyAnswer {}
+
+async fn raw_call(d: &Driver, method: &'static str, msg: RawStrings) -> Result<(), tonic::Status> {
+    let channel = palisade::csi_server::connect(&d.socket)
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let codec = tonic_prost::ProstCodec::<RawStrings, AnyAnswer>::default();
+    grpc.unary(
+        tonic::Request::new(msg),
+        tonic::codegen::http::uri::PathAndQuery::from_static(method),
+        codec,
+    )
+    .await
+    .map(|_| ())
+}
+
+#[tokio::test]
+async fn a_request_string_that_is_not_utf8_is_invalid_argument_naming_the_field() {
+    let mut d = Driver::start(&["disk0"]).await;
+    assert_field(
+        raw_call(
+            &d,
+            "/csi.v1.Controller/CreateVolume",
+            RawStrings {
+                one: b"bad-\xff\xfe-name".to_vec(),
+                two: Vec::new(),
+            },
+        )
+        .await,
+        Code::InvalidArgument,
+        "name",
+    );
+    let decoys = Decoys::new(&d);
+    assert_field(
+        raw_call(
+            &d,
+            "/csi.v1.Node/NodeUnpublishVolume",
+            RawStrings {
+                one: b"some-volume".to_vec(),
+                two: [decoys.file.as_os_str().as_encoded_bytes(), b"\xff"].concat(),
+            },
+        )
+        .await,
+        Code::InvalidArgument,
+        "target_path",
+    );
+    decoys.assert_untouched();
+    // The driver serves on.
+    create(&mut d, "after-bad-utf8", 16 * MIB, vec![mount_cap("ext4")]).await;
+}

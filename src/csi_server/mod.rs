@@ -1,6 +1,7 @@
 //! The CSI gRPC surface: thin adapters over the domain services, one error mapping, and the
 //! unix socket they are served on.
 
+pub mod codec;
 pub mod controller;
 pub mod convert;
 pub mod identity;
