@@ -1763,3 +1763,54 @@ async fn expansion_scenario(cluster: &mut Cluster) {
     let mut node = node_client(cluster, "n1").await;
     unpublish_and_unstage(&mut node, &id, &staging, &target).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_with_a_forged_epoch_is_failed_precondition_and_starts_nothing() {
+    with_cluster_of(1, |cluster| Box::pin(forged_epoch_scenario(cluster))).await;
+}
+
+async fn forged_epoch_scenario(cluster: &mut Cluster) {
+    let mut csi = ready_cluster(cluster).await;
+    let (id, ctx) = create_and_publish(&mut csi, "forged", "1", None, "n1").await;
+    let (staging, target) = staging_and_target(cluster, "n1", &id);
+    let mut n1 = node_client(cluster, "n1").await;
+    let mut forged = ctx.clone();
+    forged.insert(
+        palisade::control::CONTEXT_EPOCH.to_string(),
+        "999".into(),
+    );
+    for _ in 0..2 {
+        let status = n1
+            .node_stage_volume(pb::NodeStageVolumeRequest {
+                volume_id: id.clone(),
+                publish_context: forged.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(mount_cap()),
+                ..Default::default()
+            })
+            .await
+            .expect_err("epoch 999 is not the volume's attachment");
+        // Not UNAVAILABLE: a CO retries that forever, and this one cannot succeed.
+        assert_eq!(
+            status.code(),
+            tonic::Code::FailedPrecondition,
+            "{}",
+            status.message()
+        );
+        assert!(
+            status.message().contains("publish_context") && status.message().contains("999"),
+            "{}",
+            status.message()
+        );
+    }
+    let home = node_home(cluster, "n1");
+    assert!(mounts_under(&home).is_empty(), "{:?}", mounts_under(&home));
+    assert!(loops_under(&home).is_empty(), "{:?}", loops_under(&home));
+
+    // The real attachment stages, and the volume is as usable as ever.
+    let published = stage_and_publish(cluster, "n1", &id, &ctx).await;
+    assert_eq!(published, target);
+    write_synced(&target.join("f"), b"ok").expect("write");
+    unpublish_and_unstage(&mut n1, &id, &staging, &target).await;
+    assert!(!target.exists() && !staging.exists());
+}

@@ -3449,3 +3449,484 @@ async fn sigterm_exits_cleanly_and_removes_the_socket() {
     assert!(d.terminate(), "SIGTERM: exit status 0");
     assert!(!d.socket.exists(), "the socket is removed on a clean exit");
 }
+
+// ---------------------------------------------------------------------------------------
+// The node touches only what is its own (paths given by a confused or hostile caller)
+// ---------------------------------------------------------------------------------------
+
+/// Loop devices whose backing file is `file`.
+fn loops_over(file: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("loop/backing_file"))
+                .is_ok_and(|b| Path::new(b.trim_end()) == file)
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Decoys a caller might name instead of a path of the volume: a file with content, a
+/// directory with content, and an empty file and an empty directory the driver did not make.
+struct Decoys {
+    file: PathBuf,
+    dir: PathBuf,
+    empty_file: PathBuf,
+    empty_dir: PathBuf,
+}
+
+impl Decoys {
+    fn new(d: &Driver) -> Decoys {
+        let root = d.path("decoys");
+        std::fs::create_dir_all(root.join("dir")).expect("decoy dir");
+        std::fs::create_dir_all(root.join("empty-dir")).expect("empty decoy dir");
+        std::fs::write(root.join("file"), b"the host's own file").expect("decoy file");
+        std::fs::write(root.join("dir/inside"), b"the host's own data").expect("decoy content");
+        std::fs::write(root.join("empty-file"), b"").expect("empty decoy file");
+        Decoys {
+            file: root.join("file"),
+            dir: root.join("dir"),
+            empty_file: root.join("empty-file"),
+            empty_dir: root.join("empty-dir"),
+        }
+    }
+
+    fn all(&self) -> [&Path; 4] {
+        [&self.file, &self.dir, &self.empty_file, &self.empty_dir]
+    }
+
+    #[track_caller]
+    fn assert_untouched(&self) {
+        assert_eq!(
+            std::fs::read(&self.file).expect("decoy file kept"),
+            b"the host's own file"
+        );
+        assert_eq!(
+            std::fs::read(self.dir.join("inside")).expect("decoy dir kept"),
+            b"the host's own data"
+        );
+        assert_eq!(
+            std::fs::metadata(&self.empty_file)
+                .expect("empty decoy file kept")
+                .len(),
+            0
+        );
+        assert!(self.empty_dir.is_dir(), "empty decoy dir kept");
+        for p in self.all() {
+            assert!(!is_mounted(p), "something mounted on the decoy {p:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn node_unpublish_removes_nothing_the_driver_did_not_make_for_the_volume() {
+    let mut d = Driver::start(&["disk0"]).await;
+    let decoys = Decoys::new(&d);
+    let vol = create(&mut d, "not-there", 16 * MIB, vec![mount_cap("ext4")]).await;
+    for volume_id in ["no-such-volume", vol.volume_id.as_str()] {
+        for decoy in decoys.all() {
+            for _ in 0..2 {
+                d.node
+                    .node_unpublish_volume(unpublish_node_req(volume_id, decoy))
+                    .await
+                    .expect("the volume is not published there: OK");
+            }
+        }
+    }
+    decoys.assert_untouched();
+}
+
+#[tokio::test]
+async fn node_unpublish_leaves_what_another_volume_or_the_host_mounted_at_the_target() {
+    let mut d = Driver::start(&["disk0"]).await;
+    let (a, _, a_target) = published_volume(&mut d, "np-a", 64 * MIB, mount_cap("ext4")).await;
+    std::fs::write(a_target.join("a"), b"volume a").expect("write a");
+    let b = create(&mut d, "np-b", 16 * MIB, vec![mount_cap("ext4")]).await;
+    // Another volume's publication: OK (b is not published there), and a stays.
+    d.node
+        .node_unpublish_volume(unpublish_node_req(&b.volume_id, &a_target))
+        .await
+        .expect("b is not published at a's target");
+    assert!(is_mounted(&a_target), "a's publication was unmounted");
+    assert_eq!(std::fs::read(a_target.join("a")).expect("a"), b"volume a");
+
+    // A mount of the host's at a path: left mounted.
+    let host_mount = d.path("host-mount");
+    std::fs::create_dir_all(&host_mount).expect("mount point");
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "host-tmpfs"])
+        .arg(&host_mount)
+        .status()
+        .expect("mount");
+    assert!(status.success());
+    std::fs::write(host_mount.join("h"), b"host").expect("write");
+    d.node
+        .node_unpublish_volume(unpublish_node_req(&a.volume_id, &host_mount))
+        .await
+        .expect("a is not published there");
+    assert!(is_mounted(&host_mount), "the host's tmpfs was unmounted");
+    assert_eq!(std::fs::read(host_mount.join("h")).expect("h"), b"host");
+
+    // Something mounted over the volume's publication hides it: the driver neither
+    // unmounts what is not the volume's nor says OK while the volume stays mounted.
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "over-a"])
+        .arg(&a_target)
+        .status()
+        .expect("mount");
+    assert!(status.success());
+    assert_field(
+        d.node
+            .node_unpublish_volume(unpublish_node_req(&a.volume_id, &a_target))
+            .await,
+        Code::FailedPrecondition,
+        "target_path",
+    );
+    assert_eq!(mounts_at(&a_target).len(), 2, "both mounts stay");
+    let status = Command::new("umount")
+        .arg(&a_target)
+        .status()
+        .expect("umount");
+    assert!(status.success());
+    d.node
+        .node_unpublish_volume(unpublish_node_req(&a.volume_id, &a_target))
+        .await
+        .expect("a's own publication comes off");
+    assert!(!a_target.exists(), "the target the driver made is removed");
+}
+
+#[tokio::test]
+async fn node_publish_mounts_only_on_an_empty_directory_or_file_and_keeps_what_the_co_made() {
+    let mut d = Driver::start(&["disk0"]).await;
+    let decoys = Decoys::new(&d);
+    let (fs_vol, fs_staging) =
+        staged_volume(&mut d, "pub-on-fs", 64 * MIB, mount_cap("ext4")).await;
+    let (blk_vol, blk_staging) = staged_volume(&mut d, "pub-on-blk", 16 * MIB, block_cap()).await;
+    // A filesystem on a file, on a non-empty directory or file; a device on a directory, on
+    // a non-empty file.
+    for (vol, staging, c, target) in [
+        (&fs_vol, &fs_staging, mount_cap("ext4"), &decoys.file),
+        (&fs_vol, &fs_staging, mount_cap("ext4"), &decoys.dir),
+        (&fs_vol, &fs_staging, mount_cap("ext4"), &decoys.empty_file),
+        (&blk_vol, &blk_staging, block_cap(), &decoys.file),
+        (&blk_vol, &blk_staging, block_cap(), &decoys.dir),
+        (&blk_vol, &blk_staging, block_cap(), &decoys.empty_dir),
+    ] {
+        assert_field(
+            d.node
+                .node_publish_volume(node_publish_req(&vol.volume_id, staging, target, c, false))
+                .await,
+            Code::FailedPrecondition,
+            "target_path",
+        );
+    }
+    decoys.assert_untouched();
+
+    // An empty directory and an empty file the CO made are used, and kept afterwards
+    // (the SP deletes only what it created).
+    for (vol, staging, c, target) in [
+        (&fs_vol, &fs_staging, mount_cap("ext4"), &decoys.empty_dir),
+        (&blk_vol, &blk_staging, block_cap(), &decoys.empty_file),
+    ] {
+        for _ in 0..2 {
+            d.node
+                .node_publish_volume(node_publish_req(
+                    &vol.volume_id,
+                    staging,
+                    target,
+                    c.clone(),
+                    false,
+                ))
+                .await
+                .expect("an empty node of the right kind takes the volume");
+        }
+        assert_eq!(mounts_at(target).len(), 1);
+        for _ in 0..2 {
+            d.node
+                .node_unpublish_volume(unpublish_node_req(&vol.volume_id, target))
+                .await
+                .expect("unpublish");
+        }
+        assert!(!is_mounted(target));
+    }
+    decoys.assert_untouched();
+}
+
+#[tokio::test]
+async fn node_stage_mounts_only_on_an_empty_directory_and_starts_nothing_otherwise() {
+    let mut d = Driver::start(&["disk0"]).await;
+    let decoys = Decoys::new(&d);
+    let vol = create(&mut d, "stage-on", 64 * MIB, vec![mount_cap("ext4")]).await;
+    controller_publish(&mut d, &vol.volume_id, mount_cap("ext4")).await;
+    let data = replica_data_files(&d, &vol.volume_id);
+    assert_eq!(data.len(), 1);
+    for staging in [&decoys.dir, &decoys.file, &decoys.empty_file] {
+        assert_field(
+            d.node
+                .node_stage_volume(stage_req(&vol.volume_id, staging, mount_cap("ext4")))
+                .await,
+            Code::FailedPrecondition,
+            "staging_target_path",
+        );
+        assert!(
+            loops_over(&data[0]).is_empty(),
+            "a refused stage left a loop device: {:?}",
+            loops_over(&data[0])
+        );
+    }
+    decoys.assert_untouched();
+}
+
+#[tokio::test]
+async fn node_paths_going_up_or_through_symlinks_are_invalid_argument() {
+    let mut d = Driver::start(&["disk0"]).await;
+    let decoys = Decoys::new(&d);
+    let (fs_vol, fs_staging) = staged_volume(&mut d, "links-fs", 64 * MIB, mount_cap("ext4")).await;
+    let (blk_vol, blk_staging) = staged_volume(&mut d, "links-blk", 16 * MIB, block_cap()).await;
+    let other = create(&mut d, "links-other", 64 * MIB, vec![mount_cap("ext4")]).await;
+    controller_publish(&mut d, &other.volume_id, mount_cap("ext4")).await;
+    // A link to the decoys' directory, one to the decoy file, and `..` out of the pods' tree.
+    let pods = d.path("pods");
+    std::fs::create_dir_all(&pods).expect("pods");
+    let decoy_root = decoys.dir.parent().expect("decoys root").to_path_buf();
+    std::os::unix::fs::symlink(&decoy_root, pods.join("link")).expect("dir link");
+    std::os::unix::fs::symlink(&decoys.file, pods.join("file-link")).expect("file link");
+    let via_dir_link = pods.join("link/empty-dir");
+    let via_file_link = pods.join("file-link");
+    let going_up = PathBuf::from(format!("{}/../decoys/empty-dir", pods.display()));
+
+    for staging in [&via_dir_link, &going_up, &pods.join("link")] {
+        assert_field(
+            d.node
+                .node_stage_volume(stage_req(&other.volume_id, staging, mount_cap("ext4")))
+                .await,
+            Code::InvalidArgument,
+            "staging_target_path",
+        );
+    }
+    for (vol, staging, c, target) in [
+        (&fs_vol, &fs_staging, mount_cap("ext4"), &via_dir_link),
+        (&fs_vol, &fs_staging, mount_cap("ext4"), &going_up),
+        (&blk_vol, &blk_staging, block_cap(), &via_file_link),
+        (
+            &blk_vol,
+            &blk_staging,
+            block_cap(),
+            &pods.join("link/empty-file"),
+        ),
+    ] {
+        assert_field(
+            d.node
+                .node_publish_volume(node_publish_req(&vol.volume_id, staging, target, c, false))
+                .await,
+            Code::InvalidArgument,
+            "target_path",
+        );
+    }
+    let staging_up = PathBuf::from(format!("{}/../{}", fs_staging.display(), "links-fs"));
+    assert_field(
+        d.node
+            .node_publish_volume(node_publish_req(
+                &fs_vol.volume_id,
+                &staging_up,
+                &pods.join("t"),
+                mount_cap("ext4"),
+                false,
+            ))
+            .await,
+        Code::InvalidArgument,
+        "staging_target_path",
+    );
+    for target in [&via_dir_link, &via_file_link, &going_up] {
+        assert_field(
+            d.node
+                .node_unpublish_volume(unpublish_node_req(&fs_vol.volume_id, target))
+                .await,
+            Code::InvalidArgument,
+            "target_path",
+        );
+    }
+    assert_field(
+        d.node
+            .node_unstage_volume(unstage_req(&fs_vol.volume_id, &staging_up))
+            .await,
+        Code::InvalidArgument,
+        "staging_target_path",
+    );
+    decoys.assert_untouched();
+    assert!(is_mounted(&fs_staging), "the real staging stays");
+    assert!(!pods.join("t").exists());
+}
+
+/// Bind-mounts `dir` (alone: what is mounted below it does not come along) at a new path,
+/// so that what lies beneath a mount point under `dir` can be written.
+fn beneath(d: &Driver, dir: &Path) -> PathBuf {
+    let view = d.path("beneath");
+    std::fs::create_dir_all(&view).expect("view");
+    let status = Command::new("mount")
+        .arg("--bind")
+        .arg(dir)
+        .arg(&view)
+        .status()
+        .expect("mount --bind");
+    assert!(status.success());
+    view
+}
+
+#[tokio::test]
+async fn node_unstage_that_cannot_finish_says_why_and_one_that_can_finishes() {
+    let mut d = Driver::start(&["disk0"]).await;
+    let vol = create(&mut d, "unstage-why", 64 * MIB, vec![mount_cap("ext4")]).await;
+    controller_publish(&mut d, &vol.volume_id, mount_cap("ext4")).await;
+    let data = replica_data_files(&d, &vol.volume_id);
+    // The driver makes the staging directory (the CO did not).
+    let stagings = d.path("stagings");
+    std::fs::create_dir_all(&stagings).expect("stagings");
+    let staging = stagings.join("made-by-the-driver");
+    d.node
+        .node_stage_volume(stage_req(&vol.volume_id, &staging, mount_cap("ext4")))
+        .await
+        .expect("stage");
+
+    // Busy: a file open on the staging mount.
+    let open = std::fs::File::create(staging.join("open")).expect("open a file");
+    let r = d
+        .node
+        .node_unstage_volume(unstage_req(&vol.volume_id, &staging))
+        .await
+        .map(|_| ());
+    assert_field(r.clone(), Code::FailedPrecondition, "staging_target_path");
+    let message = r.expect_err("busy").message().to_string();
+    assert!(
+        message.contains(&staging.display().to_string()) && message.contains("busy"),
+        "{message}"
+    );
+    assert!(is_mounted(&staging));
+    drop(open);
+
+    // Files beneath the mount (written to the node's disk while it was not mounted): the
+    // volume is unstaged all the same, and the directory is left with them.
+    let view = beneath(&d, &stagings);
+    std::fs::write(view.join("made-by-the-driver/beneath"), b"x").expect("write beneath");
+    let status = Command::new("umount").arg(&view).status().expect("umount");
+    assert!(status.success());
+    for _ in 0..2 {
+        d.node
+            .node_unstage_volume(unstage_req(&vol.volume_id, &staging))
+            .await
+            .expect("unstaged, the directory's own files left in it");
+    }
+    assert!(!is_mounted(&staging));
+    assert!(loops_over(&data[0]).is_empty(), "the device is detached");
+    assert_eq!(std::fs::read(staging.join("beneath")).expect("kept"), b"x");
+    // Not empty: a stage there is refused, and nothing is hidden under a new mount.
+    assert_field(
+        d.node
+            .node_stage_volume(stage_req(&vol.volume_id, &staging, mount_cap("ext4")))
+            .await,
+        Code::FailedPrecondition,
+        "staging_target_path",
+    );
+    std::fs::remove_file(staging.join("beneath")).expect("clean up");
+    d.node
+        .node_stage_volume(stage_req(&vol.volume_id, &staging, mount_cap("ext4")))
+        .await
+        .expect("stage again");
+    d.node
+        .node_unstage_volume(unstage_req(&vol.volume_id, &staging))
+        .await
+        .expect("unstage");
+    assert!(
+        !staging.exists(),
+        "the staging directory the driver made is removed"
+    );
+}
+
+#[tokio::test]
+async fn node_unpublish_keeps_a_target_it_made_that_is_not_empty_and_says_so() {
+    let mut d = Driver::start(&["disk0"]).await;
+    let (vol, _, target) = published_volume(&mut d, "np-full", 64 * MIB, mount_cap("ext4")).await;
+    let view = beneath(&d, target.parent().expect("pod dir"));
+    std::fs::write(view.join("volume/beneath"), b"x").expect("write beneath");
+    let status = Command::new("umount").arg(&view).status().expect("umount");
+    assert!(status.success());
+    let r = d
+        .node
+        .node_unpublish_volume(unpublish_node_req(&vol.volume_id, &target))
+        .await;
+    assert_field(r, Code::FailedPrecondition, "target_path");
+    assert!(!is_mounted(&target), "the volume itself is unmounted");
+    assert_eq!(std::fs::read(target.join("beneath")).expect("kept"), b"x");
+    std::fs::remove_file(target.join("beneath")).expect("clean up");
+    d.node
+        .node_unpublish_volume(unpublish_node_req(&vol.volume_id, &target))
+        .await
+        .expect("now empty: removed");
+    assert!(!target.exists());
+}
+
+/// A message with raw bytes in fields 1 and 2, where the CSI requests have `string` fields.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawStrings {
+    #[prost(bytes = "vec", tag = "1")]
+    one: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    two: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct AnyAnswer {}
+
+async fn raw_call(d: &Driver, method: &'static str, msg: RawStrings) -> Result<(), tonic::Status> {
+    let channel = palisade::csi::connect(&d.socket)
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let codec = tonic_prost::ProstCodec::<RawStrings, AnyAnswer>::default();
+    grpc.unary(
+        tonic::Request::new(msg),
+        tonic::codegen::http::uri::PathAndQuery::from_static(method),
+        codec,
+    )
+    .await
+    .map(|_| ())
+}
+
+#[tokio::test]
+async fn a_request_string_that_is_not_utf8_is_invalid_argument_naming_the_field() {
+    let mut d = Driver::start(&["disk0"]).await;
+    assert_field(
+        raw_call(
+            &d,
+            "/csi.v1.Controller/CreateVolume",
+            RawStrings {
+                one: b"bad-\xff\xfe-name".to_vec(),
+                two: Vec::new(),
+            },
+        )
+        .await,
+        Code::InvalidArgument,
+        "name",
+    );
+    let decoys = Decoys::new(&d);
+    assert_field(
+        raw_call(
+            &d,
+            "/csi.v1.Node/NodeUnpublishVolume",
+            RawStrings {
+                one: b"some-volume".to_vec(),
+                two: [decoys.file.as_os_str().as_encoded_bytes(), b"\xff"].concat(),
+            },
+        )
+        .await,
+        Code::InvalidArgument,
+        "target_path",
+    );
+    decoys.assert_untouched();
+    // The driver serves on.
+    create(&mut d, "after-bad-utf8", 16 * MIB, vec![mount_cap("ext4")]).await;
+}

@@ -8,6 +8,7 @@ pub mod v1 {
     tonic::include_proto!("csi.v1");
 }
 
+pub mod codec;
 pub mod controller;
 pub mod convert;
 pub mod identity;

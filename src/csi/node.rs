@@ -7,10 +7,13 @@ use tonic::{Code, Request, Response, Status};
 use tracing::instrument;
 
 use super::convert::{self, bytes_i64, required};
+use crate::node::blockdev::BlockError;
 use crate::csi::v1 as pb;
 use crate::csi::v1::node_server::Node;
 use crate::model::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
 use crate::node::engines::EngineLinkError;
+use crate::node::mount::MountError;
+use crate::node::paths::{self, PathError};
 use crate::node::{NodeError, NodeService};
 
 pub struct NodeRpc {
@@ -26,10 +29,27 @@ fn node_status(e: NodeError) -> Status {
         NodeError::FsMismatch { .. } => Code::FailedPrecondition,
         NodeError::StillPublished { .. } => Code::FailedPrecondition,
         NodeError::SingleWriter { .. } => Code::FailedPrecondition,
+        NodeError::Path(p) => match p {
+            PathError::NotAbsolute { .. }
+            | PathError::GoesUp { .. }
+            | PathError::Symlink { .. } => Code::InvalidArgument,
+            PathError::NotUsable { .. } => Code::FailedPrecondition,
+            PathError::Io { .. } => Code::Internal,
+        },
+        NodeError::Covered { .. } | NodeError::Busy { .. } | NodeError::MadeNotEmpty { .. } => {
+            Code::FailedPrecondition
+        }
+        // Something holds the device or the mount: it comes off once that lets go.
+        NodeError::Block(BlockError::InUse { .. }) | NodeError::Mount(MountError::Busy { .. }) => {
+            Code::FailedPrecondition
+        }
         NodeError::Replica(_) | NodeError::Block(_) | NodeError::Mount(_) => Code::Internal,
         NodeError::Io { .. } | NodeError::Task(_) => Code::Internal,
         NodeError::Engine(e) => match e {
-            EngineLinkError::NotPublished { .. } => Code::FailedPrecondition,
+            EngineLinkError::NotPublished { .. } | EngineLinkError::NotCurrent { .. } => {
+                Code::FailedPrecondition
+            }
+            EngineLinkError::VolumeNotFound { .. } => Code::NotFound,
             EngineLinkError::Controller { .. } | EngineLinkError::NoMembers { .. } => {
                 Code::Unavailable
             }
@@ -40,15 +60,11 @@ fn node_status(e: NodeError) -> Status {
     super::status::status(code, &e)
 }
 
-/// A path field: required, absolute, no NUL.
-fn path<'a>(value: &'a str, field: &str) -> Result<&'a Path, Status> {
+/// A path field: required, absolute, no NUL, no `..` (node/paths.rs; the links along it are
+/// looked at where it is used).
+fn path<'a>(value: &'a str, field: &'static str) -> Result<&'a Path, Status> {
     required(value, field)?;
-    if !value.starts_with('/') || value.contains('\0') {
-        return Err(Status::invalid_argument(format!(
-            "{field}: {value:?} is not an absolute path"
-        )));
-    }
-    Ok(Path::new(value))
+    paths::check_form(field, value).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 /// A volume_path the driver looks up: required; a path that is not absolute cannot be

@@ -35,6 +35,16 @@ pub enum EngineLinkError {
     NotPublished { volume: String, key: &'static str },
     #[error("volume {volume:?}: the controller did not answer: {why}")]
     Controller { volume: String, why: String },
+    /// The controller refused the attachment the publish context names (a forged or stale
+    /// epoch): retrying the same context cannot succeed.
+    #[error("volume {volume:?}: publish_context names epoch {epoch} of this node, which is not the volume's current attachment ({why}); ControllerPublishVolume gives the current one")]
+    NotCurrent {
+        volume: String,
+        epoch: u64,
+        why: String,
+    },
+    #[error("volume {volume:?} does not exist ({why})")]
+    VolumeNotFound { volume: String, why: String },
     #[error("volume {volume:?}: no member replica could be opened ({why})")]
     NoMembers { volume: String, why: String },
     #[error("volume {volume:?}: {what}: {why}")]
@@ -424,7 +434,10 @@ impl ControlMembership {
     /// The first lease of a starting engine, before it opens its members: the controller
     /// first makes the members identical again if the previous engine did not stop cleanly
     /// (one kept, the others to be rebuilt).
-    async fn start_lease(&self) -> Result<Duration, String> {
+    /// A refusal is told apart from a controller that did not answer: an epoch that is not
+    /// the volume's current attachment, or a volume that does not exist, stays so however
+    /// often the stage is retried.
+    async fn start_lease(&self) -> Result<Duration, EngineLinkError> {
         let mut control = self.control.clone();
         let call = control.renew_lease(pb::RenewLeaseRequest {
             volume_id: self.volume_id.clone(),
@@ -433,8 +446,26 @@ impl ControlMembership {
             start: true,
             ..Default::default()
         });
-        let granted = self.call(call).await?;
-        Ok(Duration::from_millis(granted.lease_ms))
+        let status = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(granted)) => return Ok(Duration::from_millis(granted.into_inner().lease_ms)),
+            Ok(Err(status)) => status,
+            Err(_) => {
+                return Err(EngineLinkError::Controller {
+                    volume: self.volume_id.clone(),
+                    why: format!("the controller did not answer within {:?}", self.timeout),
+                })
+            }
+        };
+        let (volume, why) = (self.volume_id.clone(), status.message().to_string());
+        Err(match status.code() {
+            tonic::Code::FailedPrecondition => EngineLinkError::NotCurrent {
+                volume,
+                epoch: self.epoch,
+                why,
+            },
+            tonic::Code::NotFound => EngineLinkError::VolumeNotFound { volume, why },
+            _ => EngineLinkError::Controller { volume, why },
+        })
     }
 
     /// Gives the lease back once the engine has stopped (best effort: when the controller
@@ -553,7 +584,7 @@ impl ClusterLink {
         // the controller's record of it bounds when this engine stops without renewals. It
         // comes before the members are read: the controller may change them first.
         let asked = tokio::time::Instant::now();
-        let first_lease = membership.start_lease().await.map_err(controller_error)?;
+        let first_lease = membership.start_lease().await?;
         let mut control = self.control.clone();
         let status = tokio::time::timeout(
             self.call_timeout,

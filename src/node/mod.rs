@@ -6,6 +6,7 @@
 pub mod blockdev;
 pub mod engines;
 pub mod mount;
+pub mod paths;
 pub mod reconcile;
 
 use std::path::{Path, PathBuf};
@@ -14,11 +15,19 @@ use tracing::{info, warn};
 
 use crate::locks::KeyLocks;
 use crate::model::{AccessMode, AccessType, Capability};
+use mount::{MountError, MountInfo};
 use crate::node::engines::{ClusterLink, EngineHealth};
-use crate::replica::{self, ReplicaDir, ReplicaError};
-use blockdev::BlockError;
-use mount::MountError;
 use reconcile::Reconciler;
+use blockdev::BlockError;
+use crate::replica::{self, ReplicaDir, ReplicaError};
+use paths::{MountOn, PathError, Removal};
+
+/// The request fields that name paths on the node, as the errors name them.
+const STAGING: &str = "staging_target_path";
+const TARGET: &str = "target_path";
+
+/// How many mounts stacked at one path the node takes off before it gives up.
+const MAX_STACKED: usize = 32;
 
 /// The node this process serves.
 #[derive(Debug, Clone)]
@@ -58,6 +67,27 @@ pub enum NodeError {
     },
     #[error("volume {volume:?} is still mounted at {paths:?}; unpublish it there first")]
     StillPublished { volume: String, paths: Vec<PathBuf> },
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("{field}: volume {volume:?} is mounted at {path:?} beneath {what}, which is not the volume's; the driver does not unmount it: unmount it first, then retry")]
+    Covered {
+        volume: String,
+        field: &'static str,
+        path: PathBuf,
+        what: String,
+    },
+    #[error("{field}: volume {volume:?} at {path:?} is busy (files open on it, or something mounted below it) and is not unmounted lazily: stop what uses it (`fuser -vm {path:?}` lists it), then retry")]
+    Busy {
+        volume: String,
+        field: &'static str,
+        path: PathBuf,
+    },
+    #[error("{field}: {path:?}, which the driver made for volume {volume:?}, is not empty now that the volume is unmounted from it (files were written to the node's own disk while nothing was mounted there); it is never removed with its contents: move them away, then retry")]
+    MadeNotEmpty {
+        volume: String,
+        field: &'static str,
+        path: PathBuf,
+    },
     #[error(transparent)]
     Replica(#[from] ReplicaError),
     #[error(transparent)]
@@ -136,6 +166,16 @@ impl NodeService {
         }
     }
 
+    /// What tells the volume's mounts from anything else (see [`VolumeOwner`]).
+    async fn owner(&self, volume_id: &str) -> UnresolvedOwner {
+        UnresolvedOwner {
+            volume: volume_id.to_string(),
+            engine_file: self.cluster.as_ref().map(|l| l.backing_file(volume_id)),
+            disks: self.config.disks.clone(),
+            backing: self.backing_file(volume_id).await.ok(),
+        }
+    }
+
     pub fn config(&self) -> &NodeConfig {
         &self.config
     }
@@ -150,6 +190,9 @@ impl NodeService {
         publish_context: &std::collections::HashMap<String, String>,
     ) -> Result<(), NodeError> {
         let _g = self.locks.lock(volume_id).await;
+        // Before an engine starts or a device is attached for a path that cannot be used.
+        let (path, mounts_fs) = (staging.to_path_buf(), cap.access_type != AccessType::Block);
+        blocking(move || check_staging_path(&path, mounts_fs)).await?;
         let (backing, limit) = match &self.cluster {
             Some(link) => {
                 let file = link.start(volume_id, publish_context).await?;
@@ -172,16 +215,19 @@ impl NodeService {
         self.cluster.as_ref().map(ClusterLink::reconciler)
     }
 
-    /// NodeUnstageVolume: unmounts, detaches the device, removes the staging path.
+    /// NodeUnstageVolume: unmounts the volume from the staging path, detaches its device and
+    /// removes the staging directory if the driver made it. Nothing that is not the
+    /// volume's is touched.
     pub async fn unstage(&self, volume_id: &str, staging: &Path) -> Result<(), NodeError> {
         let _g = self.locks.lock(volume_id).await;
-        let backing = self.backing_file(volume_id).await.ok();
-        let (volume, staging) = (volume_id.to_string(), staging.to_path_buf());
+        let owner = self.owner(volume_id).await;
+        let staging = staging.to_path_buf();
         let torn_down = self.reconciler();
         blocking(move || {
             let key = reconcile::canonical(&staging);
-            unstage_blocking(&volume, backing.as_deref(), &staging)?;
-            forget_torn_down(torn_down.as_ref(), &volume, &key);
+            let owner = owner.resolve()?;
+            unstage_blocking(&owner, &staging)?;
+            forget_torn_down(torn_down.as_ref(), &owner.volume, &key);
             Ok(())
         })
         .await?;
@@ -217,15 +263,18 @@ impl NodeService {
         .await
     }
 
-    /// NodeUnpublishVolume: unmounts and removes the target; OK when already gone.
+    /// NodeUnpublishVolume: unmounts the volume from the target and removes what the driver
+    /// made there; OK when already gone. Nothing that is not the volume's is touched.
     pub async fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), NodeError> {
         let _g = self.locks.lock(volume_id).await;
-        let (volume, target) = (volume_id.to_string(), target.to_path_buf());
+        let owner = self.owner(volume_id).await;
+        let target = target.to_path_buf();
         let torn_down = self.reconciler();
         blocking(move || {
             let key = reconcile::canonical(&target);
-            mount::unmount_and_remove(&target)?;
-            forget_torn_down(torn_down.as_ref(), &volume, &key);
+            let owner = owner.resolve()?;
+            unpublish_blocking(&owner, &target)?;
+            forget_torn_down(torn_down.as_ref(), &owner.volume, &key);
             Ok(())
         })
         .await
@@ -336,7 +385,6 @@ fn stage_blocking(
         return Ok(());
     };
     let readonly = cap.access_mode == crate::model::AccessMode::SingleNodeReaderOnly;
-    std::fs::create_dir_all(staging).map_err(io("create staging directory", staging))?;
     if let Some(m) = mount::mounts_at(staging)?.last() {
         if loop_behind(staging)? != Some(device_numbers(&dev)?) {
             return Err(NodeError::Incompatible {
@@ -362,6 +410,7 @@ fn stage_blocking(
         }
         return Ok(());
     }
+    paths::prepare_mount_point(STAGING, staging, MountOn::Dir, volume)?;
     match blockdev::detect_fs(&dev)? {
         Some(found) if &found != fs_type => {
             return Err(NodeError::FsMismatch {
@@ -485,13 +534,186 @@ fn forget_torn_down(torn_down: Option<&Reconciler>, volume: &str, path: &Path) {
     }
 }
 
-fn unstage_blocking(volume: &str, backing: Option<&Path>, staging: &Path) -> Result<(), NodeError> {
-    mount::unmount(staging)?;
-    let device = match backing {
-        Some(b) => loop_over(b)?,
-        None => None,
-    };
-    if let Some(dev) = device {
+/// NodeStage's look at its path before anything is set up: no symbolic link in it, and for
+/// a filesystem, where nothing is mounted yet, an empty directory or nothing (see
+/// node/paths.rs). A retried stage finds the volume mounted there: stage_blocking decides.
+fn check_staging_path(staging: &Path, mounts_fs: bool) -> Result<(), NodeError> {
+    paths::check_no_symlinks(STAGING, staging)?;
+    if !mounts_fs || mount::is_mount_point(staging)? {
+        return Ok(());
+    }
+    let found = paths::inspect(staging).map_err(io("inspect staging directory", staging))?;
+    paths::may_mount_on(found, MountOn::Dir).map_err(|why| PathError::NotUsable {
+        field: STAGING,
+        path: staging.to_path_buf(),
+        why,
+        wanted: "an empty directory",
+    })?;
+    Ok(())
+}
+
+/// What tells a volume's mounts from anything else on this node, before its loop device is
+/// looked up (in a blocking task: [`UnresolvedOwner::resolve`]).
+struct UnresolvedOwner {
+    volume: String,
+    /// Cluster mode: the engine's FUSE file its loop device is over.
+    engine_file: Option<PathBuf>,
+    /// The node's disks: a loop device over one of the volume's replica files there is the
+    /// volume's (standalone), even once the file is deleted.
+    disks: Vec<(String, PathBuf)>,
+    /// The file its loop device is over now, when the volume is known here.
+    backing: Option<PathBuf>,
+}
+
+impl UnresolvedOwner {
+    fn resolve(self) -> Result<VolumeOwner, NodeError> {
+        let device = match &self.backing {
+            Some(b) => loop_over(b)?,
+            None => None,
+        };
+        let device = match device {
+            Some(dev) => Some((device_numbers(&dev)?, dev)),
+            None => None,
+        };
+        Ok(VolumeOwner {
+            volume: self.volume,
+            engine_file: self.engine_file,
+            disks: self.disks,
+            device,
+        })
+    }
+}
+
+/// What tells a volume's mounts from anything else on this node, read from the kernel: a
+/// mount is the volume's when its device is the volume's loop device, or a loop device over
+/// one of the volume's files (its engine's FUSE file, its replica files on these disks).
+struct VolumeOwner {
+    volume: String,
+    engine_file: Option<PathBuf>,
+    disks: Vec<(String, PathBuf)>,
+    /// Its loop device, when one is attached: (major, minor) and the device node.
+    device: Option<((u64, u64), PathBuf)>,
+}
+
+/// What is mounted on top at a path, as far as a volume is concerned.
+enum AtPath {
+    Nothing,
+    TheVolume,
+    /// Something else: its source and filesystem type.
+    Other(String),
+}
+
+impl VolumeOwner {
+    /// Whether the block device `numbers` is the volume's.
+    fn owns_device(&self, numbers: (u64, u64)) -> bool {
+        if self.device.as_ref().is_some_and(|(n, _)| *n == numbers) {
+            return true;
+        }
+        loop_backing(numbers).is_some_and(|(backing, _)| {
+            self.engine_file.as_deref() == Some(backing.as_path())
+                || is_replica_file_of(&backing, &self.volume, &self.disks)
+        })
+    }
+
+    /// Whether a mount (one lower in a stack, which the path does not show) is the volume's:
+    /// its filesystem, or a bind mount of its device node (a raw block publication).
+    fn owns_mount(&self, m: &MountInfo) -> bool {
+        let (major, minor) = m.major_minor;
+        if self.owns_device((u64::from(major), u64::from(minor))) {
+            return true;
+        }
+        m.fs_type == "devtmpfs"
+            && self.device.as_ref().is_some_and(|(_, dev)| {
+                dev.file_name()
+                    .is_some_and(|name| m.root == Path::new("/").join(name))
+            })
+    }
+
+    /// What is mounted on top at `path`.
+    fn at(&self, path: &Path) -> Result<AtPath, NodeError> {
+        let Some(top) = mount::mounts_at(path)?.pop() else {
+            return Ok(AtPath::Nothing);
+        };
+        Ok(match loop_behind(path)? {
+            None => AtPath::Nothing,
+            Some(numbers) if self.owns_device(numbers) => AtPath::TheVolume,
+            Some(_) => AtPath::Other(format!("{} ({})", top.source, top.fs_type)),
+        })
+    }
+
+    /// Unmounts the volume's mounts stacked at `path`, top first, and nothing else. A mount
+    /// that is not the volume's is left as it is, and so is the path: it is returned,
+    /// unless one of the volume's is beneath it (an error: it cannot be reached without
+    /// touching the other).
+    fn unmount_at(&self, field: &'static str, path: &Path) -> Result<Option<String>, NodeError> {
+        for _ in 0..MAX_STACKED {
+            match self.at(path)? {
+                AtPath::Nothing => return Ok(None),
+                AtPath::TheVolume => {
+                    mount::unmount_top(path).map_err(|e| match e {
+                        MountError::Busy { .. } => NodeError::Busy {
+                            volume: self.volume.clone(),
+                            field,
+                            path: path.to_path_buf(),
+                        },
+                        other => NodeError::Mount(other),
+                    })?;
+                }
+                AtPath::Other(what) => {
+                    let mounts = mount::mounts_at(path)?;
+                    if mounts.iter().rev().skip(1).any(|m| self.owns_mount(m)) {
+                        return Err(NodeError::Covered {
+                            volume: self.volume.clone(),
+                            field,
+                            path: path.to_path_buf(),
+                            what,
+                        });
+                    }
+                    return Ok(Some(what));
+                }
+            }
+        }
+        Err(MountError::TooManyStacked {
+            target: path.to_path_buf(),
+        }
+        .into())
+    }
+}
+
+/// NodeUnpublish: the volume's mounts at the target come off, then the target goes if the
+/// driver made it for the volume (node/paths.rs); anything else there stays as it is.
+fn unpublish_blocking(owner: &VolumeOwner, target: &Path) -> Result<(), NodeError> {
+    let volume = owner.volume.as_str();
+    paths::check_no_symlinks(TARGET, target)?;
+    if let Some(what) = owner.unmount_at(TARGET, target)? {
+        warn!(volume, target = %target.display(), %what, "target_path has something mounted that is not this volume's; it is left as it is");
+        return Ok(());
+    }
+    match paths::remove_made_for(TARGET, target, volume)? {
+        Removal::Gone | Removal::Removed => {}
+        Removal::NotMade => {
+            info!(volume, target = %target.display(), "target_path was not made by the driver for this volume; it is left in place");
+        }
+        Removal::NotEmpty => {
+            return Err(NodeError::MadeNotEmpty {
+                volume: volume.to_string(),
+                field: TARGET,
+                path: target.to_path_buf(),
+            })
+        }
+    }
+    info!(volume, target = %target.display(), "volume unpublished");
+    Ok(())
+}
+
+/// NodeUnstage: the volume's mounts at the staging path come off, its device is detached
+/// once nothing mounts it, and the staging directory goes if the driver made it for the
+/// volume and it is empty; anything else there stays as it is.
+fn unstage_blocking(owner: &VolumeOwner, staging: &Path) -> Result<(), NodeError> {
+    let volume = owner.volume.as_str();
+    paths::check_no_symlinks(STAGING, staging)?;
+    let left = owner.unmount_at(STAGING, staging)?;
+    if let Some((_, dev)) = &owner.device {
         let users: Vec<PathBuf> = mount::read_mountinfo()?
             .into_iter()
             .filter(|m| Path::new(&m.source) == dev)
@@ -503,12 +725,18 @@ fn unstage_blocking(volume: &str, backing: Option<&Path>, staging: &Path) -> Res
                 paths: users,
             });
         }
-        blockdev::detach_loop(&dev)?;
+        blockdev::detach_loop(dev)?;
     }
-    match std::fs::remove_dir(staging) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io("remove staging directory", staging)(e)),
+    match left {
+        Some(what) => {
+            warn!(volume, staging = %staging.display(), %what, "staging_target_path has something mounted that is not this volume's; it is left as it is");
+        }
+        None => match paths::remove_made_for(STAGING, staging, volume)? {
+            Removal::Gone | Removal::Removed | Removal::NotMade => {}
+            Removal::NotEmpty => {
+                warn!(volume, staging = %staging.display(), "the staging directory the driver made is not empty (files were written to the node's own disk while nothing was mounted there); it is left in place");
+            }
+        },
     }
     info!(volume, staging = %staging.display(), "volume unstaged");
     Ok(())
@@ -522,6 +750,8 @@ fn publish_blocking(
     cap: &Capability,
     readonly: bool,
 ) -> Result<(), NodeError> {
+    paths::check_no_symlinks(TARGET, target)?;
+    paths::check_no_symlinks(STAGING, staging)?;
     let not_staged = || NodeError::NotStaged {
         volume: volume.to_string(),
         path: staging.to_path_buf(),
@@ -586,13 +816,12 @@ fn publish_blocking(
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent).map_err(io("create target parent", parent))?;
     }
-    if is_block {
-        if !target.exists() {
-            std::fs::File::create(target).map_err(io("create target file", target))?;
-        }
+    let on = if is_block {
+        MountOn::File
     } else {
-        std::fs::create_dir_all(target).map_err(io("create target directory", target))?;
-    }
+        MountOn::Dir
+    };
+    paths::prepare_mount_point(TARGET, target, on, volume)?;
     mount::bind_mount(&source, target, readonly).map_err(|e| match e {
         MountError::Occupied { what, .. } => NodeError::Incompatible {
             volume: volume.to_string(),

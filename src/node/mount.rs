@@ -688,50 +688,14 @@ const BUSY_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(5
 
 /// Unmounts everything mounted at `target`, top first, until nothing is. Ok if nothing was
 /// mounted or the path does not exist. A busy mount is [`MountError::Busy`] and stays
-/// mounted: nothing is detached lazily. The path itself is left in place (see
-/// [`unmount_and_remove`]).
+/// mounted: nothing is detached lazily. The path itself is left in place.
 pub fn unmount(target: &Path) -> Result<(), MountError> {
     let Some(resolved) = resolve(target)? else {
         return Ok(());
     };
-    let mut busy_retries = 0;
-    let mut attempts = 0;
-    while attempts < MAX_STACKED_MOUNTS {
-        attempts += 1;
-        if !is_mount_point(&resolved)? {
+    for _ in 0..MAX_STACKED_MOUNTS {
+        if !unmount_once(target, &resolved)? {
             return Ok(());
-        }
-        tracing::info!(target = %resolved.display(), "unmounting");
-        match nix::mount::umount2(&resolved, MntFlags::UMOUNT_NOFOLLOW) {
-            Ok(()) => {}
-            // A device probe (udev, blkid) can hold a freshly used device for a moment:
-            // retry briefly before saying the mount is busy.
-            Err(Errno::EBUSY) if busy_retries < BUSY_RETRIES => {
-                busy_retries += 1;
-                attempts -= 1;
-                std::thread::sleep(BUSY_RETRY_PAUSE);
-            }
-            Err(Errno::EBUSY) => {
-                return Err(MountError::Busy {
-                    target: target.to_owned(),
-                })
-            }
-            // "Not a mount point" / "no such path": someone else unmounted or removed it
-            // between our look and our unmount; the next look decides.
-            Err(errno @ (Errno::EINVAL | Errno::ENOENT)) => {
-                if is_mount_point(&resolved)? {
-                    return Err(MountError::Unmount {
-                        target: target.to_owned(),
-                        errno,
-                    });
-                }
-            }
-            Err(errno) => {
-                return Err(MountError::Unmount {
-                    target: target.to_owned(),
-                    errno,
-                })
-            }
         }
     }
     if is_mount_point(&resolved)? {
@@ -742,36 +706,55 @@ pub fn unmount(target: &Path) -> Result<(), MountError> {
     Ok(())
 }
 
-/// [`unmount`]s `target`, then removes it: an empty directory, or a file (a block volume's
-/// target). Ok if it is already gone. A directory that is not empty after unmounting is an
-/// error, never removed recursively: its contents would be a volume's data written to the
-/// node's own disk.
-pub fn unmount_and_remove(target: &Path) -> Result<(), MountError> {
-    unmount(target)?;
-    let meta = match fs::symlink_metadata(target) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(MountError::Io {
-                action: "inspecting",
-                path: target.to_owned(),
-                source,
-            })
+/// Unmounts the mount on top at `target` (when mounts are stacked, the one the path shows),
+/// and only that one: true when something was mounted there. Errors as [`unmount`].
+pub fn unmount_top(target: &Path) -> Result<bool, MountError> {
+    match resolve(target)? {
+        Some(resolved) => unmount_once(target, &resolved),
+        None => Ok(false),
+    }
+}
+
+/// One unmount of the top mount at `resolved` (`target`, symlinks resolved): false when
+/// nothing was mounted there.
+fn unmount_once(target: &Path, resolved: &Path) -> Result<bool, MountError> {
+    let mut busy_retries = 0;
+    loop {
+        if !is_mount_point(resolved)? {
+            return Ok(false);
         }
-    };
-    let (action, result) = if meta.is_dir() {
-        ("removing directory", fs::remove_dir(target))
-    } else {
-        ("removing", fs::remove_file(target))
-    };
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(MountError::Io {
-            action,
-            path: target.to_owned(),
-            source,
-        }),
+        tracing::info!(target = %resolved.display(), "unmounting");
+        match nix::mount::umount2(resolved, MntFlags::UMOUNT_NOFOLLOW) {
+            Ok(()) => return Ok(true),
+            // A device probe (udev, blkid) can hold a freshly used device for a moment:
+            // retry briefly before saying the mount is busy.
+            Err(Errno::EBUSY) if busy_retries < BUSY_RETRIES => {
+                busy_retries += 1;
+                std::thread::sleep(BUSY_RETRY_PAUSE);
+            }
+            Err(Errno::EBUSY) => {
+                return Err(MountError::Busy {
+                    target: target.to_owned(),
+                })
+            }
+            // "Not a mount point" / "no such path": someone else unmounted or removed it
+            // between our look and our unmount; the next look decides.
+            Err(errno @ (Errno::EINVAL | Errno::ENOENT)) => {
+                if is_mount_point(resolved)? {
+                    return Err(MountError::Unmount {
+                        target: target.to_owned(),
+                        errno,
+                    });
+                }
+                return Ok(true);
+            }
+            Err(errno) => {
+                return Err(MountError::Unmount {
+                    target: target.to_owned(),
+                    errno,
+                })
+            }
+        }
     }
 }
 
@@ -868,6 +851,40 @@ pub(crate) mod test_support {
         }
     }
 
+    /// [`unmount`]s `target`, then removes it: an empty directory, or a file (a block volume's
+    /// target); for tests, which know what is at their paths (the node removes only what it
+    /// made, node/paths.rs). Ok if it is already gone. A directory that is not empty after unmounting is an
+    /// error, never removed recursively: its contents would be a volume's data written to the
+    /// node's own disk.
+    pub(crate) fn unmount_and_remove(target: &Path) -> Result<(), MountError> {
+        unmount(target)?;
+        let meta = match fs::symlink_metadata(target) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(MountError::Io {
+                    action: "inspecting",
+                    path: target.to_owned(),
+                    source,
+                })
+            }
+        };
+        let (action, result) = if meta.is_dir() {
+            ("removing directory", fs::remove_dir(target))
+        } else {
+            ("removing", fs::remove_file(target))
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(MountError::Io {
+                action,
+                path: target.to_owned(),
+                source,
+            }),
+        }
+    }
+
     /// Whether the test runs as root; says that it skips when not.
     pub(crate) fn is_root() -> bool {
         let root = nix::unistd::geteuid().is_root();
@@ -880,7 +897,7 @@ pub(crate) mod test_support {
 
 #[cfg(test)]
 mod tests {
-    use super::test_support::{is_root, MountGuard};
+    use super::test_support::{is_root, unmount_and_remove, MountGuard};
     use super::*;
 
     const SAMPLE: &str = "\
@@ -1112,8 +1129,12 @@ mod tests {
             .unwrap();
         }
         assert_eq!(mounts_at(&target).unwrap().len(), 3);
+        assert!(unmount_top(&target).unwrap());
+        assert_eq!(mounts_at(&target).unwrap().len(), 2, "one came off");
         unmount(&target).unwrap();
         assert!(!is_mount_point(&target).unwrap());
+        assert!(!unmount_top(&target).unwrap(), "nothing left to unmount");
+        assert!(!unmount_top(&dir.path().join("missing")).unwrap());
     }
 
     #[test]

@@ -456,8 +456,8 @@ fn block_volume_bind_mount_onto_a_file() {
     assert_eq!(buf, b"through the bind mount");
     drop(f);
 
-    mount::unmount_and_remove(&target).unwrap();
-    mount::unmount_and_remove(&target).unwrap();
+    mount::test_support::unmount_and_remove(&target).unwrap();
+    mount::test_support::unmount_and_remove(&target).unwrap();
     assert!(!target.exists());
     detach_loop(&device).unwrap();
 }
