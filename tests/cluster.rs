@@ -1775,10 +1775,7 @@ async fn forged_epoch_scenario(cluster: &mut Cluster) {
     let (staging, target) = staging_and_target(cluster, "n1", &id);
     let mut n1 = node_client(cluster, "n1").await;
     let mut forged = ctx.clone();
-    forged.insert(
-        palisade::control::CONTEXT_EPOCH.to_string(),
-        "999".into(),
-    );
+    forged.insert(palisade::model::CONTEXT_EPOCH.to_string(), "999".into());
     for _ in 0..2 {
         let status = n1
             .node_stage_volume(pb::NodeStageVolumeRequest {

@@ -3881,9 +3881,7 @@ struct RawStrings {
 struct AnyAnswer {}
 
 async fn raw_call(d: &Driver, method: &'static str, msg: RawStrings) -> Result<(), tonic::Status> {
-    let channel = palisade::csi::connect(&d.socket)
-        .await
-        .expect("connect");
+    let channel = palisade::csi::connect(&d.socket).await.expect("connect");
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.expect("ready");
     let codec = tonic_prost::ProstCodec::<RawStrings, AnyAnswer>::default();

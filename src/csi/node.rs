@@ -7,10 +7,10 @@ use tonic::{Code, Request, Response, Status};
 use tracing::instrument;
 
 use super::convert::{self, bytes_i64, required};
-use crate::node::blockdev::BlockError;
 use crate::csi::v1 as pb;
 use crate::csi::v1::node_server::Node;
 use crate::model::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
+use crate::node::blockdev::BlockError;
 use crate::node::engines::EngineLinkError;
 use crate::node::mount::MountError;
 use crate::node::paths::{self, PathError};
