@@ -13,6 +13,7 @@ pub mod ctl;
 pub mod engine;
 pub mod extents;
 pub mod fence;
+pub mod k8s;
 pub mod locks;
 pub mod model;
 pub mod mount;

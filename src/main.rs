@@ -140,6 +140,8 @@ enum Command {
     },
     /// The operator's view and levers: nodes, volumes, settings, force-detach.
     Ctl(palisade::ctl::CtlArgs),
+    /// Prints the CustomResourceDefinitions of the Kubernetes store (YAML, for kubectl apply).
+    Crds,
 }
 
 /// The disks to use: those given, else `<state-dir>/disk0`.
@@ -286,6 +288,9 @@ fn main() -> ExitCode {
                 .block_on(palisade::cluster::node::run(cfg))
                 .map_err(|e| e.to_string())
         }
+        Command::Crds => palisade::k8s::crd::crds_yaml()
+            .map(|yaml| print!("{yaml}"))
+            .map_err(|e| e.to_string()),
         Command::Ctl(args) => {
             let mut out = std::io::stdout().lock();
             runtime
