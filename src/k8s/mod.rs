@@ -7,4 +7,5 @@
 //! module defines what they look like (schemas, printer columns, short names) and nothing
 //! about how they are kept consistent.
 
+pub mod config;
 pub mod crd;

@@ -1,0 +1,85 @@
+//! What the Kubernetes store needs of each custom resource kind: which model type it holds,
+//! how the stored object is built from a value, and which finalizer it carries.
+
+use std::fmt::Debug;
+
+use kube::core::NamespaceResourceScope;
+use kube::Resource;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::k8s::crd::{
+    PalisadeNode, PalisadeReplica, PalisadeSettings, PalisadeVolume, VOLUME_FINALIZER,
+};
+use crate::model::{Node, Replica, Volume, VolumeState};
+use crate::settings::Settings;
+
+/// A custom resource kind that holds one store table.
+pub trait StoredResource:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + Debug
+    + Serialize
+    + DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+    /// The model type stored.
+    type Value: Clone + PartialEq + Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// The kind's name in errors ("volume").
+    const KIND: &'static str;
+    /// The finalizer the store keeps on every object of this kind, if any.
+    const FINALIZER: Option<&'static str> = None;
+
+    /// The object to write for `value` under `key`, named `name`: spec, the status derived
+    /// from it, and the labels derived from it. Metadata owned by others is merged in later.
+    fn stored(name: &str, key: &str, value: Self::Value) -> Self;
+    /// Adjusts the value read from an object that has a deletionTimestamp (its deletion was
+    /// asked for through the API, by `kubectl delete` say).
+    fn deletion_requested(_value: &mut Self::Value) {}
+}
+
+impl StoredResource for PalisadeVolume {
+    type Value = Volume;
+    const KIND: &'static str = "volume";
+    const FINALIZER: Option<&'static str> = Some(VOLUME_FINALIZER);
+
+    fn stored(name: &str, key: &str, value: Volume) -> Self {
+        PalisadeVolume::stored(name, key, value)
+    }
+
+    /// A volume whose object is marked for deletion is read as `Deleting`, which is what it
+    /// is: the controller's existing paths then finish it (delete the replicas, then the
+    /// record, which removes the finalizer) and refuse to create it again meanwhile.
+    fn deletion_requested(value: &mut Volume) {
+        value.state = VolumeState::Deleting;
+    }
+}
+
+impl StoredResource for PalisadeReplica {
+    type Value = Replica;
+    const KIND: &'static str = "replica";
+
+    fn stored(name: &str, key: &str, value: Replica) -> Self {
+        PalisadeReplica::stored(name, key, value)
+    }
+}
+
+impl StoredResource for PalisadeNode {
+    type Value = Node;
+    const KIND: &'static str = "node";
+
+    fn stored(name: &str, key: &str, value: Node) -> Self {
+        PalisadeNode::stored(name, key, value)
+    }
+}
+
+impl StoredResource for PalisadeSettings {
+    type Value = Settings;
+    const KIND: &'static str = "settings";
+
+    fn stored(name: &str, key: &str, value: Settings) -> Self {
+        PalisadeSettings::stored(name, key, value)
+    }
+}
