@@ -1,4 +1,4 @@
-//! `palisade controller`: the embedded store, the cluster secret, CSI Identity + Controller
+//! `palisade controller`: the store (embedded or Kubernetes), the cluster secret, CSI Identity + Controller
 //! on a unix socket (for the sidecars), and the ControlPlane API on TCP (for the node agents
 //! and `palisade ctl`, which must present the API credential derived from the cluster
 //! secret). Replicas are created on the nodes through their agents ([`RemoteAgent`]), with
@@ -22,7 +22,7 @@ use crate::controller::{Controller, ControllerConfig, Fencing};
 use crate::csi::v1::{controller_server::ControllerServer, identity_server::IdentityServer};
 use crate::csi_server::{self, controller::ControllerService, identity};
 use crate::fence::ReplicaFencer;
-use crate::store::{embedded::EmbeddedStore, Store};
+use crate::store::{self, Store};
 use crate::token;
 
 /// How long fencing waits for one replica before counting it unreachable.
@@ -33,7 +33,7 @@ const LIFECYCLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2
 
 /// The file in the state directory that holds the cluster secret.
 pub const SECRET_FILE: &str = "cluster.secret";
-/// The file in the state directory that holds the store.
+/// The file in the state directory that holds the embedded store.
 pub const STORE_FILE: &str = "palisade.redb";
 
 /// Everything `palisade controller` needs.
@@ -43,8 +43,10 @@ pub struct ControllerProcessConfig {
     pub listen: SocketAddr,
     /// The CSI endpoint (`unix:///path`).
     pub endpoint: String,
-    /// Where the store (and, by default, the cluster secret) lives.
+    /// Where the embedded store (and, by default, the cluster secret) lives.
     pub state_dir: PathBuf,
+    /// Where the cluster state lives.
+    pub store: store::Backend,
     /// The cluster secret: read, or created when missing (by default
     /// `<state_dir>/`[`SECRET_FILE`]).
     pub secret_file: PathBuf,
@@ -63,7 +65,7 @@ pub struct ControllerProcessConfig {
 pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
     create_state_dir(&cfg.state_dir)?;
     let socket = csi_server::socket_path(&cfg.endpoint)?;
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.state_dir.join(STORE_FILE))?);
+    let store: Arc<dyn Store> = store::open(cfg.store.clone()).await?;
     let secret = Arc::new(token::load_or_create_secret(&cfg.secret_file)?);
     let agent = Arc::new(RemoteAgent::new(
         store.clone(),
