@@ -729,8 +729,8 @@ async fn printer_columns(plane: &ControlPlane) {
     assert_eq!(all.lines().count(), 4, "{all}");
 }
 
-/// A volume deleted by hand stays, read as Deleting, until the store deletes its record
-/// (what the controller does once the replicas are gone).
+/// A volume deleted by hand stays, unchanged and listed as asked for deletion, until the
+/// store deletes its record (what the controller does once the replicas are gone).
 async fn finalizer_under_kubectl_delete(plane: &ControlPlane) {
     let namespace = "finalizer";
     plane.create_namespace(namespace);
@@ -740,6 +740,10 @@ async fn finalizer_under_kubectl_delete(plane: &ControlPlane) {
     let volumes = store.volumes();
     let version = volumes
         .put("pvc-fin", volume("pvc-fin"), None)
+        .await
+        .unwrap();
+    volumes
+        .put("pvc-other", volume("pvc-other"), None)
         .await
         .unwrap();
     let finalizers = plane.kubectl_ok(&[
@@ -752,21 +756,21 @@ async fn finalizer_under_kubectl_delete(plane: &ControlPlane) {
         "jsonpath={.metadata.finalizers}",
     ]);
     assert_eq!(finalizers, r#"["palisade.io/replicas"]"#);
+    assert!(volumes.deletion_requested().await.unwrap().is_empty());
 
     plane.kubectl_ok(&["delete", "plv", "pvc-fin", "-n", namespace, "--wait=false"]);
     let deadline = Instant::now() + Duration::from_secs(10);
-    let marked = loop {
-        let got = volumes.get("pvc-fin").await.unwrap().expect("still there");
-        if got.version != version {
-            break got;
-        }
+    while volumes.deletion_requested().await.unwrap().is_empty() {
         assert!(
             Instant::now() < deadline,
             "the delete never reached the store"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    assert_eq!(marked.value.state, VolumeState::Deleting);
+    }
+    assert_eq!(volumes.deletion_requested().await.unwrap(), ["pvc-fin"]);
+    let marked = volumes.get("pvc-fin").await.unwrap().expect("still there");
+    assert_ne!(marked.version, version);
+    assert_eq!(*marked.value, volume("pvc-fin"), "read as it was");
     // A create of the same volume meanwhile is refused; so is a delete naming the old version.
     assert!(is_conflict(
         &volumes.put("pvc-fin", volume("pvc-fin"), None).await
@@ -775,20 +779,18 @@ async fn finalizer_under_kubectl_delete(plane: &ControlPlane) {
         volumes.delete("pvc-fin", version).await,
         Err(StoreError::Conflict { .. })
     ));
-    // Updates still work, and keep it marked.
-    let mut changed = (*marked.value).clone();
-    changed.degraded_reason = Some("deleting".to_string());
+    // Updates still work (DeleteVolume records Deleting first), and keep it marked.
+    let mut deleting = (*marked.value).clone();
+    deleting.state = VolumeState::Deleting;
     let v2 = volumes
-        .put("pvc-fin", changed, Some(marked.version))
+        .put("pvc-fin", deleting, Some(marked.version))
         .await
         .unwrap();
-    assert_eq!(
-        volumes.get("pvc-fin").await.unwrap().unwrap().value.state,
-        VolumeState::Deleting
-    );
+    assert_eq!(volumes.deletion_requested().await.unwrap(), ["pvc-fin"]);
 
     volumes.delete("pvc-fin", v2).await.unwrap();
     assert!(volumes.get("pvc-fin").await.unwrap().is_none());
+    assert!(volumes.deletion_requested().await.unwrap().is_empty());
     let out = plane.kubectl(&["get", "plv", "pvc-fin", "-n", namespace]);
     assert!(!out.status.success(), "the object is still there");
     assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));

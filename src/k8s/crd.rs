@@ -41,7 +41,7 @@ pub const VERSION: &str = "v1alpha1";
 /// The finalizer on every volume object: a `kubectl delete` of a volume only marks it for
 /// deletion (a deletionTimestamp), and the object stays until the controller has deleted
 /// the volume's replicas and then the volume record, which removes the finalizer. So no
-/// deletion by hand orphans replica files.
+/// deletion by hand orphans replica files (or deletes the record of an attached volume).
 pub const VOLUME_FINALIZER: &str = "palisade.io/replicas";
 /// Label on every replica object: its volume's id (`kubectl get plr -l palisade.io/volume=X`).
 pub const VOLUME_LABEL: &str = "palisade.io/volume";

@@ -69,6 +69,13 @@ pub trait Table<T>: Send + Sync {
     async fn put(&self, key: &str, value: T, expected: Option<u64>) -> Result<u64, StoreError>;
     /// Deletes `key` if its version is `expected`. Deleting a missing key is Ok.
     async fn delete(&self, key: &str, expected: u64) -> Result<(), StoreError>;
+    /// The keys, ordered, whose deletion was asked for from outside the store: objects
+    /// deleted with `kubectl delete` in the Kubernetes store, which stay (held by the
+    /// volumes' finalizer), unchanged and readable, until they are deleted through the
+    /// store. The embedded store has none.
+    async fn deletion_requested(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The cluster state: one table per kind.

@@ -268,12 +268,7 @@ fn decode<K: StoredResource>(object: DynamicObject) -> Option<(String, Entry<K::
     let version = parse_version(&raw_version).ok_or(raw_version);
     let spec = object.data.get("spec").unwrap_or(&serde_json::Value::Null);
     let content = match K::Value::deserialize(spec) {
-        Ok(mut value) => {
-            if object.metadata.deletion_timestamp.is_some() {
-                K::deletion_requested(&mut value);
-            }
-            Content::Decoded(Arc::new(value))
-        }
+        Ok(value) => Content::Decoded(Arc::new(value)),
         Err(e) => {
             warn!(kind = K::KIND, key, error = %e, "stored object does not decode");
             Content::Corrupt(Arc::new(spec.clone()))

@@ -16,9 +16,11 @@
 //! - Keys map to object names (`names`): as they are when valid, else reversibly encoded;
 //!   `spec.key` keeps the key.
 //! - Volumes carry the finalizer `palisade.io/replicas`. A `kubectl delete` of a volume
-//!   object only sets its deletionTimestamp; the store then reads the volume as `Deleting`,
-//!   and the object stays until the controller has deleted its replicas and deletes the
-//!   record, which removes the finalizer (on the condition of the version, like any delete).
+//!   object only sets its deletionTimestamp: the volume reads as before (nothing in the
+//!   controller acts on a request it has not vetted, such as deleting an attached volume),
+//!   `Table::deletion_requested` lists it, and the object stays until its record is deleted
+//!   through the store (DeleteVolume, once the replicas are gone), which removes the
+//!   finalizer on the condition of the version, like any delete.
 //! - Every write checks that the API server kept the value whole: an installed CRD older than
 //!   this binary would silently prune new fields, and that is refused
 //!   ([`KubernetesError::Pruned`]).

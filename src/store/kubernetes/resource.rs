@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::k8s::crd::{
     PalisadeNode, PalisadeReplica, PalisadeSettings, PalisadeVolume, VOLUME_FINALIZER,
 };
-use crate::model::{Node, Replica, Volume, VolumeState};
+use crate::model::{Node, Replica, Volume};
 use crate::settings::Settings;
 
 /// A custom resource kind that holds one store table.
@@ -35,9 +35,6 @@ pub trait StoredResource:
     /// The object to write for `value` under `key`, named `name`: spec, the status derived
     /// from it, and the labels derived from it. Metadata owned by others is merged in later.
     fn stored(name: &str, key: &str, value: Self::Value) -> Self;
-    /// Adjusts the value read from an object that has a deletionTimestamp (its deletion was
-    /// asked for through the API, by `kubectl delete` say).
-    fn deletion_requested(_value: &mut Self::Value) {}
 }
 
 impl StoredResource for PalisadeVolume {
@@ -47,13 +44,6 @@ impl StoredResource for PalisadeVolume {
 
     fn stored(name: &str, key: &str, value: Volume) -> Self {
         PalisadeVolume::stored(name, key, value)
-    }
-
-    /// A volume whose object is marked for deletion is read as `Deleting`, which is what it
-    /// is: the controller's existing paths then finish it (delete the replicas, then the
-    /// record, which removes the finalizer) and refuse to create it again meanwhile.
-    fn deletion_requested(value: &mut Volume) {
-        value.state = VolumeState::Deleting;
     }
 }
 

@@ -408,6 +408,16 @@ impl<K: StoredResource> Table<K::Value> for KubeTable<K> {
         .await;
         Ok(())
     }
+
+    async fn deletion_requested(&self) -> Result<Vec<String>, StoreError> {
+        let state = self.cache.read();
+        Ok(state
+            .objects
+            .iter()
+            .filter(|(_, e)| e.deleting())
+            .map(|(key, _)| key.clone())
+            .collect())
+    }
 }
 
 #[cfg(test)]
