@@ -162,8 +162,7 @@ impl<K: StoredResource> KubeTable<K> {
 
     /// Removes this kind's finalizer from an object whose deletion was asked for, on the
     /// condition that it is still at `version` (a merge patch naming the resourceVersion is
-    /// rejected with 409 otherwise). Returns the version after the patch, or None when the
-    /// object is gone.
+    /// rejected with 409 otherwise). Only called for kinds that have a finalizer.
     async fn release(
         &self,
         name: &str,
@@ -243,11 +242,14 @@ enum Released {
 }
 
 /// Copies onto `meta` (a freshly built object's) the metadata that others may own on the
-/// stored object: its labels (ours win), annotations, owner references and finalizers. Our
-/// finalizer is added unless the object is being deleted, when no finalizer may be added.
+/// stored object: its labels (except ours, under `palisade.io/`, which the new value
+/// decides), annotations, owner references and finalizers. Our finalizer is added unless the
+/// object is being deleted, when no finalizer may be added.
 fn carry_over(meta: &mut ObjectMeta, stored: Option<&ObjectMeta>, finalizer: Option<&str>) {
     if let Some(stored) = stored {
+        let ours = format!("{}/", crate::k8s::crd::GROUP);
         let mut labels: BTreeMap<String, String> = stored.labels.clone().unwrap_or_default();
+        labels.retain(|k, _| !k.starts_with(&ours));
         labels.extend(meta.labels.take().unwrap_or_default());
         meta.labels = Some(labels).filter(|l| !l.is_empty());
         meta.annotations = stored.annotations.clone();
@@ -422,7 +424,54 @@ impl<K: StoredResource> Table<K::Value> for KubeTable<K> {
 
 #[cfg(test)]
 mod tests {
-    use super::strip_nulls;
+    use super::*;
+
+    #[test]
+    fn others_metadata_is_kept_and_ours_follows_the_value() {
+        let stored = ObjectMeta {
+            labels: Some(BTreeMap::from([
+                ("team".to_string(), "storage".to_string()),
+                ("palisade.io/node".to_string(), "old-node".to_string()),
+            ])),
+            annotations: Some(BTreeMap::from([("note".to_string(), "x".to_string())])),
+            finalizers: Some(vec!["example.com/keep".to_string()]),
+            ..ObjectMeta::default()
+        };
+        let mut fresh = ObjectMeta {
+            labels: Some(BTreeMap::from([(
+                "palisade.io/volume".to_string(),
+                "v".to_string(),
+            )])),
+            ..ObjectMeta::default()
+        };
+        carry_over(&mut fresh, Some(&stored), Some("palisade.io/replicas"));
+        assert_eq!(
+            fresh.labels,
+            Some(BTreeMap::from([
+                ("palisade.io/volume".to_string(), "v".to_string()),
+                ("team".to_string(), "storage".to_string()),
+            ]))
+        );
+        assert_eq!(fresh.annotations, stored.annotations);
+        assert_eq!(
+            fresh.finalizers,
+            Some(vec![
+                "example.com/keep".to_string(),
+                "palisade.io/replicas".to_string()
+            ])
+        );
+
+        // Being deleted: no finalizer may be added.
+        let deleting = ObjectMeta {
+            deletion_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            )),
+            ..stored
+        };
+        let mut fresh = ObjectMeta::default();
+        carry_over(&mut fresh, Some(&deleting), Some("palisade.io/replicas"));
+        assert_eq!(fresh.finalizers, Some(vec!["example.com/keep".to_string()]));
+    }
 
     #[test]
     fn null_members_are_left_out_at_every_depth() {
