@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use palisade::cmd::controller::ControllerProcessConfig;
 use palisade::cmd::node::NodeProcessConfig;
 use palisade::cmd::standalone::{self, DiskArg, StandaloneConfig};
+use palisade::store::Backend;
 
 #[derive(Parser)]
 #[command(
@@ -51,8 +52,9 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         heartbeat_seconds: u64,
     },
-    /// The cluster's controller: CSI Identity + Controller on a unix socket, the embedded
-    /// store, and the control plane API (for nodes and `palisade ctl`) on TCP.
+    /// The cluster's controller: CSI Identity + Controller on a unix socket, the store
+    /// (embedded, or custom resources in Kubernetes), and the control plane API (for nodes
+    /// and `palisade ctl`) on TCP.
     Controller {
         /// Where the control plane API listens (host:port).
         #[arg(long, default_value = "127.0.0.1:9500")]
@@ -60,9 +62,21 @@ enum Command {
         /// CSI endpoint (default: unix://<state-dir>/csi.sock).
         #[arg(long, env = "CSI_ENDPOINT")]
         endpoint: Option<String>,
-        /// Where the store and (by default) the cluster secret live.
+        /// Where the embedded store and (by default) the cluster secret live.
         #[arg(long, default_value = "/var/lib/palisade")]
         state_dir: PathBuf,
+        /// Where the cluster state lives: `embedded` (a file in the state directory) or
+        /// `kubernetes` (palisade.io custom resources; apply deploy/cluster/crds.yaml first).
+        #[arg(long, value_enum, default_value_t = StoreKind::Embedded)]
+        store: StoreKind,
+        /// With `--store kubernetes`: the kubeconfig to use (default: KUBECONFIG,
+        /// ~/.kube/config, then the pod's service account).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// With `--store kubernetes`: the namespace of the custom resources (default: the
+        /// pod's service account's namespace).
+        #[arg(long)]
+        namespace: Option<String>,
         /// The cluster secret, created (32 random bytes, mode 0600) when missing. Nodes and
         /// `palisade ctl` need a copy of it. Default: <state-dir>/cluster.secret.
         #[arg(long, env = "PALISADE_SECRET_FILE")]
@@ -140,6 +154,15 @@ enum Command {
     },
     /// The operator's view and levers: nodes, volumes, settings, force-detach.
     Ctl(palisade::cmd::ctl::CtlArgs),
+    /// Prints the CustomResourceDefinitions of the Kubernetes store (YAML, for kubectl apply).
+    Crds,
+}
+
+/// The `--store` of `palisade controller`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum StoreKind {
+    Embedded,
+    Kubernetes,
 }
 
 /// The disks to use: those given, else `<state-dir>/disk0`.
@@ -218,6 +241,9 @@ fn main() -> ExitCode {
             listen,
             endpoint,
             state_dir,
+            store,
+            kubeconfig,
+            namespace,
             secret_file,
             driver_name,
             heartbeat_timeout_seconds,
@@ -225,7 +251,17 @@ fn main() -> ExitCode {
             agent_timeout_seconds,
             lease_seconds,
         } => {
+            let store = match store {
+                StoreKind::Embedded => Backend::Embedded {
+                    path: state_dir.join(palisade::cmd::controller::STORE_FILE),
+                },
+                StoreKind::Kubernetes => Backend::Kubernetes {
+                    kubeconfig,
+                    namespace,
+                },
+            };
             let cfg = ControllerProcessConfig {
+                store,
                 listen,
                 endpoint: endpoint_or_default(endpoint, &state_dir),
                 secret_file: secret_file
@@ -286,6 +322,9 @@ fn main() -> ExitCode {
                 .block_on(palisade::cmd::node::run(cfg))
                 .map_err(|e| e.to_string())
         }
+        Command::Crds => palisade::store::kubernetes::crd::crds_yaml()
+            .map(|yaml| print!("{yaml}"))
+            .map_err(|e| e.to_string()),
         Command::Ctl(args) => {
             let mut out = std::io::stdout().lock();
             runtime

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::params::VolumeParams;
@@ -28,7 +29,7 @@ pub const DEFAULT_FS: &str = "ext4";
 pub const MAX_VOLUME_SIZE: u64 = 16 << 40;
 
 /// A node of the cluster as its agent reported it.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct Node {
     pub id: String,
     /// host:port of the node's replica server ("" in standalone).
@@ -47,7 +48,7 @@ pub struct Node {
 }
 
 /// A disk (a directory on a filesystem) that holds replicas.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct Disk {
     /// Stable id, kept in a marker file in the disk directory.
     pub id: String,
@@ -63,7 +64,7 @@ pub struct Disk {
 }
 
 /// Where a volume is in its life.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VolumeState {
     /// Intent recorded; replicas may not all exist yet. A retry or restart resumes it.
     Creating,
@@ -73,7 +74,8 @@ pub enum VolumeState {
 }
 
 /// How the volume is consumed: a mounted filesystem or a raw block device.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[schemars(transform = string_or_object_schema)]
 pub enum AccessType {
     Block,
     Mount {
@@ -82,8 +84,19 @@ pub enum AccessType {
     },
 }
 
+/// The schema of an externally tagged enum with both unit and struct variants (a string or
+/// an object), which no Kubernetes structural schema can describe: the API server keeps the
+/// value whole, unvalidated.
+fn string_or_object_schema(schema: &mut schemars::Schema) {
+    let description = schema.get("description").cloned();
+    *schema = schemars::json_schema!({ "x-kubernetes-preserve-unknown-fields": true });
+    if let Some(description) = description {
+        schema.insert("description".to_string(), description);
+    }
+}
+
 /// CSI access modes that Palisade knows by name.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AccessMode {
     SingleNodeWriter,
     SingleNodeReaderOnly,
@@ -108,7 +121,7 @@ impl AccessMode {
 }
 
 /// One requested volume capability, reduced to what Palisade acts on.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
 pub struct Capability {
     pub access_type: AccessType,
     pub access_mode: AccessMode,
@@ -116,7 +129,7 @@ pub struct Capability {
 
 /// The volume's one attachment: the node its engine runs on and the epoch that fences
 /// every older attachment.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct Attachment {
     pub node_id: String,
     pub epoch: u64,
@@ -125,7 +138,7 @@ pub struct Attachment {
     pub since_ms: u64,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct Volume {
     /// Derived from the name (see `volume_id_for_name`), so create-by-name is a keyed put.
     pub id: String,
@@ -162,7 +175,7 @@ pub struct Volume {
     pub engine_running: bool,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReplicaState {
     /// Placed after the volume was created (a replacement); not yet confirmed by its node.
     /// A new volume's first replicas are recorded `Ready`: the volume's `Creating` state
@@ -175,7 +188,7 @@ pub enum ReplicaState {
     Failed,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct Replica {
     /// `<volume id>-r-<n>`.
     pub id: String,

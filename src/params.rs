@@ -22,6 +22,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Declares, for a fieldless enum, its Longhorn spellings: `as_str`, `SPELLINGS`, `Display`
@@ -81,7 +82,7 @@ pub(crate) fn one_of(accepted: &[&str]) -> String {
 }
 
 /// Longhorn's data locality modes.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DataLocality {
     Disabled,
     BestEffort,
@@ -95,7 +96,7 @@ spelled_enum!(DataLocality {
 });
 
 /// A per-volume tri-state override of an anti-affinity setting.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SoftAntiAffinity {
     /// Use the cluster setting.
     Ignored,
@@ -121,7 +122,7 @@ impl SoftAntiAffinity {
 }
 
 /// What ControllerPublish may do when the volume is attached to a node that is down.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecoveryPolicy {
     Never,
     Wait,
@@ -148,7 +149,7 @@ spelled_enum!(FsType {
 
 /// The typed StorageClass parameters of one volume (defaults already resolved from the
 /// settings at creation time, except the anti-affinity overrides, which stay tri-state).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct VolumeParams {
     pub number_of_replicas: u32,
     pub data_locality: DataLocality,

@@ -1,6 +1,7 @@
 //! Cluster-wide settings with Longhorn's names and defaults, read and changed by name (as
 //! `palisade ctl settings` does) with every value validated here.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::params::{
@@ -9,7 +10,7 @@ use crate::params::{
 };
 
 /// Longhorn's node-down pod deletion policy names.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NodeDownPodDeletionPolicy {
     DoNothing,
     DeleteStatefulSetPod,
@@ -24,7 +25,7 @@ spelled_enum!(NodeDownPodDeletionPolicy {
     DeleteBothStatefulSetAndDeploymentPod => "delete-both-statefulset-and-deployment-pod",
 });
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct Settings {
     pub default_replica_count: u32,
     pub default_data_locality: DataLocality,

@@ -1,4 +1,4 @@
-//! `palisade controller`: the embedded store, the cluster secret, CSI Identity + Controller
+//! `palisade controller`: the store (embedded or Kubernetes), the cluster secret, CSI Identity + Controller
 //! on a unix socket (for the sidecars), and the ControlPlane API on TCP (for the node agents
 //! and `palisade ctl`, which must present the API credential derived from the cluster
 //! secret). Replicas are created on the nodes through their agents ([`RemoteAgent`]), with
@@ -23,7 +23,7 @@ use crate::csi::{self, controller::ControllerService, identity};
 use crate::replica::token;
 use crate::rpc::v1::control_plane_server::ControlPlaneServer;
 use crate::rpc::{Auth, RequireCredential};
-use crate::store::{embedded::EmbeddedStore, Store};
+use crate::store::{self, Store};
 
 /// How long fencing waits for one replica before counting it unreachable.
 const FENCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -33,7 +33,7 @@ const LIFECYCLE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2
 
 /// The file in the state directory that holds the cluster secret.
 pub const SECRET_FILE: &str = "cluster.secret";
-/// The file in the state directory that holds the store.
+/// The file in the state directory that holds the embedded store.
 pub const STORE_FILE: &str = "palisade.redb";
 
 /// Everything `palisade controller` needs.
@@ -43,8 +43,10 @@ pub struct ControllerProcessConfig {
     pub listen: SocketAddr,
     /// The CSI endpoint (`unix:///path`).
     pub endpoint: String,
-    /// Where the store (and, by default, the cluster secret) lives.
+    /// Where the embedded store (and, by default, the cluster secret) lives.
     pub state_dir: PathBuf,
+    /// Where the cluster state lives.
+    pub store: store::Backend,
     /// The cluster secret: read, or created when missing (by default
     /// `<state_dir>/`[`SECRET_FILE`]).
     pub secret_file: PathBuf,
@@ -63,7 +65,7 @@ pub struct ControllerProcessConfig {
 pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
     create_state_dir(&cfg.state_dir)?;
     let socket = csi::socket_path(&cfg.endpoint)?;
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&cfg.state_dir.join(STORE_FILE))?);
+    let store: Arc<dyn Store> = store::open(cfg.store.clone()).await?;
     let secret = Arc::new(token::load_or_create_secret(&cfg.secret_file)?);
     let agent = Arc::new(RemoteAgent::new(
         store.clone(),

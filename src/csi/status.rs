@@ -17,6 +17,9 @@ fn store(e: &StoreError) -> Code {
         StoreError::Conflict { .. } => Code::Aborted,
         StoreError::Corrupt { .. } => Code::Internal,
         StoreError::Backend(_) => Code::Internal,
+        // The API server unreachable or overloaded: the write may or may not have happened.
+        StoreError::Kubernetes(e) if e.is_transient() => Code::Unavailable,
+        StoreError::Kubernetes(_) => Code::Internal,
     }
 }
 

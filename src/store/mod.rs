@@ -3,9 +3,11 @@
 //! `StoreError::Conflict` so that the caller re-reads and retries.
 //!
 //! Objects are documents keyed by id (volumes, replicas, nodes, and the settings under the
-//! key "settings"); there are no multi-object transactions, so that the same trait can be
-//! served by Kubernetes custom resources later.
+//! key "settings"); there are no multi-object transactions, so that the same trait is served
+//! by both backends: [`embedded`] (one redb file, for standalone use and tests) and
+//! [`kubernetes`] (custom resources in the API server, for clusters).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -14,6 +16,7 @@ use crate::model::{Node, Replica, Volume};
 use crate::settings::Settings;
 
 pub mod embedded;
+pub mod kubernetes;
 
 /// An object as stored, with the version its next update must name.
 #[derive(Debug, Clone)]
@@ -39,6 +42,15 @@ pub enum StoreError {
     },
     #[error("store backend failed: {0}")]
     Backend(String),
+    /// The Kubernetes store's API server failed, refused or could not be reached.
+    #[error(transparent)]
+    Kubernetes(Box<kubernetes::KubernetesError>),
+}
+
+impl From<kubernetes::KubernetesError> for StoreError {
+    fn from(e: kubernetes::KubernetesError) -> Self {
+        StoreError::Kubernetes(Box::new(e))
+    }
 }
 
 /// One kind of object, kept as a table of documents.
@@ -50,10 +62,20 @@ pub trait Table<T>: Send + Sync {
     /// The objects whose key starts with `prefix`, ordered by key.
     async fn list_prefix(&self, prefix: &str) -> Result<Vec<Versioned<T>>, StoreError>;
     /// Writes `value` under `key`. `expected`: `None` means the key must not exist yet,
-    /// `Some(v)` means the stored version must be `v`. Returns the new version.
+    /// `Some(v)` means the stored version must be `v`. Returns the version the object has
+    /// now, which the next put must name: versions only grow, but need not be consecutive,
+    /// and a put that changes nothing may keep the old one. Once it returns, reads through
+    /// the same store see this write (or a later one).
     async fn put(&self, key: &str, value: T, expected: Option<u64>) -> Result<u64, StoreError>;
     /// Deletes `key` if its version is `expected`. Deleting a missing key is Ok.
     async fn delete(&self, key: &str, expected: u64) -> Result<(), StoreError>;
+    /// The keys, ordered, whose deletion was asked for from outside the store: objects
+    /// deleted with `kubectl delete` in the Kubernetes store, which stay (held by the
+    /// volumes' finalizer), unchanged and readable, until they are deleted through the
+    /// store. The embedded store has none.
+    async fn deletion_requested(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The cluster state: one table per kind.
@@ -66,3 +88,43 @@ pub trait Store: Send + Sync + 'static {
 
 /// The key the settings object is stored under.
 pub const SETTINGS_KEY: &str = "settings";
+
+/// Which backend a process keeps its state in.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The redb database file at `path`.
+    Embedded { path: PathBuf },
+    /// Custom resources through the Kubernetes API: the client from `kubeconfig` if given,
+    /// else inferred (KUBECONFIG, ~/.kube/config, in-cluster); the namespace given, else the
+    /// pod's service account's.
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+        namespace: Option<String>,
+    },
+}
+
+/// Opens the store on `backend`: the embedded file, or a Kubernetes store once its watches
+/// have synced.
+pub async fn open(backend: Backend) -> Result<Arc<dyn Store>, StoreError> {
+    match backend {
+        Backend::Embedded { path } => {
+            let store = tokio::task::spawn_blocking(move || embedded::EmbeddedStore::open(&path))
+                .await
+                .map_err(|e| StoreError::Backend(format!("opening the store failed: {e}")))??;
+            Ok(Arc::new(store))
+        }
+        Backend::Kubernetes {
+            kubeconfig,
+            namespace,
+        } => {
+            let namespace = crate::store::kubernetes::config::namespace(namespace.as_deref())
+                .map_err(kubernetes::KubernetesError::from)?;
+            let client = crate::store::kubernetes::config::client(kubeconfig.as_deref())
+                .await
+                .map_err(kubernetes::KubernetesError::from)?;
+            let store = kubernetes::KubernetesStore::connect(client, &namespace).await?;
+            tracing::info!(namespace, "the Kubernetes store is synced");
+            Ok(Arc::new(store))
+        }
+    }
+}

@@ -96,6 +96,16 @@ impl Cluster {
     /// [`Cluster::start`], every process logging to a file in `log_dir` when given (see
     /// [`Cluster::log_dir`]).
     pub async fn start_with_logs(node_count: usize, log_dir: Option<PathBuf>) -> Cluster {
+        Cluster::start_with(node_count, log_dir, &[]).await
+    }
+
+    /// [`Cluster::start_with_logs`], with `controller_extra` appended to the controller's
+    /// arguments (`--store kubernetes ...`).
+    pub async fn start_with(
+        node_count: usize,
+        log_dir: Option<PathBuf>,
+        controller_extra: &[String],
+    ) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("palisade-cluster-")
             .tempdir()
@@ -118,7 +128,10 @@ impl Cluster {
             TERMINATION_GRACE_S.to_string(),
             "--lease-seconds".into(),
             HEARTBEAT_TIMEOUT_S.to_string(),
-        ];
+        ]
+        .into_iter()
+        .chain(controller_extra.iter().cloned())
+        .collect();
         let mut cluster = Cluster {
             controller: None,
             controller_args,

@@ -1,9 +1,11 @@
 //! Shared harness for the end-to-end tests: starts the real `palisade standalone` binary on
 //! a private state directory and socket, and talks CSI to it over that socket. The
-//! multi-process cluster harness (controller, nodes, ctl) is in [`cluster`].
+//! multi-process cluster harness (controller, nodes, ctl) is in [`cluster`], and a real
+//! Kubernetes control plane (etcd, kube-apiserver, ...) in [`k8s`].
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod k8s;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
