@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod k8s;
+pub mod sidecars;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
