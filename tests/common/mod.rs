@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod k8s;
+pub mod kubelet;
 pub mod sidecars;
 
 use std::collections::HashMap;
