@@ -127,6 +127,12 @@ impl Kubelet {
                 .unwrap_or_else(|e| panic!("connect to {:?}: {e}", config.csi_socket)),
         );
         let info = DriverInfo::query(csi.clone()).await;
+        // The kubelet reports its own version, which is the control plane's here.
+        let version = client
+            .apiserver_version()
+            .await
+            .map(|v| v.git_version)
+            .unwrap_or_else(|_| "v0.0.0-emulated".into());
         let wake = Arc::new(tokio::sync::Notify::new());
         let mut tasks = Vec::new();
         let node_field = format!("metadata.name={}", config.node_name);
@@ -173,6 +179,7 @@ impl Kubelet {
             client,
             csi,
             info,
+            version,
             dead: AtomicBool::new(false),
             status: tokio::sync::Mutex::new(Reported {
                 in_use: BTreeSet::new(),
@@ -367,6 +374,8 @@ struct Shared {
     client: kube::Client,
     csi: NodeClient<Channel>,
     info: DriverInfo,
+    /// The kubeletVersion reported in the node status.
+    version: String,
     dead: AtomicBool,
     status: tokio::sync::Mutex<Reported>,
     wake: Arc<tokio::sync::Notify>,
@@ -672,7 +681,7 @@ impl Shared {
                 "nodeInfo": {
                     "machineID": self.config.node_name, "systemUUID": self.config.node_name,
                     "bootID": "emulated", "kernelVersion": "emulated", "osImage": "emulated",
-                    "containerRuntimeVersion": "emulated://0", "kubeletVersion": "v1.32.13",
+                    "containerRuntimeVersion": "emulated://0", "kubeletVersion": self.version,
                     "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64",
                 },
                 "volumesInUse": in_use,
