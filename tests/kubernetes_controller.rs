@@ -28,7 +28,12 @@ async fn a_controller_keeps_its_state_in_custom_resources() {
         "--namespace".to_string(),
         NAMESPACE.to_string(),
     ];
-    let mut cluster = Cluster::start_with(1, None, &store_args).await;
+    let mut cluster = Cluster::start_with(ClusterOptions {
+        nodes: 1,
+        log_dir: None,
+        controller_args: store_args.to_vec(),
+    })
+    .await;
     cluster
         .wait_nodes("n1 up", |n| n.len() == 1 && n.iter().all(up))
         .await;

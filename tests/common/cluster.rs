@@ -88,6 +88,17 @@ pub fn spawn_logged(args: &[String], log: &Path) -> Child {
         .expect("spawn palisade")
 }
 
+/// How [`Cluster::start_with`] starts a cluster.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// Nodes `n1`..`nN`.
+    pub nodes: usize,
+    /// See [`Cluster::log_dir`].
+    pub log_dir: Option<PathBuf>,
+    /// Appended to the controller's arguments (kept across restarts), e.g. another store.
+    pub controller_args: Vec<String>,
+}
+
 impl Cluster {
     pub async fn start(node_count: usize) -> Cluster {
         Cluster::start_with_logs(node_count, None).await
@@ -96,16 +107,22 @@ impl Cluster {
     /// [`Cluster::start`], every process logging to a file in `log_dir` when given (see
     /// [`Cluster::log_dir`]).
     pub async fn start_with_logs(node_count: usize, log_dir: Option<PathBuf>) -> Cluster {
-        Cluster::start_with(node_count, log_dir, &[]).await
+        Cluster::start_with(ClusterOptions {
+            nodes: node_count,
+            log_dir,
+            ..ClusterOptions::default()
+        })
+        .await
     }
 
-    /// [`Cluster::start_with_logs`], with `controller_extra` appended to the controller's
-    /// arguments (`--store kubernetes ...`).
-    pub async fn start_with(
-        node_count: usize,
-        log_dir: Option<PathBuf>,
-        controller_extra: &[String],
-    ) -> Cluster {
+    /// A controller (with `options.controller_args` after the usual ones) and
+    /// `options.nodes` nodes.
+    pub async fn start_with(options: ClusterOptions) -> Cluster {
+        let ClusterOptions {
+            nodes: node_count,
+            log_dir,
+            controller_args: extra_controller_args,
+        } = options;
         let dir = tempfile::Builder::new()
             .prefix("palisade-cluster-")
             .tempdir()
@@ -130,7 +147,7 @@ impl Cluster {
             HEARTBEAT_TIMEOUT_S.to_string(),
         ]
         .into_iter()
-        .chain(controller_extra.iter().cloned())
+        .chain(extra_controller_args)
         .collect();
         let mut cluster = Cluster {
             controller: None,

@@ -6,6 +6,8 @@
 
 pub mod cluster;
 pub mod k8s;
+pub mod kubelet;
+pub mod sidecars;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
