@@ -98,25 +98,60 @@ async fn a_controller_keeps_its_state_in_custom_resources() {
         .expect("a volume");
     assert_eq!(again.volume_id, "pvc-k8s");
 
-    // kubectl delete by hand: the finalizer keeps the object, and the replica with it; the
-    // controller reads the volume as before.
+    // kubectl delete by hand of an attached volume: the finalizer keeps the object, and the
+    // replica with it, while the volume is attached; it is neither handed out again nor
+    // attached elsewhere.
+    let publish = |node: &str| pb::ControllerPublishVolumeRequest {
+        volume_id: "pvc-k8s".into(),
+        node_id: node.into(),
+        volume_capability: Some(block_cap()),
+        ..Default::default()
+    };
+    csi.controller_publish_volume(publish("n1"))
+        .await
+        .expect("controller_publish_volume");
     plane.kubectl_ok(&["delete", "plv", "pvc-k8s", "-n", NAMESPACE, "--wait=false"]);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!field("plv/pvc-k8s", "{.metadata.deletionTimestamp}").is_empty());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while field("plv/pvc-k8s", "{.metadata.deletionTimestamp}").is_empty() {
+        assert!(Instant::now() < deadline, "no deletionTimestamp");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = csi
+        .create_volume(create_request("pvc-k8s", size, "1"))
+        .await
+        .expect_err("a volume being deleted is not handed out again");
+    assert_eq!(refused.code(), tonic::Code::Aborted, "{refused:?}");
+    // Several lifecycle passes go by: the attached volume stays.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(cluster.ctl_json(&["volume", "pvc-k8s"])["state"], "ready");
     assert_eq!(replicas_on(&disk).len(), 1);
 
-    // DeleteVolume (what the provisioner calls, and what a cleanup pass would do) finishes
-    // it: the replica goes, then the record and the object.
+    // Once it is detached, the controller deletes it as DeleteVolume would: the replica
+    // goes, then the record and the object.
+    csi.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+        volume_id: "pvc-k8s".into(),
+        node_id: "n1".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("controller_unpublish_volume");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !get(&["plv,plr", "-o", "name"]).trim().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the volume deleted by hand is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(replicas_on(&disk), vec![]);
+    assert_eq!(cluster.ctl_json(&["volumes"]), serde_json::json!([]));
+    // DeleteVolume of what is gone is OK.
     csi.delete_volume(pb::DeleteVolumeRequest {
         volume_id: "pvc-k8s".into(),
         secrets: Default::default(),
     })
     .await
     .expect("delete_volume");
-    assert_eq!(replicas_on(&disk), vec![]);
-    assert_eq!(get(&["plv,plr", "-o", "name"]).trim(), "");
-    assert_eq!(cluster.ctl_json(&["volumes"]), serde_json::json!([]));
 }
 
 /// The full control plane later end-to-end tests need (garbage collection, the attach-detach

@@ -120,6 +120,9 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
                 if let Err(e) = controller.reconcile_replicas().await {
                     warn!(error = %e, "the replica lifecycle pass failed; retrying");
                 }
+                if let Err(e) = controller.finish_requested_deletions().await {
+                    warn!(error = %e, "the pass over volumes deleted by hand failed; retrying");
+                }
             }
         })
     };

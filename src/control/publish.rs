@@ -234,7 +234,7 @@ impl Controller {
             return Err(PublishError::NodeNotFound(node_id.to_string()));
         }
         let volume = &current.value;
-        if volume.state != VolumeState::Ready {
+        if volume.state != VolumeState::Ready || self.deletion_requested(volume_id).await? {
             return Err(PublishError::NotReady(volume_id.to_string()));
         }
         check_publish_capability(volume, capability).map_err(PublishError::Capability)?;

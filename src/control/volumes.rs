@@ -268,6 +268,9 @@ impl Controller {
         let current = match existing {
             Some(v) => {
                 check_same_volume(&v.value, &req, &parsed.params)?;
+                if self.deletion_requested(&id).await? {
+                    return Err(CreateError::BeingDeleted(req.name.clone()));
+                }
                 v
             }
             None => {
@@ -473,6 +476,37 @@ impl Controller {
     }
 
     /// DeleteVolume: OK when the volume is already gone.
+    /// True when the volume's record was deleted by hand (`kubectl delete` of its custom
+    /// resource): it stays, held by its finalizer, until [`Self::finish_requested_deletions`]
+    /// has deleted its replicas. Such a volume is neither handed out again nor attached.
+    pub(super) async fn deletion_requested(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .store
+            .volumes()
+            .deletion_requested()
+            .await?
+            .iter()
+            .any(|k| k == id))
+    }
+
+    /// Deletes, as DeleteVolume does, every volume whose record was deleted by hand, so that
+    /// its replica files are never orphaned. An attached volume waits for its detach (and
+    /// says so); the next pass retries whatever failed.
+    pub async fn finish_requested_deletions(&self) -> Result<(), StoreError> {
+        for id in self.store.volumes().deletion_requested().await? {
+            match self.delete_volume(&id).await {
+                Ok(()) => info!(volume = %id, "deleted a volume whose record was deleted by hand"),
+                Err(DeleteError::InUse { node, .. }) => {
+                    info!(volume = %id, node = %node, "the record of an attached volume was deleted by hand: it is deleted once it is detached")
+                }
+                Err(e) => {
+                    warn!(volume = %id, error = %e, "deleting a volume whose record was deleted by hand failed; retrying at the next pass")
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub async fn delete_volume(&self, id: &str) -> Result<(), DeleteError> {
         let _guard = self.locks.lock(id).await;
         let Some(current) = self.store.volumes().get(id).await? else {
