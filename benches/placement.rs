@@ -80,6 +80,7 @@ fn replicas(rng: &mut Lcg) -> Vec<Replica> {
                 size: (1 + rng.next() % 20) * GIB,
                 state: ReplicaState::Ready,
                 failed_ms: 0,
+                rebuilt_percent: None,
             }
         })
         .collect()

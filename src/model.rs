@@ -173,6 +173,11 @@ pub struct Volume {
     /// are rebuilt from it.
     #[serde(default)]
     pub engine_running: bool,
+    /// How many of its replicas are ready (hold every acknowledged write), as the
+    /// controller last counted them: at creation, and on every lifecycle pass that finds it
+    /// changed. For the operator's eyes (`kubectl get plv`); decisions count the replicas.
+    #[serde(default)]
+    pub ready_replicas: u32,
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,6 +207,10 @@ pub struct Replica {
     /// When it was marked `Failed` (ms since the epoch); 0 otherwise.
     #[serde(default)]
     pub failed_ms: u64,
+    /// While `Rebuilding`: how much of it the engine has rebuilt, in steps of 10% (for the
+    /// operator's eyes; the exact progress is in `palisade ctl volume`). None otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuilt_percent: Option<u8>,
 }
 
 /// Maps a CSI volume name to its volume id. Names that are already safe as ids and paths

@@ -173,6 +173,7 @@ fn volume(id: &str) -> Volume {
         planned_replicas: Vec::new(),
         next_replica: 0,
         engine_running: false,
+        ready_replicas: 0,
     }
 }
 
@@ -186,6 +187,7 @@ fn replica(volume_id: &str, n: u32) -> Replica {
         size: 1 << 30,
         state: ReplicaState::Ready,
         failed_ms: 0,
+        rebuilt_percent: None,
     }
 }
 
@@ -642,7 +644,7 @@ async fn printer_columns(plane: &ControlPlane) {
     let lines: Vec<&str> = volumes.lines().collect();
     assert_eq!(
         words(lines[0]),
-        ["NAME", "SIZE", "REPLICAS", "STATE", "NODE", "EPOCH", "AGE"]
+        ["NAME", "SIZE", "READY", "REPLICAS", "STATE", "NODE", "EPOCH", "AGE"]
     );
     assert_eq!(
         words(lines[1])[..6],
@@ -654,7 +656,7 @@ async fn printer_columns(plane: &ControlPlane) {
     let lines: Vec<&str> = replicas.lines().collect();
     assert_eq!(
         words(lines[0]),
-        ["NAME", "VOLUME", "NODE", "DISK", "STATE", "SIZE", "AGE"]
+        ["NAME", "VOLUME", "NODE", "DISK", "REBUILT", "STATE", "SIZE", "AGE"]
     );
     assert_eq!(
         words(lines[1])[..6],

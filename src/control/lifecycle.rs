@@ -176,6 +176,19 @@ impl Controller {
                 failed.failed_ms = now_ms();
                 self.put_replica(failed, Some(replica)).await?;
             }
+            if report.state == "running" && replica.value.state == ReplicaState::Rebuilding {
+                // Recorded in steps of 10%, for `kubectl get plr`: a few writes per rebuild.
+                let tenths = report.done.saturating_mul(10) / report.size.max(1);
+                let percent = u8::try_from(tenths.min(10) * 10).unwrap_or(100);
+                if replica.value.rebuilt_percent != Some(percent) {
+                    let mut progressed = (*replica.value).clone();
+                    progressed.rebuilt_percent = Some(percent);
+                    match self.put_replica(progressed, Some(replica)).await {
+                        Ok(_) | Err(StoreError::Conflict { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
             if report.state == "running" {
                 self.rebuild_reports()
                     .insert(report.replica_id.clone(), report);
@@ -273,12 +286,12 @@ impl Controller {
         let want = vol.params.number_of_replicas as usize;
         if ready == 0 {
             let reason = "faulted: no replica holds every acknowledged write any more (every replica failed); it is not served from a stale one".to_string();
-            return self.set_degraded(&volume, Some(reason)).await;
+            return self.set_degraded(&volume, 0, Some(reason)).await;
         }
         let Some(attachment) = vol.attachment.clone() else {
             // Rebuilds need the volume's engine: only attached volumes heal.
             return self
-                .set_degraded(&volume, degraded(ready, rebuilding, want, None))
+                .set_degraded(&volume, ready, degraded(ready, rebuilding, want, None))
                 .await;
         };
         let attached = attachment.node_id.as_str();
@@ -396,7 +409,7 @@ impl Controller {
                 return Ok(());
             }
         }
-        self.set_degraded(&volume, degraded(ready, rebuilding, want, note))
+        self.set_degraded(&volume, ready, degraded(ready, rebuilding, want, note))
             .await
     }
 
@@ -464,6 +477,7 @@ impl Controller {
             size: vol.size,
             state: ReplicaState::Creating,
             failed_ms: 0,
+            rebuilt_percent: None,
         };
         // Recorded first, so a crash between the two leaves a record that the next pass
         // finishes or cleans, never a stray replica unknown to the store.
@@ -537,27 +551,33 @@ impl Controller {
         };
         let replicas = self.volume_replicas(volume_id).await?;
         let count = |s| replicas.iter().filter(|r| r.value.state == s).count();
+        let ready = count(ReplicaState::Ready);
         let reason = degraded(
-            count(ReplicaState::Ready),
+            ready,
             count(ReplicaState::Rebuilding),
             volume.value.params.number_of_replicas as usize,
             None,
         );
-        self.set_degraded(&volume, reason)
+        self.set_degraded(&volume, ready, reason)
             .await
             .map_err(StoreError::Backend)
     }
 
+    /// Records the volume's degraded reason and its count of ready replicas (what
+    /// `kubectl get plv` and `ctl` show), writing only when either changed.
     async fn set_degraded(
         &self,
         volume: &Versioned<Volume>,
+        ready: usize,
         reason: Option<String>,
     ) -> Result<(), String> {
-        if volume.value.degraded_reason == reason {
+        let ready = u32::try_from(ready).unwrap_or(u32::MAX);
+        if volume.value.degraded_reason == reason && volume.value.ready_replicas == ready {
             return Ok(());
         }
         let mut updated = (*volume.value).clone();
         updated.degraded_reason = reason;
+        updated.ready_replicas = ready;
         self.store
             .volumes()
             .put(&updated.id.clone(), updated, Some(volume.version))

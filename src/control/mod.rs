@@ -156,9 +156,16 @@ impl Controller {
     /// Records a replica in the store and in the aggregate.
     async fn put_replica(
         &self,
-        replica: Replica,
+        mut replica: Replica,
         old: Option<&Versioned<Replica>>,
     ) -> Result<u64, StoreError> {
+        // The recorded rebuild progress belongs to one stay in `Rebuilding`: any change of
+        // state ends it (a new rebuild reports from zero).
+        if replica.state != ReplicaState::Rebuilding
+            || old.is_some_and(|o| o.value.state != ReplicaState::Rebuilding)
+        {
+            replica.rebuilt_percent = None;
+        }
         let key = replica.id.clone();
         let result = self
             .store

@@ -318,6 +318,7 @@ async fn interrupted_replacements_are_finished_or_dropped() {
         size: 8 << 20,
         state: ReplicaState::Creating,
         failed_ms: 0,
+        rebuilt_percent: None,
     };
     c.put_replica(pending("v-r-7", &disk.id), None)
         .await

@@ -307,12 +307,14 @@ impl Controller {
             planned_replicas: Vec::new(),
             next_replica: 0,
             engine_running: false,
+            ready_replicas: 0,
         };
         // Place before recording, so that a volume that cannot be placed leaves nothing.
         let placement = self.place(&volume, &[], req, settings).await?;
         let mut volume = volume;
         volume.degraded_reason = placement.degraded_reason.clone();
         volume.next_replica = placement.replicas.len() as u64;
+        volume.ready_replicas = u32::try_from(placement.replicas.len()).unwrap_or(u32::MAX);
         // In standalone a volume is served from a local replica, so it is reachable exactly
         // from its replicas' nodes; so is a strict-local one anywhere. In a cluster the engine
         // reaches its members over the network from any node.
@@ -345,6 +347,7 @@ impl Controller {
                 size,
                 state: ReplicaState::Ready,
                 failed_ms: 0,
+                rebuilt_percent: None,
             });
         }
         let version = self.store.volumes().put(id, volume.clone(), None).await?;

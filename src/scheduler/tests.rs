@@ -62,6 +62,7 @@ fn replica(volume: &str, n: usize, node_id: &str, disk_id: &str, size: u64) -> R
         size,
         state: ReplicaState::Ready,
         failed_ms: 0,
+        rebuilt_percent: None,
     }
 }
 

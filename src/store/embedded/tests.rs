@@ -57,6 +57,7 @@ fn volume(id: &str) -> Volume {
         planned_replicas: Vec::new(),
         next_replica: 0,
         engine_running: false,
+        ready_replicas: 0,
     }
 }
 
@@ -70,6 +71,7 @@ fn replica(volume_id: &str, n: u32) -> Replica {
         size: 1 << 30,
         state: ReplicaState::Ready,
         failed_ms: 0,
+        rebuilt_percent: None,
     }
 }
 

@@ -69,6 +69,12 @@ pub const NODE_LABEL: &str = "palisade.io/node";
         description = "The volume's size (binary units)"
     ),
     printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".spec.ready_replicas",
+        description = "Replicas ready (holding every acknowledged write)"
+    ),
+    printcolumn(
         name = "Replicas",
         type_ = "integer",
         json_path = ".spec.params.number_of_replicas",
@@ -139,6 +145,12 @@ pub struct VolumeSummary {
     printcolumn(name = "Volume", type_ = "string", json_path = ".spec.volume_id"),
     printcolumn(name = "Node", type_ = "string", json_path = ".spec.node_id"),
     printcolumn(name = "Disk", type_ = "string", json_path = ".spec.disk_id"),
+    printcolumn(
+        name = "Rebuilt",
+        type_ = "integer",
+        json_path = ".spec.rebuilt_percent",
+        description = "While rebuilding: percent rebuilt (in steps of 10)"
+    ),
     printcolumn(
         name = "State",
         type_ = "string",
@@ -491,6 +503,7 @@ mod tests {
             size: 1 << 30,
             state: crate::model::ReplicaState::Ready,
             failed_ms: 0,
+            rebuilt_percent: None,
         };
         let labels = |node| {
             PalisadeReplica::stored("pvc-1-r-0", "pvc-1-r-0", replica(node))
