@@ -647,8 +647,8 @@ async fn printer_columns(plane: &ControlPlane) {
         ["NAME", "SIZE", "READY", "REPLICAS", "STATE", "NODE", "EPOCH", "AGE"]
     );
     assert_eq!(
-        words(lines[1])[..6],
-        ["pvc-cols", "1.5Gi", "3", "Ready", "worker-1", "4"]
+        words(lines[1])[..7],
+        ["pvc-cols", "1.5Gi", "0", "3", "Ready", "worker-1", "4"]
     );
 
     let replicas = table("plr");
