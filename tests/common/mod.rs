@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod k8s;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
