@@ -9,7 +9,9 @@
 //! csi-attacher calls once the VolumeAttachment is deleted) releases it, and the next
 //! ControllerPublish attaches with a higher epoch still. A volume whose epoch is already
 //! ahead of its attachment's is fenced: fencing again re-persists that same epoch (a restart
-//! in the middle converges) and never raises it twice.
+//! in the middle converges) and never raises it twice. A volume none of whose members is on
+//! a node that is up is refused before anything changes (a take-over would mark them all
+//! failed): when the node comes back, the volume is as it was.
 
 use super::*;
 
@@ -116,6 +118,17 @@ impl Controller {
                     attached_to: volume.attachment.as_ref().map(|a| a.node_id.clone()),
                 });
             };
+            // Nothing changes, not even the epoch or the members' states, when no member
+            // could be fenced: the volume stays as it is until a member's node is back.
+            if self.fencing.is_some() {
+                if let Some(why) = self.no_reachable_member(volume_id).await? {
+                    return Err(RecoveryFenceError::Unfenceable {
+                        volume: volume_id.to_string(),
+                        node: node_id.to_string(),
+                        why,
+                    });
+                }
+            }
             let (epoch, raise) = fence_epoch(volume, attachment);
             if raise {
                 // Epochs only grow, so raising it is harmless if fencing stops here; the
@@ -154,6 +167,35 @@ impl Controller {
             key: volume_id.to_string(),
             expected: None,
         }))
+    }
+
+    /// Why none of the volume's members can be fenced, when none is on a node that is up
+    /// and has a replica server address; None when one may be.
+    async fn no_reachable_member(&self, volume_id: &str) -> Result<Option<String>, StoreError> {
+        let nodes = self.list_nodes().await?;
+        let now = now_ms();
+        let members: Vec<Versioned<Replica>> = self
+            .volume_replicas(volume_id)
+            .await?
+            .into_iter()
+            .filter(|r| r.value.state == ReplicaState::Ready)
+            .collect();
+        let reachable = members.iter().any(|r| {
+            let node = nodes.iter().find(|n| n.id == r.value.node_id);
+            node.is_some_and(|n| !n.address.is_empty()) && self.health(node, now) == Health::Up
+        });
+        Ok(match (members.len(), reachable) {
+            (_, true) => None,
+            (0, false) => Some("the volume has no member replica left".to_string()),
+            (n, false) => Some(format!(
+                "none of its {n} members ({}) is on a node that is up",
+                members
+                    .iter()
+                    .map(|r| format!("{} on {}", r.value.id, r.value.node_id))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        })
     }
 
     /// Every volume as stored (the recovery controller's view of attachments and epochs).

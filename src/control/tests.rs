@@ -586,7 +586,7 @@ impl RecordedFences {
 /// node. Fencing again (a restart in the middle) fences at the same epoch. ControllerUnpublish
 /// for the down node (what the csi-attacher calls once the VolumeAttachment is deleted) then
 /// succeeds without that node, fences at that same epoch and releases; again, it is a no-op.
-/// A volume whose every member is on the down node is refused, and its epoch raised only once.
+/// A volume whose every member is on the down node is refused before anything changes.
 #[tokio::test]
 async fn fencing_for_recovery_raises_the_epoch_once_and_unpublish_then_releases_without_the_node() {
     let dir = tempfile::tempdir().unwrap();
@@ -684,16 +684,27 @@ async fn fencing_for_recovery_raises_the_epoch_once_and_unpublish_then_releases_
     let context = c.publish("v", "n1", &cap, false).await.unwrap();
     assert_eq!(context[CONTEXT_EPOCH], "3");
 
-    // n1 goes down too: w's only members are there.
+    // n1 goes down too: w's only members are there. Refused, and nothing changes: not the
+    // epoch, not the members (a take-over would have failed them all).
     tokio::time::sleep(Duration::from_millis(300)).await;
     for _ in 0..2 {
         let refused = c.fence_for_recovery("w", "n1").await;
-        assert!(
-            matches!(refused, Err(RecoveryFenceError::Unfenceable { .. })),
-            "{refused:?}"
-        );
+        match &refused {
+            Err(RecoveryFenceError::Unfenceable { why, .. }) => {
+                assert!(why.contains("none of its 2 members"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
         let w = volume("w").await;
-        assert_eq!(w.epoch, 2, "raised once only");
+        assert_eq!(w.epoch, 1);
+        let states: Vec<ReplicaState> = c
+            .volume_replicas("w")
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.value.state)
+            .collect();
+        assert_eq!(states, [ReplicaState::Ready, ReplicaState::Ready]);
         assert_eq!(
             w.attachment.as_ref().map(|a| a.node_id.as_str()),
             Some("n1")

@@ -550,8 +550,8 @@ async fn the_stale_attachment_is_deleted_only_after_fencing() {
 }
 
 /// Every member of the volume is on the down node: nothing can be fenced, so nothing is
-/// deleted; the refusal is a Warning on the pod and the claim, once, and the epoch is raised
-/// once however many passes try.
+/// deleted and nothing changes in the store (the epoch, the member); the refusal is a
+/// Warning on the pod and the claim, once however many passes try.
 #[tokio::test]
 async fn an_unfenceable_volume_deletes_nothing_and_says_why_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -569,7 +569,15 @@ async fn an_unfenceable_volume_deletes_nothing_and_says_why_once() {
         );
         assert!(report.attachments_removed.is_empty());
         assert!(deletes(&log).is_empty(), "pass {pass}: {:?}", deletes(&log));
-        assert_eq!(c.get_volume("pvc-1").await.unwrap().unwrap().epoch, 2);
+        assert_eq!(c.get_volume("pvc-1").await.unwrap().unwrap().epoch, 1);
+        let member = c
+            .store()
+            .replicas()
+            .get("pvc-1-r-0")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(member.value.state, ReplicaState::Ready, "left as it was");
     }
     api.stop().await;
     assert_eq!(
