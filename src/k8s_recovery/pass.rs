@@ -82,7 +82,7 @@ pub struct RemovePod {
 /// What one pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PassReport {
-    /// The attachments fenced (or found fenced).
+    /// The attachments fenced, or found with nothing left to fence there.
     pub fenced: Vec<Target>,
     /// The attachments that could not be fenced, and why.
     pub refused: Vec<(Target, String)>,

@@ -7,6 +7,7 @@
 
 use std::fmt::Debug;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::FutureExt;
 use futures::stream::{self, BoxStream, StreamExt};
@@ -23,6 +24,10 @@ use tracing::{info, warn};
 
 use super::view::Snapshot;
 use super::Recovery;
+
+/// How long a pass waits after a change for the ones that come with it (a node going down
+/// changes many pods at once).
+const SETTLE: Duration = Duration::from_millis(100);
 
 /// Runs `recovery` whenever `leader` says this process leads, until the sender of `leader`
 /// is dropped. With no leader election, pass a receiver whose sender holds `true` for as long
@@ -118,7 +123,12 @@ impl Recovery {
         let mut announced = false;
         loop {
             tokio::select! {
-                change = changes.next() => if change.is_none() { return },
+                change = changes.next() => {
+                    if change.is_none() {
+                        return;
+                    }
+                    tokio::time::sleep(SETTLE).await;
+                }
                 _ = resync.tick() => {},
             }
             // Everything that arrived meanwhile is covered by this pass.
