@@ -19,10 +19,15 @@ use crate::params::RecoveryPolicy;
 /// The objects one recovery pass looks at.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
+    /// Every VolumeAttachment (Palisade's are picked by their attacher).
     pub attachments: Vec<Arc<VolumeAttachment>>,
+    /// Every PersistentVolume (Palisade's are picked by their CSI driver).
     pub volumes: Vec<Arc<PersistentVolume>>,
+    /// Every PersistentVolumeClaim.
     pub claims: Vec<Arc<PersistentVolumeClaim>>,
+    /// Every pod.
     pub pods: Vec<Arc<Pod>>,
+    /// Every Node, for their health.
     pub nodes: Vec<Arc<Node>>,
     /// Only their metadata: which Deployment owns a pod's ReplicaSet.
     pub replica_sets: Vec<Arc<PartialObjectMeta<ReplicaSet>>>,
@@ -148,6 +153,8 @@ pub struct Deletion {
 pub struct PodView {
     pub namespace: String,
     pub name: String,
+    /// What its deletion names as a precondition, so that a pod recreated under the same
+    /// name (a StatefulSet's) is never deleted in its place.
     pub uid: String,
     /// `spec.nodeName`: None until it is scheduled.
     pub node: Option<String>,
@@ -182,6 +189,7 @@ pub struct VolumeView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttachmentView {
     pub name: String,
+    /// The precondition of its deletion.
     pub uid: String,
     /// The PersistentVolume's name.
     pub pv: String,
