@@ -5,6 +5,7 @@
 //!
 //! - `cmd`: the CLI's process wiring (standalone, controller, node, ctl);
 //! - `api`, `csi`: the gRPC services (Palisade's own, and CSI) as thin adapters;
+//! - `k8s`: the Kubernetes side over the control plane (the recovery controller);
 //! - `control`, `node`: the control plane's domain and the node's;
 //! - `scheduler`, `store`, `engine`, `replica`, `rpc`: placement, state, the data path, and
 //!   the clients of Palisade's own wire;
@@ -16,6 +17,7 @@ pub mod cmd;
 pub mod control;
 pub mod csi;
 pub mod engine;
+pub mod k8s;
 pub mod locks;
 pub mod model;
 pub mod node;

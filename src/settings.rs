@@ -40,6 +40,11 @@ pub struct Settings {
     pub volume_attachment_recovery_policy: RecoveryPolicy,
     pub node_down_pod_deletion_policy: NodeDownPodDeletionPolicy,
     pub auto_delete_pod_when_volume_detached_unexpectedly: bool,
+    /// Palisade's own: seconds a node must have been down before its volumes are fenced and
+    /// the StatefulSet and Deployment pods using them are deleted, so that their
+    /// replacements start elsewhere with no human; 0 (the default) turns it off.
+    #[serde(default)]
+    pub node_down_failover_seconds: u64,
 }
 
 impl Default for Settings {
@@ -58,6 +63,7 @@ impl Default for Settings {
             volume_attachment_recovery_policy: RecoveryPolicy::Wait,
             node_down_pod_deletion_policy: NodeDownPodDeletionPolicy::DoNothing,
             auto_delete_pod_when_volume_detached_unexpectedly: true,
+            node_down_failover_seconds: 0,
         }
     }
 }
@@ -122,6 +128,10 @@ pub const NODE_DOWN_POD_DELETION_POLICY: &str = "node-down-pod-deletion-policy";
 /// `auto-delete-pod-when-volume-detached-unexpectedly`: true | false.
 pub const AUTO_DELETE_POD_WHEN_VOLUME_DETACHED_UNEXPECTEDLY: &str =
     "auto-delete-pod-when-volume-detached-unexpectedly";
+/// `node-down-failover-seconds` (Palisade's own, not Longhorn's): 0 (off) or the seconds a
+/// node is down before Palisade fences its volumes and deletes their StatefulSet and
+/// Deployment pods, at most [`MAX_NODE_DOWN_FAILOVER_SECONDS`].
+pub const NODE_DOWN_FAILOVER_SECONDS: &str = "node-down-failover-seconds";
 
 /// Every setting name, Longhorn's spelling, in the order `list` gives them.
 pub const NAMES: &[&str] = &[
@@ -138,11 +148,16 @@ pub const NAMES: &[&str] = &[
     VOLUME_ATTACHMENT_RECOVERY_POLICY,
     NODE_DOWN_POD_DELETION_POLICY,
     AUTO_DELETE_POD_WHEN_VOLUME_DETACHED_UNEXPECTEDLY,
+    NODE_DOWN_FAILOVER_SECONDS,
 ];
 
 /// The largest storage-over-provisioning-percentage accepted (100×): Longhorn sets no upper
 /// bound, but a value beyond this is far more likely a typo than an intent.
 pub const MAX_OVER_PROVISIONING_PERCENTAGE: u64 = 10_000;
+
+/// The largest node-down-failover-seconds accepted (a day): a failover that waits longer
+/// is no failover, and such a value is far more likely a typo (milliseconds) than an intent.
+pub const MAX_NODE_DOWN_FAILOVER_SECONDS: u64 = 86_400;
 
 impl Settings {
     /// The value of the setting `name`, as `set` accepts it.
@@ -173,6 +188,7 @@ impl Settings {
             AUTO_DELETE_POD_WHEN_VOLUME_DETACHED_UNEXPECTEDLY => self
                 .auto_delete_pod_when_volume_detached_unexpectedly
                 .to_string(),
+            NODE_DOWN_FAILOVER_SECONDS => self.node_down_failover_seconds.to_string(),
             _ => return Err(unknown(name)),
         };
         Ok(value)
@@ -216,6 +232,10 @@ impl Settings {
             NODE_DOWN_POD_DELETION_POLICY => self.node_down_pod_deletion_policy = spelled(name, v)?,
             AUTO_DELETE_POD_WHEN_VOLUME_DETACHED_UNEXPECTEDLY => {
                 self.auto_delete_pod_when_volume_detached_unexpectedly = boolean(name, v)?
+            }
+            NODE_DOWN_FAILOVER_SECONDS => {
+                self.node_down_failover_seconds =
+                    number(name, v, 0, Some(MAX_NODE_DOWN_FAILOVER_SECONDS))?
             }
             _ => return Err(unknown(name)),
         }
@@ -330,6 +350,7 @@ mod tests {
             ("volume-attachment-recovery-policy", "wait"),
             ("node-down-pod-deletion-policy", "do-nothing"),
             ("auto-delete-pod-when-volume-detached-unexpectedly", "true"),
+            ("node-down-failover-seconds", "0"),
         ];
         let listed: Vec<(&str, &str)> = listed.iter().map(|(n, v)| (*n, v.as_str())).collect();
         assert_eq!(listed, expected);
@@ -354,6 +375,7 @@ mod tests {
                 "delete-both-statefulset-and-deployment-pod",
             ),
             ("auto-delete-pod-when-volume-detached-unexpectedly", "false"),
+            ("node-down-failover-seconds", "20"),
         ];
         assert_eq!(changes.len(), NAMES.len());
         let mut s = Settings::default();
@@ -396,6 +418,23 @@ mod tests {
             "4294967296",
             "0 to 4294967295",
         );
+        set_ok(&mut s, "node-down-failover-seconds", "0");
+        set_ok(&mut s, "node-down-failover-seconds", "86400");
+        set_bad("node-down-failover-seconds", "86401", "0 to 86400");
+        set_bad("node-down-failover-seconds", "30s", "0 to 86400");
+        set_bad("node-down-failover-seconds", "-1", "0 to 86400");
+    }
+
+    /// Settings stored before node-down-failover-seconds existed still decode, with it off.
+    #[test]
+    fn settings_stored_without_the_failover_setting_decode_with_it_off() {
+        let mut stored = serde_json::to_value(Settings::default()).unwrap();
+        stored
+            .as_object_mut()
+            .unwrap()
+            .remove("node_down_failover_seconds");
+        let decoded: Settings = serde_json::from_value(stored).unwrap();
+        assert_eq!(decoded.node_down_failover_seconds, 0);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The control plane's domain: volumes from creation to deletion (`volumes`), their replicas'
 //! placement and lifecycle (`lifecycle`), publish, attach and fence (`publish`, `attach`,
-//! `fence`), the engines' leases and membership (`engines`), expansion (`expand`), node
-//! registration and health (`nodes`), and the operator's views (`status`). It knows nothing
-//! of protobuf; the CSI adapter validates requests, calls in here under the volume's lock,
-//! and maps the errors. `Controller` is one type whose methods are spread over these files by
-//! responsibility; they share this module's imports (`use super::*`).
+//! `fence`), fencing a down node's attachment for the Kubernetes recovery (`recovery`), the
+//! engines' leases and membership (`engines`), expansion (`expand`), node registration and
+//! health (`nodes`), and the operator's views (`status`). It knows nothing of protobuf; the
+//! CSI adapter validates requests, calls in here under the volume's lock, and maps the errors.
+//! `Controller` is one type whose methods are spread over these files by responsibility; they
+//! share this module's imports (`use super::*`).
 //!
 //! Every operation persists its intent before it touches a node, and is keyed so that a
 //! retry, or a restart at any point, converges: a volume in `Creating` is resumed by the next
@@ -18,6 +19,7 @@ pub mod fence;
 mod lifecycle;
 mod nodes;
 mod publish;
+mod recovery;
 mod status;
 mod volumes;
 
@@ -26,6 +28,7 @@ pub use expand::*;
 pub use lifecycle::{RebuildReport, UpdateError};
 pub use nodes::*;
 pub use publish::*;
+pub use recovery::*;
 pub use status::*;
 pub use volumes::*;
 

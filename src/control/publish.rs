@@ -59,13 +59,13 @@ pub enum UnpublishError {
 
 /// The result of fencing a volume's members.
 pub(super) struct FenceOutcome {
-    fenced: usize,
-    members: usize,
+    pub(super) fenced: usize,
+    pub(super) members: usize,
     failures: Vec<String>,
 }
 
 impl FenceOutcome {
-    fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         if self.members == 0 {
             "the volume has no member replica left".to_string()
         } else {
@@ -395,7 +395,9 @@ impl Controller {
                     Health::Down { .. }
                 );
                 if down && self.fencing.is_some() {
-                    let epoch = current.value.epoch + 1;
+                    // Fenced for recovery already (the epoch is ahead of the attachment's):
+                    // fenced again at that epoch, not raised a second time.
+                    let (epoch, _) = recovery::fence_epoch(&current.value, a);
                     let outcome = self.fence_members(volume_id, epoch).await?;
                     if outcome.fenced == 0 && outcome.members > 0 {
                         return Err(UnpublishError::Unfenceable {

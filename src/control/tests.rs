@@ -556,3 +556,159 @@ fn capacity_range_resolves_within_bounds() {
     assert!(r(0, 100).is_err());
     assert!(r(MAX_VOLUME_SIZE + 1, 0).is_err());
 }
+
+/// Records every replica it fences, with the epoch, and fences it.
+#[derive(Default)]
+struct RecordedFences(std::sync::Mutex<Vec<(String, u64)>>);
+
+#[async_trait::async_trait]
+impl crate::control::fence::Fencer for RecordedFences {
+    async fn fence(
+        &self,
+        _: &str,
+        _: &str,
+        replica: &str,
+        epoch: u64,
+        _: &str,
+    ) -> Result<(), String> {
+        self.0.lock().unwrap().push((replica.to_string(), epoch));
+        Ok(())
+    }
+}
+
+impl RecordedFences {
+    fn epochs(&self) -> Vec<u64> {
+        self.0.lock().unwrap().iter().map(|(_, e)| *e).collect()
+    }
+}
+
+/// Fencing for the Kubernetes recovery: a take-over's first half. The epoch is raised once,
+/// in the store, and persisted on the reachable members; the attachment stays on the down
+/// node. Fencing again (a restart in the middle) fences at the same epoch. ControllerUnpublish
+/// for the down node (what the csi-attacher calls once the VolumeAttachment is deleted) then
+/// succeeds without that node, fences at that same epoch and releases; again, it is a no-op.
+/// A volume whose every member is on the down node is refused before anything changes.
+#[tokio::test]
+async fn fencing_for_recovery_raises_the_epoch_once_and_unpublish_then_releases_without_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ControllerConfig {
+        heartbeat_timeout_ms: 200,
+        termination_grace_ms: 0,
+    };
+    let fences = Arc::new(RecordedFences::default());
+    let c = controller_with(dir.path(), config)
+        .await
+        .with_fencing(Fencing {
+            secret: Arc::new(vec![1; 32]),
+            fencer: fences.clone(),
+            lease_ms: 100,
+        });
+    // Both volumes' replicas are on n1's disks; v is attached on n2, w on n1.
+    c.create_volume(request("v", 8 << 20)).await.unwrap();
+    c.create_volume(request("w", 8 << 20)).await.unwrap();
+    beat(&c, "n1").await;
+    beat(&c, "n2").await;
+    let cap = Capability {
+        access_type: AccessType::Block,
+        access_mode: AccessMode::SingleNodeWriter,
+    };
+    c.publish("v", "n2", &cap, false).await.unwrap();
+    c.publish("w", "n1", &cap, false).await.unwrap();
+    let volume = |id: &'static str| {
+        let c = &c;
+        async move { c.get_volume(id).await.unwrap().unwrap() }
+    };
+
+    // n2 goes down.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    beat(&c, "n1").await;
+    let first = c.fence_for_recovery("v", "n2").await.unwrap();
+    assert_eq!(
+        first,
+        RecoveryFence::Fenced {
+            epoch: 2,
+            fenced: 2,
+            members: 2,
+            raised: true
+        }
+    );
+    let v = volume("v").await;
+    assert_eq!(v.epoch, 2);
+    assert_eq!(
+        v.attachment.as_ref().map(|a| (a.node_id.as_str(), a.epoch)),
+        Some(("n2", 1))
+    );
+    assert!(!attached_current_on(&v, "n2"));
+    // The engine on n2 can no longer renew its lease.
+    assert!(matches!(
+        c.renew_lease("v", "n2", 1).await,
+        Err(MemberError::Superseded { .. })
+    ));
+    let again = c.fence_for_recovery("v", "n2").await.unwrap();
+    assert_eq!(
+        again,
+        RecoveryFence::Fenced {
+            epoch: 2,
+            fenced: 2,
+            members: 2,
+            raised: false
+        }
+    );
+    assert_eq!(volume("v").await.epoch, 2);
+    assert_eq!(fences.epochs(), [2, 2, 2, 2]);
+    assert_eq!(
+        c.fence_for_recovery("v", "n1").await.unwrap(),
+        RecoveryFence::NotAttachedThere {
+            attached_to: Some("n2".into())
+        }
+    );
+    assert_eq!(
+        c.fence_for_recovery("nothing", "n2").await.unwrap(),
+        RecoveryFence::NoVolume
+    );
+
+    c.unpublish("v", "n2").await.unwrap();
+    let v = volume("v").await;
+    assert_eq!((v.epoch, v.attachment.is_none()), (2, true));
+    assert!(
+        fences.epochs().iter().all(|e| *e == 2),
+        "unpublish raised the epoch again: {:?}",
+        fences.epochs()
+    );
+    c.unpublish("v", "n2").await.unwrap();
+    assert_eq!(volume("v").await.epoch, 2);
+    assert_eq!(
+        c.fence_for_recovery("v", "n2").await.unwrap(),
+        RecoveryFence::NotAttachedThere { attached_to: None }
+    );
+    // The next attachment takes a higher epoch still.
+    let context = c.publish("v", "n1", &cap, false).await.unwrap();
+    assert_eq!(context[CONTEXT_EPOCH], "3");
+
+    // n1 goes down too: w's only members are there. Refused, and nothing changes: not the
+    // epoch, not the members (a take-over would have failed them all).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..2 {
+        let refused = c.fence_for_recovery("w", "n1").await;
+        match &refused {
+            Err(RecoveryFenceError::Unfenceable { why, .. }) => {
+                assert!(why.contains("none of its 2 members"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let w = volume("w").await;
+        assert_eq!(w.epoch, 1);
+        let states: Vec<ReplicaState> = c
+            .volume_replicas("w")
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.value.state)
+            .collect();
+        assert_eq!(states, [ReplicaState::Ready, ReplicaState::Ready]);
+        assert_eq!(
+            w.attachment.as_ref().map(|a| a.node_id.as_str()),
+            Some("n1")
+        );
+    }
+}

@@ -1,0 +1,118 @@
+//! The Kubernetes recovery controller: what Palisade does when a node dies, where Kubernetes
+//! alone is stuck (DESIGN, "Kubernetes recovery"). It runs on the leader only, watches
+//! Palisade's VolumeAttachments, the PersistentVolumes and claims, the pods using them and
+//! the Nodes, and on every change (and every few seconds, since grace periods run out with
+//! no change) makes one level-triggered pass over all of them:
+//!
+//! - a VolumeAttachment on a down node is recovered as its volume's recovery policy says
+//!   (`never`, `wait`, `immediate`, with Longhorn's meaning): the attachment is fenced, then
+//!   the VolumeAttachment is deleted, so that the csi-attacher releases it and the pod
+//!   waiting elsewhere gets the volume without Kubernetes' six-minute wait;
+//! - a terminating pod on a down node is force-deleted as node-down-pod-deletion-policy says,
+//!   once its grace period is over, after its volumes are fenced and their VolumeAttachments
+//!   there deleted; with node-down-failover-seconds, a node's StatefulSet and Deployment pods
+//!   are, once it has been down that long and every Palisade volume attached there is fenced;
+//! - a running pod whose volume was detached or fenced under it is deleted so that its
+//!   controller recreates it (auto-delete-pod-when-volume-detached-unexpectedly); a pod that
+//!   no controller owns never is.
+//!
+//! Every action, and every refusal, is a Kubernetes Event on the pod and the claim, and a log
+//! line naming the volume and the node. The decisions are pure functions (`decide`) of a
+//! reduced view of the cluster (`view`); `pass` plans and carries out one pass; `run` keeps
+//! the reflectors and runs passes while this process leads.
+
+pub mod decide;
+mod events;
+mod pass;
+mod run;
+pub mod view;
+
+pub use pass::{plan, PassError, PassReport, Plan};
+pub use run::run;
+pub use view::{ClusterView, NodeHealth, NodeReady, Snapshot};
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::runtime::events::{Recorder, Reporter};
+
+use crate::control::Controller;
+
+/// How often a pass runs with no change seen: the time grace periods and failover delays
+/// take to run out is noticed within this.
+pub const DEFAULT_RESYNC: Duration = Duration::from_secs(2);
+
+/// The recovery controller's configuration.
+#[derive(Debug, Clone)]
+pub struct RecoveryConfig {
+    /// The CSI driver name: VolumeAttachments with this attacher and PersistentVolumes of
+    /// this driver are Palisade's.
+    pub driver_name: String,
+    /// How often a pass runs with no change seen.
+    pub resync: Duration,
+    /// Who the Events say reported them (`reportingController`, `reportingInstance`).
+    pub reporter: Reporter,
+}
+
+impl RecoveryConfig {
+    /// The defaults for `driver_name`, reporting as `palisade-recovery` from `instance` (the
+    /// controller pod's name, when known).
+    pub fn new(driver_name: &str, instance: Option<String>) -> RecoveryConfig {
+        RecoveryConfig {
+            driver_name: driver_name.to_string(),
+            resync: DEFAULT_RESYNC,
+            reporter: Reporter {
+                controller: "palisade-recovery".to_string(),
+                instance,
+            },
+        }
+    }
+}
+
+/// The recovery controller: the control plane it fences through, the API it acts on, and
+/// what it last reported (so that a state that lasts is one Event, not one per pass).
+pub struct Recovery {
+    controller: Arc<Controller>,
+    client: kube::Client,
+    config: RecoveryConfig,
+    health: Arc<dyn NodeHealth>,
+    recorder: Recorder,
+    /// The last notice per subject, as reported.
+    reported: Mutex<HashMap<String, String>>,
+}
+
+impl Recovery {
+    /// A recovery controller acting through `controller` and `client`, with node health from
+    /// `health` (for instance [`NodeReady`]).
+    pub fn new(
+        controller: Arc<Controller>,
+        client: kube::Client,
+        config: RecoveryConfig,
+        health: Arc<dyn NodeHealth>,
+    ) -> Recovery {
+        let recorder = Recorder::new(client.clone(), config.reporter.clone());
+        Recovery {
+            controller,
+            client,
+            config,
+            health,
+            recorder,
+            reported: Mutex::default(),
+        }
+    }
+
+    /// Forgets what was reported (leadership lost: the next leader reports afresh).
+    fn forget(&self) {
+        self.reported_map().clear();
+    }
+
+    fn reported_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.reported
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,553 @@
+//! One recovery pass: the plan, a pure function of the cluster's view, the stored volumes,
+//! the settings and the time ([`plan`]); then its execution, in this order: fence every
+//! attachment the plan needs fenced; delete the VolumeAttachments whose fencing succeeded;
+//! force-delete the pods on down nodes whose every needed fence succeeded; delete the pods
+//! whose volume was detached under them; post the Events.
+//!
+//! Level-triggered and idempotent, so that a pass interrupted anywhere (a crash, a lost
+//! leadership) is finished by the next one: fencing again fences at the same epoch, a
+//! VolumeAttachment or pod already gone is fine, and every deletion names the object's uid,
+//! so that a pod recreated with the same name (a StatefulSet's) is never deleted by mistake.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use futures::stream::{self, StreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::storage::v1::VolumeAttachment;
+use kube::api::{Api, DeleteParams, Preconditions};
+use tracing::{info, warn};
+
+use crate::control::{RecoveryFence, RecoveryFenceError};
+use crate::model::{now_ms, Volume};
+use crate::settings::Settings;
+use crate::store::StoreError;
+
+use super::decide::{self, AttachmentDecision, DetachedDecision, DownPodDecision, ForceCause};
+use super::events::{reason, Notice, Objects, Severity};
+use super::view::{AttachmentView, ClusterView, PodView, Snapshot};
+use super::Recovery;
+
+/// An attachment to fence: (volume id, node).
+pub type Target = (String, String);
+
+/// How many attachments are fenced at once.
+const CONCURRENT_FENCES: usize = 8;
+
+/// What one pass does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// The attachments to fence, each once.
+    pub fences: BTreeSet<Target>,
+    /// The VolumeAttachments to delete once their attachment is fenced.
+    pub attachments: Vec<RemoveAttachment>,
+    /// The pods on down nodes to force-delete once their attachments are fenced.
+    pub force_deletes: Vec<RemovePod>,
+    /// The pods to delete because their volume was detached under them.
+    pub deletes: Vec<RemovePod>,
+    /// The lasting states to report.
+    pub notices: Vec<Notice>,
+    /// Whom to tell about each fenced volume: its claim and its pods.
+    pub subjects: BTreeMap<String, Subjects>,
+}
+
+/// The claim and pods of a volume, as (namespace, name).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subjects {
+    pub claims: Vec<(String, String)>,
+    pub pods: Vec<(String, String)>,
+}
+
+/// A VolumeAttachment to delete, of `volume`, after fencing every one of `needs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoveAttachment {
+    pub va: AttachmentView,
+    pub volume: String,
+    pub needs: Vec<Target>,
+    pub why: String,
+}
+
+/// A pod to delete after fencing every one of `needs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemovePod {
+    pub pod: PodView,
+    pub needs: Vec<Target>,
+    /// The volume it is deleted for (a detached one), or None (all of its volumes).
+    pub volume: Option<String>,
+    /// Its volumes' claims, as (namespace, name), for the Events.
+    pub claims: Vec<(String, String)>,
+    pub why: String,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassReport {
+    /// The attachments fenced, or found with nothing left to fence there.
+    pub fenced: Vec<Target>,
+    /// The attachments that could not be fenced, and why.
+    pub refused: Vec<(Target, String)>,
+    /// The VolumeAttachments deleted (or found gone), by name.
+    pub attachments_removed: Vec<String>,
+    /// The pods force-deleted, as `namespace/name`.
+    pub pods_force_deleted: Vec<String>,
+    /// The pods deleted (gracefully), as `namespace/name`.
+    pub pods_deleted: Vec<String>,
+}
+
+/// Why a pass could not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("reading the settings or the volumes from the store failed: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Plans one pass over `view` at `now_ms`, with the volumes as stored and the settings.
+pub fn plan(
+    view: &ClusterView,
+    stored: &HashMap<String, Arc<Volume>>,
+    settings: &Settings,
+    now_ms: u64,
+) -> Plan {
+    let mut plan = Plan::default();
+    let mut removing = BTreeSet::new();
+    let volume_of = |pv: &str| view.volumes.get(pv).map(|v| v.volume.clone());
+    let claims_of = |pod: &PodView| -> Vec<(String, String)> {
+        pod.volumes
+            .iter()
+            .filter_map(|pv| view.volumes.get(pv)?.claim.clone())
+            .collect()
+    };
+
+    // Pods on down nodes: the deletion policy and the failover.
+    for pod in &view.pods {
+        let Some(node) = pod.node.as_deref() else {
+            continue;
+        };
+        let decision = decide::decide_down_pod(
+            pod,
+            view.down.get(node).copied(),
+            settings.node_down_pod_deletion_policy,
+            settings.node_down_failover_seconds,
+            now_ms,
+        );
+        let DownPodDecision::ForceDelete(cause) = decision else {
+            continue;
+        };
+        let mut needs: BTreeSet<Target> = pod
+            .volumes
+            .iter()
+            .filter_map(|pv| volume_of(pv))
+            .map(|v| (v, node.to_string()))
+            .collect();
+        if matches!(cause, ForceCause::Failover { .. }) {
+            // Only once every Palisade volume attached on the node is fenced.
+            needs.extend(
+                stored
+                    .values()
+                    .filter(|v| v.attachment.as_ref().is_some_and(|a| a.node_id == node))
+                    .map(|v| (v.id.clone(), node.to_string())),
+            );
+        }
+        let why = cause.describe(node);
+        let needs: Vec<Target> = needs.into_iter().collect();
+        for va in view
+            .attachments
+            .iter()
+            .filter(|a| a.node == node && !a.deleting && pod.volumes.contains(&a.pv))
+        {
+            let Some(volume) = volume_of(&va.pv) else {
+                continue;
+            };
+            if removing.insert(va.name.clone()) {
+                plan.attachments.push(RemoveAttachment {
+                    va: va.clone(),
+                    volume,
+                    needs: needs.clone(),
+                    why: format!("pod {} is force-deleted ({why})", pod.name),
+                });
+            }
+        }
+        plan.fences.extend(needs.iter().cloned());
+        plan.force_deletes.push(RemovePod {
+            pod: pod.clone(),
+            needs,
+            volume: None,
+            claims: claims_of(pod),
+            why,
+        });
+    }
+
+    // VolumeAttachments on down nodes: the recovery policy.
+    for va in &view.attachments {
+        let Some(volume) = view.volumes.get(&va.pv) else {
+            continue;
+        };
+        let pods = view.pods_of(&va.pv);
+        // As ControllerPublish decides: the volume's own policy, else the setting.
+        let policy = stored
+            .get(&volume.volume)
+            .and_then(|v| v.params.recovery_policy)
+            .or(volume.policy)
+            .unwrap_or(settings.volume_attachment_recovery_policy);
+        let decision =
+            decide::decide_attachment(va, &pods, policy, view.down.get(&va.node).copied(), now_ms);
+        let subjects = Subjects {
+            claims: volume.claim.iter().cloned().collect(),
+            pods: pods
+                .iter()
+                .map(|p| (p.namespace.clone(), p.name.clone()))
+                .collect(),
+        };
+        match decision {
+            AttachmentDecision::Recover(recover) => {
+                let target = (volume.volume.clone(), va.node.clone());
+                plan.fences.insert(target.clone());
+                if removing.insert(va.name.clone()) {
+                    plan.attachments.push(RemoveAttachment {
+                        va: va.clone(),
+                        volume: volume.volume.clone(),
+                        needs: vec![target],
+                        why: recover.describe(&va.node),
+                    });
+                }
+            }
+            AttachmentDecision::Keep(keep) if keep.is_notable() => {
+                plan.notices.push(Notice {
+                    key: Some(format!("attachment/{}", va.name)),
+                    signature: format!("{keep:?}"),
+                    severity: Severity::Normal,
+                    reason: reason::RECOVERY_WAITING,
+                    action: "Wait",
+                    note: format!(
+                        "volume {} stays attached to down node {}: {}",
+                        volume.volume,
+                        va.node,
+                        keep.describe(&va.node, now_ms)
+                    ),
+                    volume: Some(volume.volume.clone()),
+                    node: Some(va.node.clone()),
+                    pods: subjects.pods.clone(),
+                    claims: subjects.claims.clone(),
+                });
+            }
+            AttachmentDecision::Keep(_) => {}
+        }
+        plan.subjects.insert(volume.volume.clone(), subjects);
+    }
+
+    // Running pods whose volume was detached under them.
+    for pod in &view.pods {
+        let Some(node) = pod.node.as_deref() else {
+            continue;
+        };
+        let volumes: Vec<Option<&Volume>> = pod
+            .volumes
+            .iter()
+            .map(|pv| volume_of(pv).and_then(|v| stored.get(&v)).map(Arc::as_ref))
+            .collect();
+        let decision = decide::decide_detached(
+            pod,
+            !view.down.contains_key(node),
+            &volumes,
+            settings.auto_delete_pod_when_volume_detached_unexpectedly,
+        );
+        match decision {
+            DetachedDecision::Keep => {}
+            DetachedDecision::Delete { volume, why } => plan.deletes.push(RemovePod {
+                pod: pod.clone(),
+                needs: vec![],
+                claims: claims_of(pod),
+                why: format!(
+                    "auto-delete-pod-when-volume-detached-unexpectedly: {}; deleted so that its controller recreates it",
+                    why.describe(&volume, node)
+                ),
+                volume: Some(volume),
+            }),
+            DetachedDecision::Bare { volume, why } => plan.notices.push(Notice {
+                key: Some(format!("bare-pod/{}", pod.key())),
+                signature: format!("{volume} {why:?}"),
+                severity: Severity::Warning,
+                reason: reason::POD_NOT_DELETED,
+                action: "DeletePod",
+                note: format!(
+                    "{}; no controller owns pod {}, so it is not deleted: delete it to restart it on the volume",
+                    why.describe(&volume, node),
+                    pod.name
+                ),
+                volume: Some(volume),
+                node: Some(node.to_string()),
+                pods: vec![(pod.namespace.clone(), pod.name.clone())],
+                claims: vec![],
+            }),
+        }
+    }
+
+    // Whom to tell about a fence the pod path alone asked for.
+    for (volume, _) in &plan.fences {
+        if plan.subjects.contains_key(volume) {
+            continue;
+        }
+        let subjects = view
+            .volumes
+            .values()
+            .find(|v| &v.volume == volume)
+            .map(|v| Subjects {
+                claims: v.claim.iter().cloned().collect(),
+                pods: view
+                    .pods_of(&v.pv)
+                    .iter()
+                    .map(|p| (p.namespace.clone(), p.name.clone()))
+                    .collect(),
+            })
+            .unwrap_or_default();
+        plan.subjects.insert(volume.clone(), subjects);
+    }
+    plan
+}
+
+/// How a deletion ended.
+enum Deleted {
+    /// Deleted now.
+    Now,
+    /// It was gone already, or replaced by another object of the same name.
+    Gone,
+}
+
+fn deleted(result: Result<(), kube::Error>) -> Result<Deleted, kube::Error> {
+    match result {
+        Ok(()) => Ok(Deleted::Now),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(Deleted::Gone),
+        Err(e) => Err(e),
+    }
+}
+
+fn params(uid: &str, grace_period_seconds: Option<u32>) -> DeleteParams {
+    DeleteParams {
+        grace_period_seconds,
+        preconditions: (!uid.is_empty()).then(|| Preconditions {
+            uid: Some(uid.to_string()),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    }
+}
+
+impl Recovery {
+    /// One pass over `snapshot`: plans it and carries it out.
+    pub async fn pass(&self, snapshot: &Snapshot) -> Result<PassReport, PassError> {
+        let settings = self.controller.settings().await?;
+        let stored: HashMap<String, Arc<Volume>> = self
+            .controller
+            .stored_volumes()
+            .await?
+            .into_iter()
+            .map(|v| (v.id.clone(), v))
+            .collect();
+        let view = ClusterView::new(snapshot, &self.config.driver_name, self.health.as_ref());
+        let plan = plan(&view, &stored, &settings, now_ms());
+        Ok(self.execute(plan, snapshot).await)
+    }
+
+    async fn execute(&self, plan: Plan, snapshot: &Snapshot) -> PassReport {
+        let objects = Objects::new(snapshot);
+        let mut seen = HashSet::new();
+        let mut report = PassReport::default();
+
+        let results: Vec<_> = stream::iter(plan.fences.iter().cloned())
+            .map(|target| async move {
+                let result = self
+                    .controller
+                    .fence_for_recovery(&target.0, &target.1)
+                    .await;
+                (target, result)
+            })
+            .buffer_unordered(CONCURRENT_FENCES)
+            .collect()
+            .await;
+        let mut fenced = HashSet::new();
+        for (target, result) in results {
+            let (volume, node) = &target;
+            let subjects = plan.subjects.get(volume).cloned().unwrap_or_default();
+            let notice = |severity, reason, signature: String, note: String| Notice {
+                key: Some(format!("fence/{volume}/{node}")),
+                signature,
+                severity,
+                reason,
+                action: "Fence",
+                note,
+                volume: Some(volume.clone()),
+                node: Some(node.clone()),
+                pods: subjects.pods.clone(),
+                claims: subjects.claims.clone(),
+            };
+            match result {
+                Ok(outcome) => {
+                    if let RecoveryFence::Fenced { epoch, .. } = &outcome {
+                        let note = format!(
+                            "volume {volume}'s attachment on down node {node} is {}: the node can never write to it again",
+                            outcome.describe()
+                        );
+                        let n = notice(
+                            Severity::Normal,
+                            reason::VOLUME_FENCED,
+                            format!("epoch {epoch}"),
+                            note,
+                        );
+                        self.notify(&n, &objects, &mut seen).await;
+                    } else {
+                        info!(volume = %volume, node = %node, "{}", outcome.describe());
+                    }
+                    fenced.insert(target.clone());
+                    report.fenced.push(target);
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    // One report per refusal, however its wording evolves (the members found
+                    // unreachable are failed, and the next try finds none left).
+                    let kind = match e {
+                        RecoveryFenceError::Unfenceable { .. } => "unfenceable",
+                        RecoveryFenceError::Store(_) => "store",
+                    };
+                    let n = notice(
+                        Severity::Warning,
+                        reason::RECOVERY_REFUSED,
+                        kind.to_string(),
+                        format!("the volume cannot move away from down node {node}: {why}"),
+                    );
+                    self.notify(&n, &objects, &mut seen).await;
+                    report.refused.push((target, why));
+                }
+            }
+        }
+
+        let attachments: Api<VolumeAttachment> = Api::all(self.client.clone());
+        let mut removed = HashSet::new();
+        for remove in &plan.attachments {
+            if !remove.needs.iter().all(|t| fenced.contains(t)) {
+                continue;
+            }
+            let (volume, node) = (&remove.volume, &remove.va.node);
+            let result = attachments
+                .delete(&remove.va.name, &params(&remove.va.uid, None))
+                .await
+                .map(|_| ());
+            match deleted(result) {
+                Ok(how) => {
+                    removed.insert(remove.va.name.clone());
+                    report.attachments_removed.push(remove.va.name.clone());
+                    if let Deleted::Now = how {
+                        let subjects = plan.subjects.get(volume).cloned().unwrap_or_default();
+                        let n = Notice {
+                            key: None,
+                            signature: String::new(),
+                            severity: Severity::Normal,
+                            reason: reason::STALE_ATTACHMENT_REMOVED,
+                            action: "DeleteVolumeAttachment",
+                            note: format!(
+                                "VolumeAttachment {} of volume {volume} on down node {node} deleted after fencing, so that the volume can attach elsewhere: {}",
+                                remove.va.name, remove.why
+                            ),
+                            volume: Some(volume.clone()),
+                            node: Some(node.clone()),
+                            pods: subjects.pods,
+                            claims: subjects.claims,
+                        };
+                        self.notify(&n, &objects, &mut seen).await;
+                    }
+                }
+                Err(e) => {
+                    warn!(volume = %volume, node = %node, attachment = %remove.va.name, error = %e, "could not delete the stale VolumeAttachment; the next pass retries")
+                }
+            }
+        }
+
+        let pods = |namespace: &str| Api::<Pod>::namespaced(self.client.clone(), namespace);
+        for remove in &plan.force_deletes {
+            let pod = &remove.pod;
+            let node = pod.node.clone().unwrap_or_default();
+            let unfenced: Vec<&Target> = remove
+                .needs
+                .iter()
+                .filter(|t| !fenced.contains(*t))
+                .collect();
+            let pending_attachment = plan.attachments.iter().any(|a| {
+                a.va.node == node && pod.volumes.contains(&a.va.pv) && !removed.contains(&a.va.name)
+            });
+            if !unfenced.is_empty() || pending_attachment {
+                let missing: Vec<&str> = unfenced.iter().map(|t| t.0.as_str()).collect();
+                warn!(pod = %pod.key(), node = %node, unfenced = ?missing, "the pod on a down node is not force-deleted yet: not all of its node's attachments are fenced and released; the next pass retries");
+                continue;
+            }
+            let result = pods(&pod.namespace)
+                .delete(&pod.name, &params(&pod.uid, Some(0)))
+                .await
+                .map(|_| ());
+            match deleted(result) {
+                Ok(how) => {
+                    report.pods_force_deleted.push(pod.key());
+                    if let Deleted::Now = how {
+                        let n = pod_notice(
+                            remove,
+                            reason::POD_FORCE_DELETED,
+                            format!("pod {} on down node {node} force-deleted (grace period 0) after its volumes were fenced: {}", pod.name, remove.why),
+                        );
+                        self.notify(&n, &objects, &mut seen).await;
+                    }
+                }
+                Err(e) => {
+                    warn!(pod = %pod.key(), node = %node, error = %e, "could not force-delete the pod; the next pass retries")
+                }
+            }
+        }
+
+        for remove in &plan.deletes {
+            let pod = &remove.pod;
+            let node = pod.node.clone().unwrap_or_default();
+            let result = pods(&pod.namespace)
+                .delete(&pod.name, &params(&pod.uid, None))
+                .await
+                .map(|_| ());
+            match deleted(result) {
+                Ok(how) => {
+                    report.pods_deleted.push(pod.key());
+                    if let Deleted::Now = how {
+                        let n = pod_notice(
+                            remove,
+                            reason::POD_DELETED,
+                            format!("pod {} on node {node} deleted: {}", pod.name, remove.why),
+                        );
+                        self.notify(&n, &objects, &mut seen).await;
+                    }
+                }
+                Err(e) => {
+                    warn!(pod = %pod.key(), node = %node, error = %e, "could not delete the pod whose volume was detached; the next pass retries")
+                }
+            }
+        }
+
+        for notice in &plan.notices {
+            self.notify(notice, &objects, &mut seen).await;
+        }
+        self.forget_unseen(&seen);
+        report
+    }
+}
+
+/// A Warning about the pod `remove` deletes, on the pod and its volumes' claims.
+fn pod_notice(remove: &RemovePod, reason: &'static str, note: String) -> Notice {
+    Notice {
+        key: None,
+        signature: String::new(),
+        severity: Severity::Warning,
+        reason,
+        action: "DeletePod",
+        note,
+        volume: remove.volume.clone(),
+        node: remove.pod.node.clone(),
+        pods: vec![(remove.pod.namespace.clone(), remove.pod.name.clone())],
+        claims: remove.claims.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
