@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tracing::{info, warn};
 
@@ -20,6 +21,7 @@ use crate::control::fence::ReplicaFencer;
 use crate::control::{Controller, ControllerConfig, Fencing};
 use crate::csi::v1::{controller_server::ControllerServer, identity_server::IdentityServer};
 use crate::csi::{self, controller::ControllerService, identity};
+use crate::k8s::recovery::{self, NodeReady, Recovery, RecoveryConfig};
 use crate::replica::token;
 use crate::rpc::v1::control_plane_server::ControlPlaneServer;
 use crate::rpc::{Auth, RequireCredential};
@@ -111,6 +113,30 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
         })
     };
 
+    // In Kubernetes, the recovery controller: what Palisade does when a node dies, where
+    // Kubernetes alone is stuck (k8s::recovery). The same client configuration as the store.
+    let recovery = match &cfg.store {
+        store::Backend::Kubernetes { kubeconfig, .. } => {
+            let client = store::kubernetes::config::client(kubeconfig.as_deref())
+                .await
+                .map_err(|e| {
+                    ClusterError::from(store::StoreError::from(
+                        store::kubernetes::KubernetesError::from(e),
+                    ))
+                })?;
+            let recovery = Arc::new(Recovery::new(
+                controller.clone(),
+                client,
+                RecoveryConfig::new(&cfg.driver_name, instance_name()),
+                Arc::new(NodeReady),
+            ));
+            // Always leading for now: leader election hands this receiver over.
+            let (leading, leader) = watch::channel(true);
+            Some((leading, tokio::spawn(recovery::run(recovery, leader))))
+        }
+        store::Backend::Embedded { .. } => None,
+    };
+
     // The replica lifecycle of attached volumes: reuse, replacement, retirement, locality.
     let lifecycle = {
         let controller = controller.clone();
@@ -168,9 +194,27 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
     .await;
     reconcile.abort();
     lifecycle.abort();
+    if let Some((leading, task)) = recovery {
+        drop(leading);
+        let _ = task.await;
+    }
     let _ = std::fs::remove_file(&socket);
     info!("stopped");
     result.map_err(ClusterError::from)
+}
+
+/// Who the recovery controller's Events say reported them: the pod's name (`POD_NAME`, from
+/// the downward API, else `HOSTNAME`, which is the pod's name in a pod), else the host name.
+fn instance_name() -> Option<String> {
+    ["POD_NAME", "HOSTNAME"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .chain(
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok()),
+        )
+        .find(|n| !n.is_empty())
 }
 
 fn millis(d: Duration) -> u64 {
