@@ -161,6 +161,7 @@ async fn the_harness_starts_a_controller_manager_and_a_scheduler() {
     let options = common::k8s::Options {
         controller_manager: true,
         scheduler: true,
+        ..Default::default()
     };
     let test = "the_harness_starts_a_controller_manager_and_a_scheduler";
     let Some(plane) = ControlPlane::start_with(test, options).await else {

@@ -40,11 +40,14 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 const SERVICE_CIDR: &str = "10.96.0.0/16";
 
 /// Which components to start besides etcd and the API server.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// kube-controller-manager (`--controllers=*`): garbage collection, the attach-detach
     /// controller, service accounts...
     pub controller_manager: bool,
+    /// Extra kube-controller-manager flags, after the harness's own (a later flag wins), e.g.
+    /// `--node-monitor-grace-period=20s` for a node that goes NotReady sooner.
+    pub controller_manager_args: Vec<String>,
     /// kube-scheduler.
     pub scheduler: bool,
 }
@@ -192,26 +195,25 @@ impl ControlPlane {
             let config = plane.dir.path().join("kube-controller-manager.kubeconfig");
             write_kubeconfig(&config, &plane.server, &pki, "kube-controller-manager");
             let port = free_port();
-            plane.spawn(
-                "kube-controller-manager",
-                &[
-                    format!("--kubeconfig={}", config.display()),
-                    format!("--authentication-kubeconfig={}", config.display()),
-                    format!("--authorization-kubeconfig={}", config.display()),
-                    "--bind-address=127.0.0.1".to_string(),
-                    format!("--secure-port={port}"),
-                    format!("--cert-dir={}", plane.dir.path().join("kcm").display()),
-                    "--controllers=*".to_string(),
-                    "--use-service-account-credentials=true".to_string(),
-                    format!("--service-account-private-key-file={}", p("sa.key")),
-                    format!("--root-ca-file={}", p("ca.crt")),
-                    format!("--cluster-signing-cert-file={}", p("ca.crt")),
-                    format!("--cluster-signing-key-file={}", p("ca.key")),
-                    format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                    "--leader-elect=false".to_string(),
-                    "--v=1".to_string(),
-                ],
-            );
+            let mut args = vec![
+                format!("--kubeconfig={}", config.display()),
+                format!("--authentication-kubeconfig={}", config.display()),
+                format!("--authorization-kubeconfig={}", config.display()),
+                "--bind-address=127.0.0.1".to_string(),
+                format!("--secure-port={port}"),
+                format!("--cert-dir={}", plane.dir.path().join("kcm").display()),
+                "--controllers=*".to_string(),
+                "--use-service-account-credentials=true".to_string(),
+                format!("--service-account-private-key-file={}", p("sa.key")),
+                format!("--root-ca-file={}", p("ca.crt")),
+                format!("--cluster-signing-cert-file={}", p("ca.crt")),
+                format!("--cluster-signing-key-file={}", p("ca.key")),
+                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                "--leader-elect=false".to_string(),
+                "--v=1".to_string(),
+            ];
+            args.extend(options.controller_manager_args.iter().cloned());
+            plane.spawn("kube-controller-manager", &args);
             // Its service account controller creates every namespace's `default` account:
             // that it did proves its controllers run.
             plane

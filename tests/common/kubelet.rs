@@ -188,6 +188,7 @@ impl Kubelet {
             wake,
             caches,
             config,
+            staged_at: std::sync::Mutex::default(),
         });
         shared.register().await;
         for cache in shared.caches.ready() {
@@ -227,6 +228,16 @@ impl Kubelet {
     /// What the node last reported in `status.volumesInUse`.
     pub async fn volumes_in_use(&self) -> BTreeSet<String> {
         self.shared.status.lock().await.in_use.clone()
+    }
+
+    /// When NodeStageVolume of the volume `volume_handle` last succeeded on this node.
+    pub fn staged_at(&self, volume_handle: &str) -> Option<std::time::Instant> {
+        self.shared
+            .staged_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(volume_handle)
+            .copied()
     }
 
     /// The staging path of a volume on this node, as the kubelet lays it out.
@@ -380,6 +391,8 @@ struct Shared {
     status: tokio::sync::Mutex<Reported>,
     wake: Arc<tokio::sync::Notify>,
     caches: Caches,
+    /// When each volume (by handle) was last staged: for tests that time a failover.
+    staged_at: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 fn now() -> Time {
@@ -1045,6 +1058,10 @@ impl Shared {
                     mount.display()
                 ));
                 workers.staged.insert(v.handle.clone());
+                self.staged_at
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(v.handle.clone(), std::time::Instant::now());
             }
             let dir = self.publish_dir(&uid(pod), &v.pv_name);
             let target = dir.join("mount");

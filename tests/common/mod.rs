@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod e2e;
 pub mod k8s;
 pub mod kubelet;
 pub mod sidecars;
