@@ -339,6 +339,8 @@ async fn check_cluster_permissions(client: &kube::Client, ns: &str) {
         ("delete", "pods", Cluster),
         ("delete", "volumeattachments.storage.k8s.io", Cluster),
         ("list", "persistentvolumeclaims", Cluster),
+        ("patch", "nodes#status", Cluster),
+        ("watch", "replicasets.apps", Cluster),
     ];
     // palisade controller: the Kubernetes store
     for kind in [
@@ -367,6 +369,9 @@ async fn check_cluster_permissions(client: &kube::Client, ns: &str) {
         ("delete", "deployments.apps", Cluster),
         ("update", "pods", Cluster),
         ("update", "volumeattachments.storage.k8s.io", Cluster),
+        ("patch", "nodes", Cluster),
+        ("update", "nodes#status", Cluster),
+        ("delete", "replicasets.apps", Cluster),
     ]);
     check_permissions(client, &controller, &allowed, &denied).await;
 

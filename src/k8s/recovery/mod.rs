@@ -6,8 +6,12 @@
 //!
 //! - a VolumeAttachment on a down node is recovered as its volume's recovery policy says
 //!   (`never`, `wait`, `immediate`, with Longhorn's meaning): the attachment is fenced, then
-//!   the VolumeAttachment is deleted, so that the csi-attacher releases it and the pod
-//!   waiting elsewhere gets the volume without Kubernetes' six-minute wait;
+//!   the VolumeAttachment is deleted, so that the csi-attacher releases it, and the volume
+//!   is taken out of the dead Node's `status.volumesInUse`, which its kubelet can no longer
+//!   update: the attach-detach controller does not detach a volume its node reports in use
+//!   before its six-minute maximum wait for unmount, and notices a deleted VolumeAttachment
+//!   only at its periodic sync (60 s by default); with both gone, the pod waiting elsewhere
+//!   gets the volume at once, without Kubernetes' six-minute wait;
 //! - a terminating pod on a down node is force-deleted as node-down-pod-deletion-policy says,
 //!   once its grace period is over, after its volumes are fenced and their VolumeAttachments
 //!   there deleted; with node-down-failover-seconds, a node's StatefulSet and Deployment pods

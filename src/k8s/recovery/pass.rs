@@ -1,7 +1,8 @@
 //! One recovery pass: the plan, a pure function of the cluster's view, the stored volumes,
 //! the settings and the time ([`plan`]); then its execution, in this order: fence every
 //! attachment the plan needs fenced; delete the VolumeAttachments whose fencing succeeded;
-//! force-delete the pods on down nodes whose every needed fence succeeded; delete the pods
+//! take the fenced volumes out of their down Node's `status.volumesInUse` (else the
+//! attach-detach controller waits 6 minutes, or its 60 s sync, to detach them); force-delete the pods on down nodes whose every needed fence succeeded; delete the pods
 //! whose volume was detached under them; post the Events.
 //!
 //! Level-triggered and idempotent, so that a pass interrupted anywhere (a crash, a lost
@@ -13,9 +14,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::stream::{self, StreamExt};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::api::storage::v1::VolumeAttachment;
-use kube::api::{Api, DeleteParams, Preconditions};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use tracing::{info, warn};
 
 use crate::control::{RecoveryFence, RecoveryFenceError};
@@ -25,7 +26,7 @@ use crate::store::StoreError;
 
 use super::decide::{self, AttachmentDecision, DetachedDecision, DownPodDecision, ForceCause};
 use super::events::{reason, Notice, Objects, Severity};
-use super::view::{AttachmentView, ClusterView, PodView, Snapshot};
+use super::view::{unique_volume_name, AttachmentView, ClusterView, PodView, Snapshot};
 use super::Recovery;
 
 /// An attachment to fence: (volume id, node).
@@ -41,6 +42,8 @@ pub struct Plan {
     pub fences: BTreeSet<Target>,
     /// The VolumeAttachments to delete once their attachment is fenced.
     pub attachments: Vec<RemoveAttachment>,
+    /// The volumes to take out of a down Node's `status.volumesInUse` once fenced there.
+    pub in_use: Vec<ReleaseInUse>,
     /// The pods on down nodes to force-delete once their attachments are fenced.
     pub force_deletes: Vec<RemovePod>,
     /// The pods to delete because their volume was detached under them.
@@ -67,6 +70,22 @@ pub struct RemoveAttachment {
     pub why: String,
 }
 
+/// A volume that a down node's `status.volumesInUse` still lists, though its
+/// VolumeAttachment there is gone or being removed: taken out of the list after fencing
+/// `needs`, so that the attach-detach controller, which will not detach a volume its node
+/// reports in use until its 6-minute maximum wait for unmount, detaches it at once (it
+/// notices a deleted VolumeAttachment only at its periodic sync, every 60 s by default) and
+/// attaches it where a replacement waits. Only the node's dead kubelet could say otherwise,
+/// and it is fenced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseInUse {
+    pub node: String,
+    /// The PersistentVolume's name.
+    pub pv: String,
+    pub volume: String,
+    pub needs: Vec<Target>,
+}
+
 /// A pod to delete after fencing every one of `needs`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemovePod {
@@ -88,6 +107,8 @@ pub struct PassReport {
     pub refused: Vec<(Target, String)>,
     /// The VolumeAttachments deleted (or found gone), by name.
     pub attachments_removed: Vec<String>,
+    /// The volumes taken out of a down Node's `status.volumesInUse`, as (node, PV name).
+    pub in_use_released: Vec<(String, String)>,
     /// The pods force-deleted, as `namespace/name`.
     pub pods_force_deleted: Vec<String>,
     /// The pods deleted (gracefully), as `namespace/name`.
@@ -233,6 +254,35 @@ pub fn plan(
             AttachmentDecision::Keep(_) => {}
         }
         plan.subjects.insert(volume.volume.clone(), subjects);
+    }
+
+    // Volumes a down node still reports in use, whose VolumeAttachment there is gone, being
+    // deleted, or removed by this pass.
+    for (node, pvs) in &view.in_use {
+        for pv in pvs {
+            let Some(volume) = volume_of(pv) else {
+                continue;
+            };
+            let standing = view
+                .attachments
+                .iter()
+                .any(|a| &a.node == node && &a.pv == pv && !a.deleting);
+            let removed_now = plan
+                .attachments
+                .iter()
+                .any(|a| &a.va.node == node && &a.va.pv == pv);
+            if standing && !removed_now {
+                continue;
+            }
+            let target = (volume.clone(), node.clone());
+            plan.fences.insert(target.clone());
+            plan.in_use.push(ReleaseInUse {
+                node: node.clone(),
+                pv: pv.clone(),
+                volume,
+                needs: vec![target],
+            });
+        }
     }
 
     // Running pods whose volume was detached under them.
@@ -461,6 +511,32 @@ impl Recovery {
             }
         }
 
+        let mut releases: BTreeMap<&str, Vec<&ReleaseInUse>> = BTreeMap::new();
+        for release in &plan.in_use {
+            if release.needs.iter().all(|t| fenced.contains(t)) {
+                releases.entry(&release.node).or_default().push(release);
+            }
+        }
+        for (node, releases) in releases {
+            let names: Vec<String> = releases
+                .iter()
+                .map(|r| unique_volume_name(&self.config.driver_name, &r.volume))
+                .collect();
+            match self.release_in_use(node, &names).await {
+                Ok(()) => {
+                    for r in releases {
+                        info!(volume = %r.volume, node = %node, "fenced volume taken out of the down node's status.volumesInUse, so that the attach-detach controller detaches it now");
+                        report
+                            .in_use_released
+                            .push((node.to_string(), r.pv.clone()));
+                    }
+                }
+                Err(e) => {
+                    warn!(node = %node, volumes = ?names, error = %e, "could not take the fenced volumes out of the down node's status.volumesInUse; the next pass retries")
+                }
+            }
+        }
+
         let pods = |namespace: &str| Api::<Pod>::namespaced(self.client.clone(), namespace);
         for remove in &plan.force_deletes {
             let pod = &remove.pod;
@@ -530,6 +606,46 @@ impl Recovery {
         }
         self.forget_unseen(&seen);
         report
+    }
+}
+
+/// How many times a Node status patch is tried when the Node changed in between.
+const STATUS_ATTEMPTS: usize = 5;
+
+impl Recovery {
+    /// Takes `names` out of the Node `node`'s `status.volumesInUse`: a merge patch with the
+    /// resourceVersion just read, so that nothing else that changed in between is lost (the
+    /// list is replaced as a whole), retried when the Node changed.
+    async fn release_in_use(&self, node: &str, names: &[String]) -> Result<(), kube::Error> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let Some(current) = nodes.get_opt(node).await? else {
+                return Ok(());
+            };
+            let listed = current
+                .status
+                .as_ref()
+                .and_then(|s| s.volumes_in_use.clone())
+                .unwrap_or_default();
+            let kept: Vec<&String> = listed.iter().filter(|v| !names.contains(v)).collect();
+            if kept.len() == listed.len() {
+                return Ok(());
+            }
+            let patch = serde_json::json!({
+                "metadata": { "resourceVersion": current.metadata.resource_version },
+                "status": { "volumesInUse": kept },
+            });
+            match nodes
+                .patch_status(node, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 409 && attempt < STATUS_ATTEMPTS => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 

@@ -210,6 +210,17 @@ pub struct ClusterView {
     pub pods: Vec<PodView>,
     /// The nodes that are down, with since when (ms since the Unix epoch).
     pub down: BTreeMap<String, u64>,
+    /// For each down node, the PersistentVolumes of Palisade's that its Node's
+    /// `status.volumesInUse` still lists (its dead kubelet cannot take them out), by name.
+    /// While it does, the attach-detach controller does not detach them from the node
+    /// before its maximum wait for unmount (6 minutes), even with the VolumeAttachment gone.
+    pub in_use: BTreeMap<String, Vec<String>>,
+}
+
+/// The name under which the kubelet reports a CSI volume in `status.volumesInUse` (and the
+/// attach-detach controller in `status.volumesAttached`).
+pub fn unique_volume_name(driver: &str, volume_handle: &str) -> String {
+    format!("kubernetes.io/csi/{driver}^{volume_handle}")
 }
 
 impl ClusterView {
@@ -276,12 +287,30 @@ impl ClusterView {
                 let since = health.down_since(name, nodes.get(name).copied())?;
                 Some((name.to_string(), since))
             })
+            .collect::<BTreeMap<String, u64>>();
+        let in_use = down
+            .keys()
+            .filter_map(|name| {
+                let listed = nodes
+                    .get(name.as_str())?
+                    .status
+                    .as_ref()?
+                    .volumes_in_use
+                    .as_ref()?;
+                let pvs: Vec<String> = volumes
+                    .values()
+                    .filter(|v| listed.contains(&unique_volume_name(driver, &v.volume)))
+                    .map(|v| v.pv.clone())
+                    .collect();
+                (!pvs.is_empty()).then(|| (name.clone(), pvs))
+            })
             .collect();
         ClusterView {
             volumes,
             attachments,
             pods,
             down,
+            in_use,
         }
     }
 
