@@ -23,6 +23,8 @@ pub enum PublishError {
         node: String,
         detail: String,
     },
+    #[error("node {node:?} is down (its heartbeat expired); volume {volume:?} is not attached to a node that cannot run it")]
+    TargetDown { volume: String, node: String },
     #[error("volume {volume:?} is strict-local to node {pinned:?}; it cannot be attached on node {node:?}")]
     StrictLocal {
         volume: String,
@@ -230,9 +232,9 @@ impl Controller {
         let Some(current) = self.store.volumes().get(volume_id).await? else {
             return Err(PublishError::VolumeNotFound(volume_id.to_string()));
         };
-        if self.store.nodes().get(node_id).await?.is_none() {
+        let Some(target) = self.store.nodes().get(node_id).await? else {
             return Err(PublishError::NodeNotFound(node_id.to_string()));
-        }
+        };
         let volume = &current.value;
         if volume.state != VolumeState::Ready || self.deletion_requested(volume_id).await? {
             return Err(PublishError::NotReady(volume_id.to_string()));
@@ -271,6 +273,20 @@ impl Controller {
             policy,
             self.config.termination_grace_ms,
         );
+        // A new attachment on a node that is down is refused: its engine could not run, and
+        // in Kubernetes the attach-detach controller recreates the VolumeAttachment of a pod
+        // still on a dead node, which would move the volume back there from the node its
+        // replacement waits on, after every recovery.
+        if matches!(
+            decision,
+            PublishDecision::Attach(_) | PublishDecision::TakeOver { .. }
+        ) && !matches!(self.health(Some(&target.value), now), attach::Health::Up)
+        {
+            return Err(PublishError::TargetDown {
+                volume: volume_id.to_string(),
+                node: node_id.to_string(),
+            });
+        }
         let attachment = match decision {
             PublishDecision::AlreadyPublished(a) => return Ok(self.publish_context(volume_id, &a)),
             PublishDecision::Attach(a) => {

@@ -712,3 +712,51 @@ async fn fencing_for_recovery_raises_the_epoch_once_and_unpublish_then_releases_
         );
     }
 }
+
+/// ControllerPublish refuses a new attachment on a node that is down (FAILED_PRECONDITION):
+/// in Kubernetes the attach-detach controller recreates the VolumeAttachment of a pod still
+/// on a dead node, and the volume must not move back there. The same node up again is fine,
+/// and a node that is up can still take the volume over from a down one.
+#[tokio::test]
+async fn publishing_on_a_node_that_is_down_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ControllerConfig {
+        heartbeat_timeout_ms: 200,
+        termination_grace_ms: 0,
+    };
+    let c = controller_with(dir.path(), config).await;
+    let mut create = request("v", 8 << 20);
+    create
+        .parameters
+        .insert("volumeAttachmentRecoveryPolicy".into(), "immediate".into());
+    c.create_volume(create).await.unwrap();
+    let cap = Capability {
+        access_type: AccessType::Block,
+        access_mode: AccessMode::SingleNodeWriter,
+    };
+    beat(&c, "n2").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = c.publish("v", "n2", &cap, false).await;
+    assert!(
+        matches!(refused, Err(PublishError::TargetDown { .. })),
+        "{refused:?}"
+    );
+    let status = tonic::Status::from(refused.unwrap_err());
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(c
+        .store
+        .volumes()
+        .get("v")
+        .await
+        .unwrap()
+        .unwrap()
+        .value
+        .attachment
+        .is_none());
+    beat(&c, "n2").await;
+    c.publish("v", "n2", &cap, false).await.unwrap();
+    // n2 goes down; n1, up, takes the volume over (the CSI-path failover).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    beat(&c, "n1").await;
+    c.publish("v", "n1", &cap, false).await.unwrap();
+}

@@ -86,6 +86,7 @@ impl From<PublishError> for Status {
             PublishError::Incompatible { .. } => Code::AlreadyExists,
             PublishError::HeldElsewhere { .. }
             | PublishError::HeldByDownNode { .. }
+            | PublishError::TargetDown { .. }
             | PublishError::StrictLocal { .. }
             | PublishError::Unfenceable { .. } => Code::FailedPrecondition,
             PublishError::NodeFull { .. } => Code::ResourceExhausted,
