@@ -29,7 +29,7 @@ use common::e2e::*;
 use common::kubelet::{attachment_name, Container};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, Node, Pod};
-use k8s_openapi::api::storage::v1::VolumeAttachment;
+use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttachment};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 
@@ -91,7 +91,23 @@ fn write_once_container(log: Log) -> Container {
 }
 
 /// A Deployment of one pod with the claim mounted as its volume `data`, writing `marker`.
-async fn create_deployment(e: &E2e, name: &str, claim: &str, marker: &str) {
+/// With `evict_after`, the pods tolerate an unreachable or not-ready node only that long
+/// (default 300 s), so that they are evicted (Terminating, never confirmed) soon after.
+async fn create_deployment(
+    e: &E2e,
+    name: &str,
+    claim: &str,
+    marker: &str,
+    evict_after: Option<u32>,
+) {
+    let tolerations: Vec<serde_json::Value> = evict_after
+        .map(|s| {
+            ["node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready"]
+                .iter()
+                .map(|key| json!({ "key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": s }))
+                .collect()
+        })
+        .unwrap_or_default();
     let deployment: Deployment = serde_json::from_value(json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -104,6 +120,7 @@ async fn create_deployment(e: &E2e, name: &str, claim: &str, marker: &str) {
             "template": {
                 "metadata": { "labels": { "app": APP }, "annotations": { WRITE: marker } },
                 "spec": {
+                    "tolerations": tolerations,
                     "containers": [{
                         "name": "app",
                         "image": "emulated",
@@ -192,7 +209,7 @@ impl Phases {
         eprintln!("phases, from the node's death:");
         eprintln!("  node stops                  {}", at(self.stopped));
         eprintln!("  Node NotReady               {}", at(self.not_ready));
-        eprintln!("  old pod force-deleted       {}", at(self.force_deleted));
+        eprintln!("  old pod force-deleted/evicted {}", at(self.force_deleted));
         eprintln!(
             "  stale VolumeAttachment gone {}{}",
             at(self.stale_gone),
@@ -230,18 +247,103 @@ async fn a_force_deleted_pod_on_a_dead_node_is_replaced_in_seconds_with_its_data
     else {
         return;
     };
-    LOG.set(log).ok();
-    e.run(|e| Box::pin(force_deleted_seed(e))).await;
+    logs().insert(e.test.clone(), log);
+    e.run(|e| {
+        Box::pin(failover(
+            e,
+            Scenario {
+                policy: None,
+                force_delete: true,
+                goal: Some(GOAL),
+            },
+        ))
+    })
+    .await;
 }
 
-/// The containers' log of the running test (one test per process at most uses it).
-static LOG: std::sync::OnceLock<Log> = std::sync::OnceLock::new();
+/// The immediate policy: the old pod is evicted (Terminating for ever, its kubelet dead) and
+/// nobody force-deletes it; the replacement gets the volume once it is pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_immediate_policy_an_evicted_pod_on_a_dead_node_is_replaced_without_a_human() {
+    let test = "k8s_recovery::with_the_immediate_policy_an_evicted_pod_on_a_dead_node_is_replaced_without_a_human";
+    let log: Log = Arc::default();
+    let Some(e) = E2e::start_with(
+        test,
+        controller_manager_args(),
+        write_once_container(log.clone()),
+    )
+    .await
+    else {
+        return;
+    };
+    logs().insert(e.test.clone(), log);
+    e.run(|e| {
+        Box::pin(failover(
+            e,
+            Scenario {
+                policy: Some("immediate"),
+                force_delete: false,
+                goal: None,
+            },
+        ))
+    })
+    .await;
+}
 
-async fn force_deleted_seed(e: &mut E2e) {
-    let log = LOG.get().expect("the container log").clone();
-    e.storage_class("palisade-2", 2).await;
+/// The containers' log of each running test, by test name.
+fn logs() -> std::sync::MutexGuard<'static, std::collections::HashMap<String, Log>> {
+    static LOGS: std::sync::OnceLock<Mutex<std::collections::HashMap<String, Log>>> =
+        std::sync::OnceLock::new();
+    LOGS.get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What a failover scenario does.
+struct Scenario {
+    /// `volumeAttachmentRecoveryPolicy` of the StorageClass (None: the setting, `wait`).
+    policy: Option<&'static str>,
+    /// The old pod is force-deleted once its node is NotReady (else it is evicted after 2 s
+    /// and left Terminating).
+    force_delete: bool,
+    /// The replacement's VolumeAttachment must be attached within this of the force-delete
+    /// (or of the eviction).
+    goal: Option<Duration>,
+}
+
+async fn failover(e: &mut E2e, scenario: Scenario) {
+    let log = logs().get(&e.test).expect("the container log").clone();
+    let mut parameters = json!({
+        "numberOfReplicas": "2",
+        "csi.storage.k8s.io/fstype": "ext4",
+    });
+    if let Some(policy) = scenario.policy {
+        parameters["volumeAttachmentRecoveryPolicy"] = json!(policy);
+    }
+    let class: StorageClass = serde_json::from_value(json!({
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": { "name": "palisade-2" },
+        "provisioner": DRIVER,
+        "parameters": parameters,
+        "reclaimPolicy": "Delete",
+        "volumeBindingMode": "WaitForFirstConsumer",
+    }))
+    .expect("a StorageClass");
+    Api::<StorageClass>::all(e.client.clone())
+        .create(&PostParams::default(), &class)
+        .await
+        .expect("create the StorageClass");
     e.create_claim("data", "palisade-2").await;
-    create_deployment(e, "writer", "data", "written before the node died").await;
+    let evict_after = (!scenario.force_delete).then_some(2);
+    create_deployment(
+        e,
+        "writer",
+        "data",
+        "written before the node died",
+        evict_after,
+    )
+    .await;
     let first: Pod = eventually("the Deployment's pod Running", 120, || async {
         match live_pods(e).await.as_slice() {
             [p] if is_running(p) => Ok(p.clone()),
@@ -312,25 +414,42 @@ async fn force_deleted_seed(e: &mut E2e) {
     )
     .await;
 
-    // The seed case: an operator force-deletes the pod that nobody can confirm.
-    e.plane.kubectl_ok(&[
-        "delete",
-        "pod",
-        "-n",
-        NAMESPACE,
-        &old_name,
-        "--force",
-        "--grace-period=0",
-    ]);
-    let forced = Instant::now();
+    let forced = if scenario.force_delete {
+        // The seed case: an operator force-deletes the pod that nobody can confirm.
+        e.plane.kubectl_ok(&[
+            "delete",
+            "pod",
+            "-n",
+            NAMESPACE,
+            &old_name,
+            "--force",
+            "--grace-period=0",
+        ]);
+        e.step(&format!("pod {old_name} force-deleted"));
+        Instant::now()
+    } else {
+        let pods = &e.api::<Pod>();
+        let old_name = old_name.as_str();
+        eventually(&format!("pod {old_name} evicted"), 60, || async move {
+            match pods.get_opt(old_name).await {
+                Ok(Some(p)) if p.metadata.deletion_timestamp.is_some() => Ok(()),
+                Ok(p) => Err(format!("{:?}", p.map(|p| p.metadata.deletion_timestamp))),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await;
+        e.step(&format!("pod {old_name} evicted (Terminating)"));
+        Instant::now()
+    };
     phases.force_deleted = Some(forced);
-    e.step(&format!("pod {old_name} force-deleted"));
 
     // Every phase as first seen, polled together.
     let attachments: Api<VolumeAttachment> = Api::all(e.client.clone());
     let stale = attachment_name(&handle, DRIVER, &old_node);
-    let deadline = forced + Duration::from_secs(420);
+    let deadline = forced + Duration::from_secs(180);
     let mut new_node: Option<String> = None;
+    // Any VolumeAttachment attached on the dead node after the stale one went.
+    let mut reattached = false;
     while phases.running.is_none() && Instant::now() < deadline {
         let now = Instant::now();
         if phases.stale_gone.is_none()
@@ -342,6 +461,16 @@ async fn force_deleted_seed(e: &mut E2e) {
         {
             phases.stale_gone = Some(now);
             e.step("the stale VolumeAttachment is gone");
+        }
+        if phases.stale_gone.is_some() && !reattached {
+            let va = attachments
+                .get_opt(&stale)
+                .await
+                .expect("get the stale VolumeAttachment");
+            if va.and_then(|va| va.status).is_some_and(|s| s.attached) {
+                reattached = true;
+                e.step("a VolumeAttachment on the dead node is attached again");
+            }
         }
         let pods = live_pods(e).await;
         if new_node.is_none() {
@@ -393,13 +522,19 @@ async fn force_deleted_seed(e: &mut E2e) {
         .attached
         .expect("the replacement's VolumeAttachment attached");
     assert!(phases.running.is_some(), "the replacement pod Running");
-    let took = attached.duration_since(forced);
     assert!(
-        took <= GOAL,
-        "the replacement's VolumeAttachment attached {:.2} s after the force-delete (goal {:.0} s)",
-        took.as_secs_f64(),
-        GOAL.as_secs_f64()
+        !reattached,
+        "the volume was attached to the dead node again"
     );
+    let took = attached.duration_since(forced);
+    if let Some(goal) = scenario.goal {
+        assert!(
+            took <= goal,
+            "the replacement's VolumeAttachment attached {:.2} s after the force-delete (goal {:.0} s)",
+            took.as_secs_f64(),
+            goal.as_secs_f64()
+        );
+    }
     let entries = log.lock().unwrap().clone();
     assert_eq!(entries.len(), 2, "{entries:?}");
     assert_eq!(
