@@ -75,6 +75,43 @@ fn the_seed_case_fences_and_removes_the_stale_attachment_under_every_policy() {
     }
 }
 
+/// A down node's stale `status.volumesInUse` entry is released (after its fence) when the
+/// volume's VolumeAttachment there is removed by the pass or already gone or going; never
+/// while the attachment stands and the policy keeps it there.
+#[test]
+fn a_down_nodes_volumes_in_use_are_released_only_with_the_attachment() {
+    use crate::params::RecoveryPolicy::*;
+    let never = Settings {
+        volume_attachment_recovery_policy: Never,
+        ..Settings::default()
+    };
+    let release = ReleaseInUse {
+        node: "a".into(),
+        pv: "pvc-1".into(),
+        volume: "pvc-1".into(),
+        needs: vec![target("pvc-1", "a")],
+    };
+    // The seed case: the attachment is removed, and the entry released after the fence.
+    let mut view = view_of(vec![pod("new", Some("b"), Phase::Pending, "pvc-1")]);
+    view.in_use.insert("a".into(), vec!["pvc-1".into()]);
+    let p = plan(&view, &stored_on_a(None), &never, NOW);
+    assert_eq!(p.in_use, [release.clone()]);
+    assert_eq!(p.fences, BTreeSet::from([target("pvc-1", "a")]));
+    // The policy keeps the attachment (a pod on the down node still uses it): nothing.
+    let mut held = view_of(vec![
+        pod("old", Some("a"), Phase::Running, "pvc-1"),
+        pod("new", Some("b"), Phase::Pending, "pvc-1"),
+    ]);
+    held.in_use.insert("a".into(), vec!["pvc-1".into()]);
+    let p = plan(&held, &stored_on_a(None), &never, NOW);
+    assert!(p.in_use.is_empty() && p.fences.is_empty(), "{p:?}");
+    // The VolumeAttachment is gone already (an earlier pass removed it): released still.
+    held.attachments.clear();
+    let p = plan(&held, &stored_on_a(None), &never, NOW);
+    assert_eq!(p.in_use, [release]);
+    assert_eq!(p.fences, BTreeSet::from([target("pvc-1", "a")]));
+}
+
 #[test]
 fn the_volumes_own_policy_comes_first_then_its_attribute_then_the_setting() {
     use crate::params::RecoveryPolicy::*;
