@@ -95,7 +95,7 @@ fn a_down_nodes_volumes_in_use_are_released_only_with_the_attachment() {
     let mut view = view_of(vec![pod("new", Some("b"), Phase::Pending, "pvc-1")]);
     view.in_use.insert("a".into(), vec!["pvc-1".into()]);
     let p = plan(&view, &stored_on_a(None), &never, NOW);
-    assert_eq!(p.in_use, [release.clone()]);
+    assert_eq!(p.in_use, std::slice::from_ref(&release));
     assert_eq!(p.fences, BTreeSet::from([target("pvc-1", "a")]));
     // The policy keeps the attachment (a pod on the down node still uses it): nothing.
     let mut held = view_of(vec![
