@@ -16,6 +16,7 @@ pub mod attach;
 mod engines;
 mod expand;
 pub mod fence;
+mod leases;
 mod lifecycle;
 mod nodes;
 mod publish;
@@ -25,6 +26,7 @@ mod volumes;
 
 pub use engines::*;
 pub use expand::*;
+pub use leases::{CLOCK_SKEW_MS, RECORD_AHEAD_LEASES};
 pub use lifecycle::{RebuildReport, UpdateError};
 pub use nodes::*;
 pub use publish::*;
@@ -91,7 +93,7 @@ pub struct Controller {
     /// replicas; both unset in standalone, where no replica is served over the network.
     fencing: Option<Fencing>,
     /// The engines' attachment leases, as granted.
-    leases: Leases,
+    leases: leases::Leases,
     /// The engines' last reports on the rebuilds they run, by replica id.
     rebuilds: std::sync::Mutex<HashMap<String, lifecycle::RebuildReport>>,
 }
@@ -114,7 +116,7 @@ impl Controller {
             config,
             scheduled: std::sync::Mutex::new(None),
             fencing: None,
-            leases: Leases::default(),
+            leases: leases::Leases::default(),
             rebuilds: std::sync::Mutex::default(),
         }
     }
