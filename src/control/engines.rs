@@ -134,7 +134,6 @@ impl Controller {
         let mut last = None;
         for _ in 0..CAS_ATTEMPTS {
             let volume = self.attached_volume(volume_id, node_id, epoch).await?;
-            let at = std::time::Instant::now();
             let plan = leases::plan_grant(
                 volume.value.engine_lease.as_ref(),
                 &self.leases.me,
@@ -162,6 +161,9 @@ impl Controller {
                     }
                 }
             };
+            // The engine counts its lease from before it asked: remembering the grant as of
+            // now, after the write, errs on the late side.
+            let at = std::time::Instant::now();
             self.leases.remember(volume_id, epoch, at, floor_ms);
             return Ok(lease_ms);
         }
