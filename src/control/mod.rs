@@ -1,8 +1,9 @@
 //! The control plane's domain: volumes from creation to deletion (`volumes`), their replicas'
 //! placement and lifecycle (`lifecycle`), publish, attach and fence (`publish`, `attach`,
 //! `fence`), fencing a down node's attachment for the Kubernetes recovery (`recovery`), the
-//! engines' leases and membership (`engines`), expansion (`expand`), node registration and
-//! health (`nodes`), and the operator's views (`status`). It knows nothing of protobuf; the
+//! engines' leases and membership (`engines`, `leases`), expansion (`expand`), node
+//! registration (`nodes`) and health (`health`), the replica that runs the background work
+//! (`leadership`), and the operator's views (`status`). It knows nothing of protobuf; the
 //! CSI adapter validates requests, calls in here under the volume's lock, and maps the errors.
 //! `Controller` is one type whose methods are spread over these files by responsibility; they
 //! share this module's imports (`use super::*`).
@@ -16,6 +17,7 @@ pub mod attach;
 mod engines;
 mod expand;
 pub mod fence;
+pub mod health;
 mod leases;
 mod lifecycle;
 mod nodes;
@@ -51,6 +53,7 @@ use crate::scheduler::{self, ClusterView, PlacementError, PlacementRequest, Sche
 use crate::settings::Settings;
 use crate::store::{Store, StoreError, Versioned, SETTINGS_KEY};
 use attach::{Health, PublishDecision, PublishRequest};
+use health::{HealthRule, HostEvidence, NodeEvidence};
 
 /// Size of a volume created without a capacity range.
 pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
@@ -96,6 +99,15 @@ pub struct Controller {
     leases: leases::Leases,
     /// The engines' last reports on the rebuilds they run, by replica id.
     rebuilds: std::sync::Mutex<HashMap<String, lifecycle::RebuildReport>>,
+    /// Evidence about the nodes' hosts beside their heartbeats (in Kubernetes, the kubelets'
+    /// Nodes and Leases); None: the heartbeat alone decides.
+    evidence: Option<Evidence>,
+}
+
+/// A source of node evidence and how long it may keep a node up past its heartbeat.
+struct Evidence {
+    source: Arc<dyn NodeEvidence>,
+    vouch_ms: u64,
 }
 
 /// What the controller fences with.
@@ -118,7 +130,22 @@ impl Controller {
             fencing: None,
             leases: leases::Leases::default(),
             rebuilds: std::sync::Mutex::default(),
+            evidence: None,
         }
+    }
+
+    /// Decides node health with `source`'s evidence about the hosts beside the heartbeats: a
+    /// node whose heartbeat expired stays up for `vouch_ms` more while its host is vouched
+    /// for (see `health`).
+    pub fn with_node_evidence(mut self, source: Arc<dyn NodeEvidence>, vouch_ms: u64) -> Self {
+        self.evidence = Some(Evidence { source, vouch_ms });
+        self
+    }
+
+    /// This controller process's name, as the volumes' lease records name their granter:
+    /// the host name and random bits drawn at start.
+    pub fn identity(&self) -> &str {
+        &self.leases.me
     }
 
     /// Enables attachment tokens and fencing (cluster mode).

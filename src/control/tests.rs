@@ -416,6 +416,75 @@ async fn a_lease_granted_by_another_controller_is_waited_out_from_the_record() {
     );
 }
 
+struct Hosts(std::sync::Mutex<HashMap<String, health::HostEvidence>>);
+
+impl health::NodeEvidence for Hosts {
+    fn host(&self, node_id: &str, _now_ms: u64) -> health::HostEvidence {
+        let map = self.0.lock().unwrap();
+        map.get(node_id)
+            .copied()
+            .unwrap_or(health::HostEvidence::Unknown)
+    }
+}
+
+/// The controller decides health with the node evidence it is given: a vouched-for host
+/// keeps a node with an expired heartbeat up for the confirmation period, NotReady alone
+/// never takes a node with a fresh heartbeat down, and a second registration of a node id
+/// is judged on the heartbeat alone.
+#[tokio::test]
+async fn node_health_follows_the_evidence_by_the_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ControllerConfig {
+        heartbeat_timeout_ms: 300,
+        termination_grace_ms: 0,
+    };
+    let hosts = Arc::new(Hosts(Default::default()));
+    let c = controller_with(dir.path(), config)
+        .await
+        .with_node_evidence(hosts.clone(), 600);
+    let set = |node: &str, e: health::HostEvidence| {
+        hosts.0.lock().unwrap().insert(node.to_string(), e);
+    };
+    let up = || async {
+        c.node_statuses()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.node.id.clone(), s.up))
+            .collect::<BTreeMap<_, _>>()
+    };
+    for n in ["n1", "n2", "n3"] {
+        beat(&c, n).await;
+    }
+    set("n1", health::HostEvidence::NotReady);
+    set("n2", health::HostEvidence::Alive);
+    set("n3", health::HostEvidence::Alive);
+    assert_eq!(c.host_evidence("n1"), health::HostEvidence::NotReady);
+    let all = |n1, n2, n3| {
+        BTreeMap::from([
+            ("n1".to_string(), n1),
+            ("n2".to_string(), n2),
+            ("n3".to_string(), n3),
+        ])
+    };
+    assert_eq!(
+        up().await,
+        all(true, true, true),
+        "NotReady with a fresh heartbeat"
+    );
+    // Every heartbeat expired: n1 (NotReady) is down at once, the vouched-for ones later.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(up().await, all(false, true, true));
+    // A second process registering n2 from another address is judged on the heartbeat
+    // alone, which has expired: it may.
+    let mut second = (*c.get_node("n2").await.unwrap().unwrap()).clone();
+    second.agent_address = "elsewhere:1".into();
+    c.register_node(second, &[]).await.unwrap();
+    // Past the confirmation period, a vouched-for node is down all the same.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(up().await, all(false, true, false));
+}
+
 /// A replacement whose creation a crash interrupted (recorded `Creating`) is finished by
 /// the next lifecycle pass; one its node cannot create is deleted, not piled up.
 #[tokio::test]
