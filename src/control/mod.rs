@@ -18,6 +18,7 @@ mod engines;
 mod expand;
 pub mod fence;
 pub mod health;
+pub mod leadership;
 mod leases;
 mod lifecycle;
 mod nodes;
