@@ -5,9 +5,8 @@
 //!
 //! - `cmd`: the CLI's process wiring (standalone, controller, node, ctl);
 //! - `api`, `csi`: the gRPC services (Palisade's own, and CSI) as thin adapters;
-//! - `k8s`: the Kubernetes side over the control plane (the recovery controller);
-//! - `k8s_ha`: the Kubernetes side of a replicated controller (cluster secret, leader
-//!   election, node health evidence), beside `csi`;
+//! - `k8s`: the Kubernetes side over the control plane (the recovery controller, the
+//!   cluster secret as a Secret, leader election, node health evidence);
 //! - `control`, `node`: the control plane's domain and the node's;
 //! - `scheduler`, `store`, `engine`, `replica`, `rpc`: placement, state, the data path, and
 //!   the clients of Palisade's own wire;
@@ -20,7 +19,6 @@ pub mod control;
 pub mod csi;
 pub mod engine;
 pub mod k8s;
-pub mod k8s_ha;
 pub mod locks;
 pub mod model;
 pub mod node;

@@ -12,7 +12,6 @@ const LAYERS: &[(&str, u32)] = &[
     ("api", 5),
     ("csi", 4),
     ("k8s", 4),
-    ("k8s_ha", 4),
     ("control", 3),
     ("node", 3),
     ("scheduler", 2),

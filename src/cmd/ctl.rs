@@ -122,9 +122,9 @@ pub enum CtlError {
         source: crate::replica::token::SecretError,
     },
     #[error(transparent)]
-    KubernetesSecret(#[from] crate::k8s_ha::secret::SecretError),
+    KubernetesSecret(#[from] crate::k8s::secret::SecretError),
     #[error(transparent)]
-    Kubernetes(#[from] crate::k8s_ha::connection::ConnectionError),
+    Kubernetes(#[from] crate::k8s::connection::ConnectionError),
     #[error("the Secret {name:?} does not exist (yet): `palisade controller --secret-from-kubernetes {name}` creates it")]
     NoSecret { name: String },
     #[error("{what} failed ({code:?}, controller {controller}): {message}")]
@@ -145,11 +145,11 @@ pub enum CtlError {
 /// The cluster secret from the Secret `name`, which must exist.
 async fn kubernetes_secret(
     name: &str,
-    connection: &crate::k8s_ha::connection::Connection,
+    connection: &crate::k8s::connection::Connection,
 ) -> Result<Vec<u8>, CtlError> {
     let client = connection.client().await?;
     let namespace = connection.namespace()?;
-    crate::k8s_ha::secret::ClusterSecret::new(client, &namespace, name)
+    crate::k8s::secret::ClusterSecret::new(client, &namespace, name)
         .read()
         .await?
         .ok_or_else(|| CtlError::NoSecret {

@@ -44,8 +44,8 @@ pub struct KubernetesArgs {
 
 impl KubernetesArgs {
     /// The connection these flags describe.
-    pub fn connection(&self) -> crate::k8s_ha::connection::Connection {
-        crate::k8s_ha::connection::Connection {
+    pub fn connection(&self) -> crate::k8s::connection::Connection {
+        crate::k8s::connection::Connection {
             kubeconfig: self.kubeconfig.clone(),
             namespace: self.namespace.clone(),
         }
@@ -71,7 +71,7 @@ pub enum SecretSource {
     /// A Kubernetes Secret (`--secret-from-kubernetes`).
     Kubernetes {
         name: String,
-        connection: crate::k8s_ha::connection::Connection,
+        connection: crate::k8s::connection::Connection,
     },
 }
 
@@ -79,11 +79,11 @@ impl SecretSource {
     /// The Secret handle of a Kubernetes source, with the client it uses.
     async fn kubernetes_secret(
         name: &str,
-        connection: &crate::k8s_ha::connection::Connection,
-    ) -> Result<crate::k8s_ha::secret::ClusterSecret, ClusterError> {
+        connection: &crate::k8s::connection::Connection,
+    ) -> Result<crate::k8s::secret::ClusterSecret, ClusterError> {
         let client = connection.client().await?;
         let namespace = connection.namespace()?;
-        Ok(crate::k8s_ha::secret::ClusterSecret::new(
+        Ok(crate::k8s::secret::ClusterSecret::new(
             client, &namespace, name,
         ))
     }
@@ -109,9 +109,9 @@ pub enum ClusterError {
         source: crate::replica::token::SecretError,
     },
     #[error(transparent)]
-    KubernetesSecret(#[from] crate::k8s_ha::secret::SecretError),
+    KubernetesSecret(#[from] crate::k8s::secret::SecretError),
     #[error(transparent)]
-    Kubernetes(#[from] crate::k8s_ha::connection::ConnectionError),
+    Kubernetes(#[from] crate::k8s::connection::ConnectionError),
     #[error(transparent)]
     ReplicaServer(#[from] crate::replica::server::ServerError),
     #[error("create state directory {path:?}: {source}")]

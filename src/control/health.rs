@@ -1,7 +1,7 @@
 //! Node health: whether a Palisade node is up, from its agent's heartbeat and, where there is
 //! one, a second source of evidence about the host it runs on ([`NodeEvidence`]; in
 //! Kubernetes the kubelet's Node Ready condition and its Lease in `kube-node-lease`, watched
-//! by `k8s_ha::node_health`). The rule, as a pure function ([`node_health`]):
+//! by `k8s::node_health`). The rule, as a pure function ([`node_health`]):
 //!
 //! 1. Heartbeat fresh (at most the heartbeat timeout old): **up**, whatever else is said. The
 //!    Palisade node answers, so its engines renew their leases and serve; a dead kubelet

@@ -4,7 +4,7 @@
 //! concurrency keeps two replicas' calls correct), but the background work — the start-up
 //! `reconcile`, the periodic replica lifecycle pass, and the recovery controllers to come —
 //! runs on one replica only, the leader, so that two replicas do not race each other through
-//! the same steps. An elector (in Kubernetes, `k8s_ha::election` with a Lease) says who
+//! the same steps. An elector (in Kubernetes, `k8s::election` with a Lease) says who
 //! leads; without one the single controller always does.
 //!
 //! Leadership is not a lock on the store: a paused leader may still finish a step after its

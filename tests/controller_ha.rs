@@ -23,9 +23,9 @@ use common::cluster::{create_request, free_port, spawn_logged};
 use common::k8s::ControlPlane;
 use palisade::control::health::{HostEvidence, NodeEvidence};
 use palisade::control::{Controller, ControllerConfig};
-use palisade::k8s_ha::election::{ElectionConfig, Elector, RETRY_PERIOD};
-use palisade::k8s_ha::node_health::{KubeletWatch, NODE_LEASE_NAMESPACE};
-use palisade::k8s_ha::secret::{ClusterSecret, SecretError, SECRET_KEY};
+use palisade::k8s::election::{ElectionConfig, Elector, RETRY_PERIOD};
+use palisade::k8s::node_health::{KubeletWatch, NODE_LEASE_NAMESPACE};
+use palisade::k8s::secret::{ClusterSecret, SecretError, SECRET_KEY};
 use palisade::model::now_ms;
 use palisade::store::embedded::EmbeddedStore;
 
