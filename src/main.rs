@@ -92,9 +92,10 @@ enum Command {
         #[command(flatten)]
         kube: palisade::cmd::KubernetesArgs,
         /// Run as one of the controller replicas of a Kubernetes cluster: the background work
-        /// (start-up reconcile, replica lifecycle) runs only on the replica that holds the
-        /// Lease --leader-election-lease in the namespace, and node health also weighs each
-        /// node's Kubernetes Node (Ready) and kubelet Lease.
+        /// (start-up reconcile, replica lifecycle, and the recovery controller, which only
+        /// runs in a cluster) runs only on the replica that holds the Lease
+        /// --leader-election-lease in the namespace, and node health also weighs each node's
+        /// Kubernetes Node (Ready) and kubelet Lease.
         #[arg(long, env = "PALISADE_KUBERNETES")]
         kubernetes: bool,
         /// The Lease the controller replicas elect their leader with (with --kubernetes).

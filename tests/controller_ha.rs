@@ -563,9 +563,14 @@ async fn two_controller_processes_share_the_store_and_secret_and_one_leads() {
         holder(&client, LEADER_LEASE).await.as_deref(),
         Some(first.as_str())
     );
-    assert!(a.log().contains("leading: starting"), "{}", a.log());
+    let leader_log = a.log();
+    assert!(leader_log.contains("leading: starting"), "{leader_log}");
     assert!(
-        !b.log().contains("leading: starting"),
+        leader_log.contains("leading: the recovery controller starts watching"),
+        "{leader_log}"
+    );
+    assert!(
+        !b.log().contains("leading"),
         "the follower ran leader-only work:\n{}",
         b.log()
     );
@@ -649,7 +654,11 @@ async fn two_controller_processes_share_the_store_and_secret_and_one_leads() {
     wait_for(
         "the follower starts the leader's work",
         Duration::from_secs(5),
-        || b.log().contains("leading: starting"),
+        || {
+            let log = b.log();
+            log.contains("leading: starting")
+                && log.contains("leading: the recovery controller starts watching")
+        },
     )
     .await;
     assert!(!second.is_empty());

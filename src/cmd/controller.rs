@@ -5,9 +5,10 @@
 //! the same credential.
 //!
 //! In a Kubernetes cluster (`--kubernetes`) several replicas may run: every one serves CSI
-//! and the API, while the background work (the start-up reconcile and the replica lifecycle
-//! pass) runs only on the one that holds the leader's Lease; node health also weighs the
-//! kubelets' Nodes and Leases. The cluster secret may be a Secret (`--secret-from-kubernetes`).
+//! and the API, while the background work (the start-up reconcile, the replica lifecycle
+//! pass and the recovery controller) runs only on the one that holds the leader's Lease;
+//! node health also weighs the kubelets' Nodes and Leases. The cluster secret may be a
+//! Secret (`--secret-from-kubernetes`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ use crate::csi::{self, controller::ControllerService, identity};
 use crate::k8s::connection::Connection;
 use crate::k8s::election::{ElectionConfig, Elector};
 use crate::k8s::node_health::KubeletWatch;
+use crate::k8s::recovery::{self, NodeReady, Recovery, RecoveryConfig};
 use crate::replica::token;
 use crate::rpc::v1::control_plane_server::ControlPlaneServer;
 use crate::rpc::{Auth, RequireCredential};
@@ -118,8 +120,10 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
         lease_ms: millis(cfg.lease),
     });
     let mut elector = None;
+    let mut kube_client = None;
     if let Some(k) = &cfg.kubernetes {
         let client = k.connection.client().await?;
+        kube_client = Some(client.clone());
         let namespace = k.connection.namespace()?;
         controller = controller.with_node_evidence(
             Arc::new(KubeletWatch::start(client.clone())),
@@ -135,6 +139,23 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
         .as_ref()
         .map_or_else(Leadership::always, Elector::leadership);
     let controller = Arc::new(controller);
+    // In a cluster, the recovery controller (stale VolumeAttachments, pods on down nodes)
+    // runs on the leader too; it follows the leadership channel on its own.
+    let recovery = match (&cfg.kubernetes, &kube_client) {
+        (Some(_), Some(client)) => {
+            let recovery = Recovery::new(
+                controller.clone(),
+                client.clone(),
+                RecoveryConfig::new(&cfg.driver_name, Some(controller.identity().to_string())),
+                Arc::new(NodeReady),
+            );
+            Some(tokio::spawn(recovery::run(
+                Arc::new(recovery),
+                leadership.receiver(),
+            )))
+        }
+        _ => None,
+    };
 
     let api_listener = listen("control plane API", cfg.listen).await?;
     let api_address = api_listener
@@ -222,6 +243,9 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
     .await;
     reconcile.abort();
     lifecycle.abort();
+    if let Some(recovery) = recovery {
+        recovery.abort();
+    }
     // Give the Lease up, so that another replica takes over at once.
     if let Some(elector) = elector {
         elector.step_down().await;

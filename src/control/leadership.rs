@@ -44,6 +44,13 @@ impl Leadership {
         }
     }
 
+    /// The channel itself (true while this replica leads), for work that follows it on its
+    /// own, such as `k8s::recovery::run`. Its sender goes away with the elector; for
+    /// [`Leadership::always`], with the last clone of this.
+    pub fn receiver(&self) -> watch::Receiver<bool> {
+        self.leading.clone()
+    }
+
     /// True while this replica leads.
     pub fn is_leader(&self) -> bool {
         *self.leading.borrow() && self.leading.has_changed().is_ok()
