@@ -119,6 +119,11 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
         }),
         lease_ms: millis(cfg.lease),
     });
+    // On the Kubernetes store other controllers (the other replica, or a pod being
+    // replaced) may write replicas too.
+    if matches!(cfg.store, store::Backend::Kubernetes { .. }) {
+        controller = controller.with_shared_store();
+    }
     let mut elector = None;
     let mut kube_client = None;
     if let Some(k) = &cfg.kubernetes {

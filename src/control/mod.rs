@@ -93,6 +93,10 @@ pub struct Controller {
     /// (the only writer of replicas), so that placement does not read every replica. None
     /// until first needed, and again after a store error left it unsure.
     scheduled: std::sync::Mutex<Option<ScheduledSpace>>,
+    /// Other controllers write replicas to the same store (replicas of one controller on the
+    /// Kubernetes store): the aggregate above would miss their writes, so it is computed
+    /// afresh for every use instead.
+    shared_store: bool,
     /// The cluster secret that attachment tokens are derived from, and the way to fence
     /// replicas; both unset in standalone, where no replica is served over the network.
     fencing: Option<Fencing>,
@@ -128,11 +132,20 @@ impl Controller {
             locks: KeyLocks::default(),
             config,
             scheduled: std::sync::Mutex::new(None),
+            shared_store: false,
             fencing: None,
             leases: leases::Leases::default(),
             rebuilds: std::sync::Mutex::default(),
             evidence: None,
         }
+    }
+
+    /// Marks the store as shared with other controllers (see `shared_store`): placement then
+    /// counts the scheduled space from every stored replica each time, rather than from an
+    /// aggregate that only this controller's writes keep up to date.
+    pub fn with_shared_store(mut self) -> Self {
+        self.shared_store = true;
+        self
     }
 
     /// Decides node health with `source`'s evidence about the hosts beside the heartbeats: a
@@ -168,19 +181,24 @@ impl Controller {
         *self.scheduled.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    /// The aggregate, loaded from the store when not known.
+    /// The aggregate, loaded from the store when not known (always, on a shared store).
     async fn scheduled_space(&self) -> Result<ScheduledSpace, StoreError> {
-        if let Some(space) = self
-            .scheduled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
-            return Ok(space);
+        if !self.shared_store {
+            if let Some(space) = self
+                .scheduled
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+            {
+                return Ok(space);
+            }
         }
         let mut space = ScheduledSpace::default();
         for r in self.store.replicas().list().await? {
             space.add(&r.value);
+        }
+        if self.shared_store {
+            return Ok(space);
         }
         let mut guard = self.scheduled.lock().unwrap_or_else(|p| p.into_inner());
         Ok(guard.get_or_insert(space).clone())

@@ -673,6 +673,38 @@ async fn the_rebuild_limit_is_per_node_across_volumes() {
     assert!(now.contains(&ReplicaState::Rebuilding), "{now:?}");
 }
 
+/// On a store shared with another controller, the scheduled space counts the other's
+/// replicas too.
+async fn scheduled(c: &Controller) -> u64 {
+    c.node_statuses()
+        .await
+        .unwrap()
+        .iter()
+        .flat_map(|s| s.scheduled.clone())
+        .sum()
+}
+
+#[tokio::test]
+async fn on_a_shared_store_scheduled_space_counts_every_controllers_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = controller(dir.path()).await.with_shared_store();
+    let b = Controller::new(
+        a.store.clone(),
+        a.agent.clone(),
+        ControllerConfig::default(),
+    )
+    .with_shared_store();
+    assert_eq!(scheduled(&a).await, 0);
+    let mut one = request("v", 8 << 20);
+    one.parameters.insert("numberOfReplicas".into(), "1".into());
+    b.create_volume(one).await.unwrap();
+    assert_eq!(
+        scheduled(&a).await,
+        8 << 20,
+        "the other controller's replica"
+    );
+}
+
 #[tokio::test]
 async fn scheduled_space_follows_every_replica_write() {
     let dir = tempfile::tempdir().unwrap();
