@@ -369,7 +369,11 @@ async fn check_cluster_permissions(client: &kube::Client, ns: &str) {
         // No more than the apps it does not read.
         ("get", "deployments.apps", Cluster),
         ("get", "replicasets.apps", Cluster),
-        ("update", "leases.coordination.k8s.io", In("kube-node-lease")),
+        (
+            "update",
+            "leases.coordination.k8s.io",
+            In("kube-node-lease"),
+        ),
         ("delete", "deployments.apps", Cluster),
         ("update", "pods", Cluster),
         ("update", "volumeattachments.storage.k8s.io", Cluster),
