@@ -5,7 +5,8 @@
 //!
 //! - `cmd`: the CLI's process wiring (standalone, controller, node, ctl);
 //! - `api`, `csi`: the gRPC services (Palisade's own, and CSI) as thin adapters;
-//! - `k8s`: the Kubernetes side over the control plane (the recovery controller);
+//! - `k8s`: the Kubernetes side over the control plane (the recovery controller, the
+//!   cluster secret as a Secret, leader election, node health evidence);
 //! - `control`, `node`: the control plane's domain and the node's;
 //! - `scheduler`, `store`, `engine`, `replica`, `rpc`: placement, state, the data path, and
 //!   the clients of Palisade's own wire;

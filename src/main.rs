@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use palisade::cmd::controller::ControllerProcessConfig;
+use palisade::cmd::controller::{ControllerProcessConfig, KubernetesMode};
 use palisade::cmd::node::NodeProcessConfig;
 use palisade::cmd::standalone::{self, DiskArg, StandaloneConfig};
 use palisade::store::Backend;
@@ -69,14 +69,6 @@ enum Command {
         /// `kubernetes` (palisade.io custom resources; apply deploy/cluster/crds.yaml first).
         #[arg(long, value_enum, default_value_t = StoreKind::Embedded)]
         store: StoreKind,
-        /// With `--store kubernetes`: the kubeconfig to use (default: KUBECONFIG,
-        /// ~/.kube/config, then the pod's service account).
-        #[arg(long)]
-        kubeconfig: Option<PathBuf>,
-        /// With `--store kubernetes`: the namespace of the custom resources (default: the
-        /// pod's service account's namespace).
-        #[arg(long)]
-        namespace: Option<String>,
         /// The cluster secret, created (32 random bytes, mode 0600) when missing. Nodes and
         /// `palisade ctl` need a copy of it. Default: <state-dir>/cluster.secret.
         #[arg(long, env = "PALISADE_SECRET_FILE")]
@@ -97,6 +89,23 @@ enum Command {
         /// serving I/O, and a new attachment of its volume waits until it has lapsed.
         #[arg(long, default_value_t = 9)]
         lease_seconds: u64,
+        #[command(flatten)]
+        kube: palisade::cmd::KubernetesArgs,
+        /// Run as one of the controller replicas of a Kubernetes cluster: the background work
+        /// (start-up reconcile, replica lifecycle, and the recovery controller, which only
+        /// runs in a cluster) runs only on the replica that holds the Lease
+        /// --leader-election-lease in the namespace, and node health also weighs each node's
+        /// Kubernetes Node (Ready) and kubelet Lease.
+        #[arg(long, env = "PALISADE_KUBERNETES")]
+        kubernetes: bool,
+        /// The Lease the controller replicas elect their leader with (with --kubernetes).
+        #[arg(long, default_value = "palisade-controller")]
+        leader_election_lease: String,
+        /// How much longer a node whose heartbeat expired stays up while its kubelet is alive
+        /// (Node Ready, Lease fresh), for a Palisade process that restarts (with
+        /// --kubernetes); 0: the heartbeat alone decides.
+        #[arg(long, default_value_t = 10)]
+        kubelet_vouch_seconds: u64,
     },
     /// One node of a cluster: CSI Identity + Node on a unix socket, the node agent API and the
     /// replica server on TCP; registers and heartbeats with the controller.
@@ -151,6 +160,8 @@ enum Command {
         /// is used when shorter): an engine that cannot renew it stops serving I/O.
         #[arg(long, default_value_t = 15)]
         lease_seconds: u64,
+        #[command(flatten)]
+        kube: palisade::cmd::KubernetesArgs,
     },
     /// The operator's view and levers: nodes, volumes, settings, force-detach.
     Ctl(palisade::cmd::ctl::CtlArgs),
@@ -242,30 +253,39 @@ fn main() -> ExitCode {
             endpoint,
             state_dir,
             store,
-            kubeconfig,
-            namespace,
             secret_file,
             driver_name,
             heartbeat_timeout_seconds,
             termination_grace_seconds,
             agent_timeout_seconds,
             lease_seconds,
+            kube,
+            kubernetes,
+            leader_election_lease,
+            kubelet_vouch_seconds,
         } => {
             let store = match store {
                 StoreKind::Embedded => Backend::Embedded {
                     path: state_dir.join(palisade::cmd::controller::STORE_FILE),
                 },
                 StoreKind::Kubernetes => Backend::Kubernetes {
-                    kubeconfig,
-                    namespace,
+                    kubeconfig: kube.kubeconfig.clone(),
+                    namespace: kube.namespace.clone(),
                 },
             };
             let cfg = ControllerProcessConfig {
                 store,
                 listen,
                 endpoint: endpoint_or_default(endpoint, &state_dir),
-                secret_file: secret_file
-                    .unwrap_or_else(|| state_dir.join(palisade::cmd::controller::SECRET_FILE)),
+                secret: kube.secret_source(
+                    secret_file
+                        .unwrap_or_else(|| state_dir.join(palisade::cmd::controller::SECRET_FILE)),
+                ),
+                kubernetes: kubernetes.then(|| KubernetesMode {
+                    connection: kube.connection(),
+                    lease_name: leader_election_lease,
+                    vouch: Duration::from_secs(kubelet_vouch_seconds),
+                }),
                 state_dir,
                 driver_name,
                 heartbeat_timeout: Duration::from_secs(heartbeat_timeout_seconds.max(1)),
@@ -292,6 +312,7 @@ fn main() -> ExitCode {
             driver_name,
             heartbeat_seconds,
             lease_seconds,
+            kube,
         } => {
             let heartbeat_interval = Duration::from_secs(heartbeat_seconds.max(1));
             let lease = Duration::from_secs(lease_seconds.max(2));
@@ -307,7 +328,7 @@ fn main() -> ExitCode {
                 endpoint: endpoint_or_default(endpoint, &state_dir),
                 disks: disks_or_default(disks, &state_dir),
                 state_dir,
-                secret_file,
+                secret: kube.secret_source(secret_file),
                 zone,
                 node_tags,
                 replica_listen,

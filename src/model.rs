@@ -178,6 +178,30 @@ pub struct Volume {
     /// changed. For the operator's eyes (`kubectl get plv`); decisions count the replicas.
     #[serde(default)]
     pub ready_replicas: u32,
+    /// The attachment lease of the volume's latest engine as the controllers promised it, so
+    /// that a controller that did not grant it (another replica, or itself before a restart)
+    /// still waits for it to lapse before a new attachment starts. Kept when the volume is
+    /// detached: an engine that did not give its lease back may still serve until then.
+    #[serde(default)]
+    pub engine_lease: Option<EngineLease>,
+}
+
+/// What the controllers promised an engine about its attachment lease (see
+/// `control::leases`). It is rewritten at a coarse interval, not at every renewal: it bounds
+/// every lease granted to the engine of `epoch` from above.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
+pub struct EngineLease {
+    /// The attachment epoch of the engine the leases were granted to.
+    pub epoch: u64,
+    /// No lease granted to that engine lasts beyond this (milliseconds since the Unix epoch,
+    /// on the clock of the controller that wrote it).
+    pub until_ms: u64,
+    /// The controller process (an identity drawn at its start) that wrote this and granted
+    /// the leases since: only it renews without rewriting the record, so only it may trust its
+    /// memory of the last grant instead of `until_ms`.
+    pub granter: String,
+    /// The engine gave its lease back when it stopped: nothing to wait for.
+    pub released: bool,
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]

@@ -333,14 +333,17 @@ async fn check_cluster_permissions(client: &kube::Client, ns: &str) {
         // palisade controller: the cluster secret
         ("get", "secrets/palisade-cluster-secret", In(ns)),
         ("create", "secrets", In(ns)),
+        // palisade controller: node health (Nodes, and the kubelets' Leases)
+        ("list", "leases.coordination.k8s.io", In("kube-node-lease")),
+        ("watch", "leases.coordination.k8s.io", In("kube-node-lease")),
         // palisade controller: the recovery controllers
         ("list", "nodes", Cluster),
         ("watch", "nodes", Cluster),
+        ("watch", "replicasets.apps", Cluster),
         ("delete", "pods", Cluster),
         ("delete", "volumeattachments.storage.k8s.io", Cluster),
         ("list", "persistentvolumeclaims", Cluster),
         ("patch", "nodes#status", Cluster),
-        ("watch", "replicasets.apps", Cluster),
     ];
     // palisade controller: the Kubernetes store
     for kind in [
@@ -366,6 +369,12 @@ async fn check_cluster_permissions(client: &kube::Client, ns: &str) {
         ("get", "secrets/palisade-cluster-secret", In("default")),
         // No more than the apps it does not read.
         ("get", "deployments.apps", Cluster),
+        ("get", "replicasets.apps", Cluster),
+        (
+            "update",
+            "leases.coordination.k8s.io",
+            In("kube-node-lease"),
+        ),
         ("delete", "deployments.apps", Cluster),
         ("update", "pods", Cluster),
         ("update", "volumeattachments.storage.k8s.io", Cluster),

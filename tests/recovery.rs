@@ -295,6 +295,7 @@ async fn control_plane(
             next_replica: replicas.len() as u64,
             engine_running: true,
             ready_replicas: 0,
+            engine_lease: None,
         };
         store.volumes().put(id, volume, None).await.unwrap();
         for (n, on) in replicas.iter().enumerate() {

@@ -3,24 +3,33 @@
 //! and `palisade ctl`, which must present the API credential derived from the cluster
 //! secret). Replicas are created on the nodes through their agents ([`RemoteAgent`]), with
 //! the same credential.
+//!
+//! In a Kubernetes cluster (`--kubernetes`) several replicas may run: every one serves CSI
+//! and the API, while the background work (the start-up reconcile, the replica lifecycle
+//! pass and the recovery controller) runs only on the one that holds the leader's Lease;
+//! node health also weighs the kubelets' Nodes and Leases. The cluster secret may be a
+//! Secret (`--secret-from-kubernetes`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tracing::{info, warn};
 
 use super::process::{self, LocalReadiness, Server};
-use super::{create_state_dir, listen, ClusterError};
+use super::{create_state_dir, listen, ClusterError, SecretSource};
 use crate::api::agent::RemoteAgent;
 use crate::api::control::ControlPlaneService;
 use crate::control::fence::ReplicaFencer;
+use crate::control::leadership::Leadership;
 use crate::control::{Controller, ControllerConfig, Fencing};
 use crate::csi::v1::{controller_server::ControllerServer, identity_server::IdentityServer};
 use crate::csi::{self, controller::ControllerService, identity};
+use crate::k8s::connection::Connection;
+use crate::k8s::election::{ElectionConfig, Elector};
+use crate::k8s::node_health::KubeletWatch;
 use crate::k8s::recovery::{self, NodeReady, Recovery, RecoveryConfig};
 use crate::replica::token;
 use crate::rpc::v1::control_plane_server::ControlPlaneServer;
@@ -49,9 +58,11 @@ pub struct ControllerProcessConfig {
     pub state_dir: PathBuf,
     /// Where the cluster state lives.
     pub store: store::Backend,
-    /// The cluster secret: read, or created when missing (by default
+    /// The cluster secret: read, or created when missing (by default the file
     /// `<state_dir>/`[`SECRET_FILE`]).
-    pub secret_file: PathBuf,
+    pub secret: SecretSource,
+    /// Leader election and node health from Kubernetes, when running in a cluster.
+    pub kubernetes: Option<KubernetesMode>,
     pub driver_name: String,
     /// A node whose last heartbeat is older than this is down.
     pub heartbeat_timeout: Duration,
@@ -63,34 +74,93 @@ pub struct ControllerProcessConfig {
     pub lease: Duration,
 }
 
+/// What a controller in a Kubernetes cluster does with it.
+#[derive(Debug, Clone)]
+pub struct KubernetesMode {
+    pub connection: Connection,
+    /// The Lease (in the namespace) the replicas elect their leader with.
+    pub lease_name: String,
+    /// How much longer a node whose heartbeat expired stays up while its kubelet is alive
+    /// (see `control::health`).
+    pub vouch: Duration,
+}
+
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
     create_state_dir(&cfg.state_dir)?;
     let socket = csi::socket_path(&cfg.endpoint)?;
     let store: Arc<dyn Store> = store::open(cfg.store.clone()).await?;
-    let secret = Arc::new(token::load_or_create_secret(&cfg.secret_file)?);
+    let secret = Arc::new(match &cfg.secret {
+        SecretSource::File(path) => token::load_or_create_secret(path)?,
+        SecretSource::Kubernetes { name, connection } => {
+            SecretSource::kubernetes_secret(name, connection)
+                .await?
+                .read_or_create()
+                .await?
+        }
+    });
     let agent = Arc::new(RemoteAgent::new(
         store.clone(),
         cfg.agent_timeout,
         Auth::new(&secret),
     ));
-    let controller = Arc::new(
-        Controller::new(
-            store.clone(),
-            agent,
-            ControllerConfig {
-                heartbeat_timeout_ms: millis(cfg.heartbeat_timeout),
-                termination_grace_ms: millis(cfg.termination_grace),
-            },
-        )
-        .with_fencing(Fencing {
-            secret: Arc::clone(&secret),
-            fencer: Arc::new(ReplicaFencer {
-                timeout: FENCE_TIMEOUT,
-            }),
-            lease_ms: millis(cfg.lease),
+    let mut controller = Controller::new(
+        store.clone(),
+        agent,
+        ControllerConfig {
+            heartbeat_timeout_ms: millis(cfg.heartbeat_timeout),
+            termination_grace_ms: millis(cfg.termination_grace),
+        },
+    )
+    .with_fencing(Fencing {
+        secret: Arc::clone(&secret),
+        fencer: Arc::new(ReplicaFencer {
+            timeout: FENCE_TIMEOUT,
         }),
-    );
+        lease_ms: millis(cfg.lease),
+    });
+    // On the Kubernetes store other controllers (the other replica, or a pod being
+    // replaced) may write replicas too.
+    if matches!(cfg.store, store::Backend::Kubernetes { .. }) {
+        controller = controller.with_shared_store();
+    }
+    let mut elector = None;
+    let mut kube_client = None;
+    if let Some(k) = &cfg.kubernetes {
+        let client = k.connection.client().await?;
+        kube_client = Some(client.clone());
+        let namespace = k.connection.namespace()?;
+        controller = controller.with_node_evidence(
+            Arc::new(KubeletWatch::start(client.clone())),
+            millis(k.vouch),
+        );
+        info!(identity = %controller.identity(), lease = %k.lease_name, %namespace, "in a Kubernetes cluster: background work only while this replica holds the leader's Lease; node health also from the Nodes and their Leases");
+        elector = Some(Elector::start(
+            client,
+            ElectionConfig::new(&namespace, &k.lease_name, controller.identity()),
+        ));
+    }
+    let leadership = elector
+        .as_ref()
+        .map_or_else(Leadership::always, Elector::leadership);
+    let controller = Arc::new(controller);
+    // In a cluster, the recovery controller (stale VolumeAttachments, pods on down nodes)
+    // runs on the leader too; it follows the leadership channel on its own.
+    let recovery = match (&cfg.kubernetes, &kube_client) {
+        (Some(_), Some(client)) => {
+            let recovery = Recovery::new(
+                controller.clone(),
+                client.clone(),
+                RecoveryConfig::new(&cfg.driver_name, Some(controller.identity().to_string())),
+                Arc::new(NodeReady),
+            );
+            Some(tokio::spawn(recovery::run(
+                Arc::new(recovery),
+                leadership.receiver(),
+            )))
+        }
+        _ => None,
+    };
 
     let api_listener = listen("control plane API", cfg.listen).await?;
     let api_address = api_listener
@@ -103,55 +173,39 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
     let csi_listener = csi::bind_socket(&socket)?;
 
     // Interrupted creations and deletions need the nodes' agents, which may not be back yet:
-    // finish them in the background rather than hold up serving.
-    let reconcile = {
+    // finish them in the background rather than hold up serving. On the leader, once per
+    // term (a new leader finishes what its predecessor left).
+    let reconcile = tokio::spawn(leadership.clone().each_term("start-up reconcile", {
         let controller = controller.clone();
-        tokio::spawn(async move {
-            if let Err(e) = controller.reconcile().await {
-                warn!(error = %e, "reconciling interrupted operations failed; the next call on each volume retries it");
+        move || {
+            let controller = controller.clone();
+            async move {
+                if let Err(e) = controller.reconcile().await {
+                    warn!(error = %e, "reconciling interrupted operations failed; the next call on each volume retries it");
+                }
             }
-        })
-    };
-
-    // In Kubernetes, the recovery controller: what Palisade does when a node dies, where
-    // Kubernetes alone is stuck (k8s::recovery). The same client configuration as the store.
-    let recovery = match &cfg.store {
-        store::Backend::Kubernetes { kubeconfig, .. } => {
-            let client = store::kubernetes::config::client(kubeconfig.as_deref())
-                .await
-                .map_err(|e| {
-                    ClusterError::from(store::StoreError::from(
-                        store::kubernetes::KubernetesError::from(e),
-                    ))
-                })?;
-            let recovery = Arc::new(Recovery::new(
-                controller.clone(),
-                client,
-                RecoveryConfig::new(&cfg.driver_name, instance_name()),
-                Arc::new(NodeReady),
-            ));
-            // Always leading for now: leader election hands this receiver over.
-            let (leading, leader) = watch::channel(true);
-            Some((leading, tokio::spawn(recovery::run(recovery, leader))))
         }
-        store::Backend::Embedded { .. } => None,
-    };
+    }));
 
-    // The replica lifecycle of attached volumes: reuse, replacement, retirement, locality.
-    let lifecycle = {
+    // The replica lifecycle of attached volumes (reuse, replacement, retirement, locality),
+    // and the volumes whose records were deleted by hand. On the leader only.
+    let lifecycle = tokio::spawn(leadership.clone().each_term("replica lifecycle", {
         let controller = controller.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(LIFECYCLE_INTERVAL).await;
-                if let Err(e) = controller.reconcile_replicas().await {
-                    warn!(error = %e, "the replica lifecycle pass failed; retrying");
-                }
-                if let Err(e) = controller.finish_requested_deletions().await {
-                    warn!(error = %e, "the pass over volumes deleted by hand failed; retrying");
+        move || {
+            let controller = controller.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(LIFECYCLE_INTERVAL).await;
+                    if let Err(e) = controller.reconcile_replicas().await {
+                        warn!(error = %e, "the replica lifecycle pass failed; retrying");
+                    }
+                    if let Err(e) = controller.finish_requested_deletions().await {
+                        warn!(error = %e, "the pass over volumes deleted by hand failed; retrying");
+                    }
                 }
             }
-        })
-    };
+        }
+    }));
 
     info!(endpoint = %cfg.endpoint, api = %api_address, heartbeat_timeout_s = cfg.heartbeat_timeout.as_secs_f64(), "serving CSI identity and controller, and the control plane API");
     let readiness = Arc::new(LocalReadiness {
@@ -194,27 +248,16 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
     .await;
     reconcile.abort();
     lifecycle.abort();
-    if let Some((leading, task)) = recovery {
-        drop(leading);
-        let _ = task.await;
+    if let Some(recovery) = recovery {
+        recovery.abort();
+    }
+    // Give the Lease up, so that another replica takes over at once.
+    if let Some(elector) = elector {
+        elector.step_down().await;
     }
     let _ = std::fs::remove_file(&socket);
     info!("stopped");
     result.map_err(ClusterError::from)
-}
-
-/// Who the recovery controller's Events say reported them: the pod's name (`POD_NAME`, from
-/// the downward API, else `HOSTNAME`, which is the pod's name in a pod), else the host name.
-fn instance_name() -> Option<String> {
-    ["POD_NAME", "HOSTNAME"]
-        .iter()
-        .filter_map(|v| std::env::var(v).ok())
-        .chain(
-            nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok()),
-        )
-        .find(|n| !n.is_empty())
 }
 
 fn millis(d: Duration) -> u64 {

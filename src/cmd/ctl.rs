@@ -1,7 +1,7 @@
 //! `palisade ctl`: the operator's view of the cluster (nodes, volumes, replicas, attachments,
 //! settings) and levers (settings, force-detach), through the controller's ControlPlane API,
 //! printed as aligned tables or, with `--json`, as JSON. Its calls carry the API credential
-//! derived from the cluster secret (`--secret-file`).
+//! derived from the cluster secret (`--secret-file`, or `--secret-from-kubernetes`).
 
 use crate::scheduler::human;
 use std::io::{self, Write};
@@ -32,6 +32,8 @@ pub struct CtlArgs {
         default_value = crate::cmd::DEFAULT_SECRET_FILE
     )]
     pub secret_file: PathBuf,
+    #[command(flatten)]
+    pub kubernetes: crate::cmd::KubernetesArgs,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -119,6 +121,12 @@ pub enum CtlError {
         #[source]
         source: crate::replica::token::SecretError,
     },
+    #[error(transparent)]
+    KubernetesSecret(#[from] crate::k8s::secret::SecretError),
+    #[error(transparent)]
+    Kubernetes(#[from] crate::k8s::connection::ConnectionError),
+    #[error("the Secret {name:?} does not exist (yet): `palisade controller --secret-from-kubernetes {name}` creates it")]
+    NoSecret { name: String },
     #[error("{what} failed ({code:?}, controller {controller}): {message}")]
     Rpc {
         what: &'static str,
@@ -134,15 +142,31 @@ pub enum CtlError {
     Json(#[from] serde_json::Error),
 }
 
+/// The cluster secret from the Secret `name`, which must exist.
+async fn kubernetes_secret(
+    name: &str,
+    connection: &crate::k8s::connection::Connection,
+) -> Result<Vec<u8>, CtlError> {
+    let client = connection.client().await?;
+    let namespace = connection.namespace()?;
+    crate::k8s::secret::ClusterSecret::new(client, &namespace, name)
+        .read()
+        .await?
+        .ok_or_else(|| CtlError::NoSecret {
+            name: name.to_string(),
+        })
+}
+
 /// Runs one `palisade ctl` command, printing to `out`.
 pub async fn run(args: CtlArgs, out: &mut dyn Write) -> Result<(), CtlError> {
     let timeout = Duration::from_secs(args.timeout_seconds.max(1));
-    let secret = crate::replica::token::read_secret_file(&args.secret_file).map_err(|source| {
-        CtlError::Secret {
-            path: args.secret_file.clone(),
-            source,
+    let secret = match args.kubernetes.secret_source(args.secret_file.clone()) {
+        crate::cmd::SecretSource::File(path) => crate::replica::token::read_secret_file(&path)
+            .map_err(|source| CtlError::Secret { path, source })?,
+        crate::cmd::SecretSource::Kubernetes { name, connection } => {
+            kubernetes_secret(&name, &connection).await?
         }
-    })?;
+    };
     let channel =
         crate::rpc::channel(&args.controller, timeout).map_err(|source| CtlError::Address {
             address: args.controller.clone(),

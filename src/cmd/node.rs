@@ -1,9 +1,10 @@
 //! `palisade node`: one node of a cluster. It registers its disks with the controller and
 //! heartbeats it; serves its agent (create, grow, delete replicas on its disks) on TCP for
 //! the controller; serves CSI Identity + Node on a unix socket; and runs the replica server
-//! for the replicas on its disks. The cluster secret comes from a file (`--secret-file`),
-//! never from the wire: the replica server verifies session tokens with it, and the calls to
-//! and from the controller carry the API credential derived from it.
+//! for the replicas on its disks. The cluster secret comes from a file (`--secret-file`) or
+//! a Kubernetes Secret (`--secret-from-kubernetes`, waited for until the controller created
+//! it), never from Palisade's wire: the replica server verifies session tokens with it, and
+//! the calls to and from the controller carry the API credential derived from it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,7 +16,7 @@ use tonic::Code;
 use tracing::{debug, info, warn};
 
 use super::process::{self, DiskArg, LocalReadiness, ReadyDisk, Server};
-use super::{create_state_dir, listen, ClusterError};
+use super::{create_state_dir, listen, ClusterError, SecretSource};
 use crate::api::agent::AgentService;
 use crate::control::MAX_VOLUMES_PER_NODE;
 use crate::csi::v1::{identity_server::IdentityServer, node_server::NodeServer};
@@ -29,6 +30,9 @@ use crate::rpc::v1 as pb;
 use crate::rpc::v1::node_agent_server::NodeAgentServer;
 use crate::rpc::{Auth, ControlClient, RequireCredential};
 
+/// How often a node looks for a cluster secret Secret that does not exist yet.
+const SECRET_POLL: Duration = Duration::from_secs(2);
+
 /// Everything `palisade node` needs.
 #[derive(Debug, Clone)]
 pub struct NodeProcessConfig {
@@ -38,8 +42,8 @@ pub struct NodeProcessConfig {
     /// The CSI endpoint (`unix:///path`).
     pub endpoint: String,
     pub state_dir: PathBuf,
-    /// The cluster secret, a copy of the controller's (read once, at start).
-    pub secret_file: PathBuf,
+    /// The cluster secret, the controller's (read once, at start).
+    pub secret: SecretSource,
     pub disks: Vec<DiskArg>,
     pub zone: Option<String>,
     pub node_tags: Vec<String>,
@@ -60,12 +64,20 @@ pub struct NodeProcessConfig {
 
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(cfg: NodeProcessConfig) -> Result<(), ClusterError> {
-    let secret = Arc::new(token::read_secret_file(&cfg.secret_file).map_err(|source| {
-        ClusterError::SecretFile {
-            path: cfg.secret_file.clone(),
-            source,
+    let secret = Arc::new(match &cfg.secret {
+        SecretSource::File(path) => {
+            token::read_secret_file(path).map_err(|source| ClusterError::SecretFile {
+                path: path.clone(),
+                source,
+            })?
         }
-    })?);
+        SecretSource::Kubernetes { name, connection } => {
+            SecretSource::kubernetes_secret(name, connection)
+                .await?
+                .wait(SECRET_POLL)
+                .await?
+        }
+    });
     let auth = Auth::new(&secret);
     create_state_dir(&cfg.state_dir)?;
     let socket = csi::socket_path(&cfg.endpoint)?;
@@ -292,10 +304,11 @@ impl Membership {
     fn describe(&self, s: &tonic::Status) -> String {
         let described = crate::rpc::describe(s);
         if s.code() == Code::Unauthenticated {
-            format!(
-                "{described} (is --secret-file {} a copy of this controller's cluster secret?)",
-                self.cfg.secret_file.display()
-            )
+            let source = match &self.cfg.secret {
+                SecretSource::File(path) => format!("--secret-file {}", path.display()),
+                SecretSource::Kubernetes { name, .. } => format!("the Secret {name}"),
+            };
+            format!("{described} (is {source} this controller's cluster secret?)")
         } else {
             described
         }

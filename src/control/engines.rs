@@ -1,7 +1,7 @@
 //! What the control plane does for the engines of attached volumes: attachment leases
-//! (granted, renewed, released, and waited out before a new attachment starts), removing a
-//! failed member from the membership, and the resynchronisation after an engine that did
-//! not stop cleanly.
+//! (granted, renewed, released, and waited out before a new attachment starts; the
+//! arithmetic and what is persisted are in `leases`), removing a failed member from the
+//! membership, and the resynchronisation after an engine that did not stop cleanly.
 
 use super::*;
 
@@ -32,79 +32,6 @@ pub enum MemberError {
 /// default heartbeat timeout, so that waiting for a down node's lease to lapse does not
 /// delay a take-over beyond noticing the node is down.
 pub const DEFAULT_LEASE_MS: u64 = 9_000;
-
-/// Slack added to a lease before a new attachment may start, for the clocks of the
-/// controller and the engine's node running at slightly different rates.
-pub(super) const LEASE_SLACK: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// The latest lease granted per volume, in memory. The controller's promise is only that a
-/// new attachment waits until every lease it granted to an older one has lapsed; after a
-/// restart it assumes one was granted just before it started.
-pub(super) struct Leases {
-    pub(super) started: std::time::Instant,
-    latest: std::sync::Mutex<HashMap<String, Lease>>,
-}
-
-#[derive(Clone, Copy)]
-pub(super) enum Lease {
-    /// Granted to the engine of `epoch` at `at`.
-    Granted { epoch: u64, at: std::time::Instant },
-    /// Given back by the engine of the latest epoch, which has stopped.
-    Released,
-}
-
-impl Default for Leases {
-    fn default() -> Self {
-        Leases {
-            started: std::time::Instant::now(),
-            latest: std::sync::Mutex::default(),
-        }
-    }
-}
-
-impl Leases {
-    pub(super) fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
-        self.latest
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    pub(super) fn grant(&self, volume: &str, epoch: u64) {
-        let at = std::time::Instant::now();
-        self.map()
-            .insert(volume.to_string(), Lease::Granted { epoch, at });
-    }
-
-    /// Records that the engine of `epoch` gave its lease back; true if that was the lease
-    /// held (a release of an older or unknown one changes nothing).
-    pub(super) fn release(&self, volume: &str, epoch: u64) -> bool {
-        let mut map = self.map();
-        match map.get(volume) {
-            Some(Lease::Granted { epoch: held, .. }) if *held == epoch => {
-                map.insert(volume.to_string(), Lease::Released);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// When every lease granted on `volume` to an attachment older than `epoch` has surely
-    /// lapsed; None when there is none to wait for. Only the latest epoch's lease can be
-    /// live: its own attachment waited for the ones before.
-    pub(super) fn lapse(
-        &self,
-        volume: &str,
-        epoch: u64,
-        lease_ms: u64,
-    ) -> Option<std::time::Instant> {
-        let lease = std::time::Duration::from_millis(lease_ms) + LEASE_SLACK;
-        match self.map().get(volume) {
-            Some(Lease::Granted { epoch: held, at }) if *held < epoch => Some(*at + lease),
-            Some(_) => None,
-            None => Some(self.started + lease),
-        }
-    }
-}
 
 /// Succeeds when `node` holds the volume's attachment at `epoch`.
 pub(super) fn check_attachment(volume: &Volume, node: &str, epoch: u64) -> Result<(), MemberError> {
@@ -191,9 +118,58 @@ impl Controller {
         epoch: u64,
     ) -> Result<u64, MemberError> {
         let _guard = self.locks.lock(volume_id).await;
-        self.attached_volume(volume_id, node_id, epoch).await?;
-        self.leases.grant(volume_id, epoch);
-        Ok(self.lease_ms())
+        self.grant_lease(volume_id, node_id, epoch).await
+    }
+
+    /// Grants the engine of the current attachment a lease, after recording it in the
+    /// volume's lease record when the record does not cover it yet (see `leases`). The caller
+    /// holds the volume's lock.
+    async fn grant_lease(
+        &self,
+        volume_id: &str,
+        node_id: &str,
+        epoch: u64,
+    ) -> Result<u64, MemberError> {
+        let lease_ms = self.lease_ms();
+        let mut last = None;
+        for _ in 0..CAS_ATTEMPTS {
+            let volume = self.attached_volume(volume_id, node_id, epoch).await?;
+            let plan = leases::plan_grant(
+                volume.value.engine_lease.as_ref(),
+                &self.leases.me,
+                epoch,
+                now_ms(),
+                lease_ms,
+            );
+            let floor_ms = match plan {
+                leases::GrantPlan::Covered => 0,
+                leases::GrantPlan::Write { record, floor_ms } => {
+                    let mut updated = (*volume.value).clone();
+                    updated.engine_lease = Some(record);
+                    match self
+                        .store
+                        .volumes()
+                        .put(volume_id, updated, Some(volume.version))
+                        .await
+                    {
+                        Ok(_) => floor_ms,
+                        Err(e @ StoreError::Conflict { .. }) => {
+                            last = Some(e);
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+            // The engine counts its lease from before it asked: remembering the grant as of
+            // now, after the write, errs on the late side.
+            let at = std::time::Instant::now();
+            self.leases.remember(volume_id, epoch, at, floor_ms);
+            return Ok(lease_ms);
+        }
+        Err(last
+            .map(MemberError::from)
+            .unwrap_or_else(|| MemberError::VolumeNotFound(volume_id.to_string())))
     }
 
     /// An engine starting on the volume's current attachment: its first lease, as
@@ -219,8 +195,7 @@ impl Controller {
         {
             self.resync_members(volume_id, node_id, epoch).await?;
         }
-        self.leases.grant(volume_id, epoch);
-        Ok(self.lease_ms())
+        self.grant_lease(volume_id, node_id, epoch).await
     }
 
     /// An engine that stopped cleanly (every request it took finished while it still served,
@@ -328,7 +303,8 @@ impl Controller {
     }
 
     /// An engine that has stopped gives its lease back: the volume's next attachment need not
-    /// wait for it to lapse. Releasing a lease that is not current is Ok (nothing to do).
+    /// wait for it to lapse, whichever controller starts it. Releasing a lease that is not
+    /// current is Ok (nothing to do).
     pub async fn release_lease(
         &self,
         volume_id: &str,
@@ -336,17 +312,42 @@ impl Controller {
         epoch: u64,
     ) -> Result<(), MemberError> {
         let _guard = self.locks.lock(volume_id).await;
-        if let Some(volume) = self.store.volumes().get(volume_id).await? {
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(volume) = self.store.volumes().get(volume_id).await? else {
+                return Ok(());
+            };
             if let Some(a) = &volume.value.attachment {
                 if a.node_id != node_id {
                     return Ok(());
                 }
             }
+            let Some(record) = leases::plan_release(volume.value.engine_lease.as_ref(), epoch)
+            else {
+                self.leases.forget(volume_id, epoch);
+                return Ok(());
+            };
+            let mut updated = (*volume.value).clone();
+            updated.engine_lease = Some(record);
+            match self
+                .store
+                .volumes()
+                .put(volume_id, updated, Some(volume.version))
+                .await
+            {
+                Ok(_) => {
+                    self.leases.forget(volume_id, epoch);
+                    info!(volume = %volume_id, node = %node_id, epoch, "engine stopped; its lease is released");
+                    return Ok(());
+                }
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
-        if self.leases.release(volume_id, epoch) {
-            info!(volume = %volume_id, node = %node_id, epoch, "engine stopped; its lease is released");
-        }
-        Ok(())
+        Err(MemberError::Store(StoreError::Conflict {
+            kind: "volume",
+            key: volume_id.to_string(),
+            expected: None,
+        }))
     }
 
     pub(super) fn lease_ms(&self) -> u64 {
@@ -359,18 +360,27 @@ impl Controller {
     /// Waits until no engine of an attachment older than `epoch` can still hold a lease on
     /// the volume: an engine that lost its controller stops serving when its lease lapses, so
     /// after this even a node that was cut off (not only fenced on the members that could be
-    /// reached) writes nothing more anywhere — not even to its own replica.
-    pub(super) async fn wait_for_older_leases(&self, volume_id: &str, epoch: u64) {
+    /// reached) writes nothing more anywhere — not even to its own replica. `volume` is the
+    /// volume as read before the new attachment is written with its version, so that no
+    /// lease recorded after it is missed (such a write makes that one fail).
+    pub(super) async fn wait_for_older_leases(&self, volume: &Volume, epoch: u64) {
         if self.fencing.is_none() {
             return;
         }
-        let Some(lapse) = self.leases.lapse(volume_id, epoch, self.lease_ms()) else {
-            return;
-        };
-        let now = std::time::Instant::now();
-        if lapse > now {
-            let wait = lapse - now;
-            info!(volume = %volume_id, epoch, wait_ms = wait.as_millis() as u64, "waiting for the previous attachment's lease to lapse");
+        let wait = leases::wait_before_attach(
+            volume.engine_lease.as_ref(),
+            self.leases.latest(&volume.id),
+            &self.leases.me,
+            epoch,
+            self.lease_ms(),
+            leases::Clock {
+                now: std::time::Instant::now(),
+                now_ms: now_ms(),
+                started: self.leases.started,
+            },
+        );
+        if !wait.is_zero() {
+            info!(volume = %volume.id, epoch, wait_ms = wait.as_millis() as u64, "waiting for the previous attachment's lease to lapse");
             tokio::time::sleep(wait).await;
         }
     }

@@ -1,8 +1,9 @@
 //! The control plane's domain: volumes from creation to deletion (`volumes`), their replicas'
 //! placement and lifecycle (`lifecycle`), publish, attach and fence (`publish`, `attach`,
 //! `fence`), fencing a down node's attachment for the Kubernetes recovery (`recovery`), the
-//! engines' leases and membership (`engines`), expansion (`expand`), node registration and
-//! health (`nodes`), and the operator's views (`status`). It knows nothing of protobuf; the
+//! engines' leases and membership (`engines`, `leases`), expansion (`expand`), node
+//! registration (`nodes`) and health (`health`), the replica that runs the background work
+//! (`leadership`), and the operator's views (`status`). It knows nothing of protobuf; the
 //! CSI adapter validates requests, calls in here under the volume's lock, and maps the errors.
 //! `Controller` is one type whose methods are spread over these files by responsibility; they
 //! share this module's imports (`use super::*`).
@@ -16,6 +17,9 @@ pub mod attach;
 mod engines;
 mod expand;
 pub mod fence;
+pub mod health;
+pub mod leadership;
+mod leases;
 mod lifecycle;
 mod nodes;
 mod publish;
@@ -25,6 +29,7 @@ mod volumes;
 
 pub use engines::*;
 pub use expand::*;
+pub use leases::{CLOCK_SKEW_MS, RECORD_AHEAD_LEASES};
 pub use lifecycle::{RebuildReport, UpdateError};
 pub use nodes::*;
 pub use publish::*;
@@ -49,6 +54,7 @@ use crate::scheduler::{self, ClusterView, PlacementError, PlacementRequest, Sche
 use crate::settings::Settings;
 use crate::store::{Store, StoreError, Versioned, SETTINGS_KEY};
 use attach::{Health, PublishDecision, PublishRequest};
+use health::{HealthRule, HostEvidence, NodeEvidence};
 
 /// Size of a volume created without a capacity range.
 pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
@@ -87,13 +93,26 @@ pub struct Controller {
     /// (the only writer of replicas), so that placement does not read every replica. None
     /// until first needed, and again after a store error left it unsure.
     scheduled: std::sync::Mutex<Option<ScheduledSpace>>,
+    /// Other controllers write replicas to the same store (replicas of one controller on the
+    /// Kubernetes store): the aggregate above would miss their writes, so it is computed
+    /// afresh for every use instead.
+    shared_store: bool,
     /// The cluster secret that attachment tokens are derived from, and the way to fence
     /// replicas; both unset in standalone, where no replica is served over the network.
     fencing: Option<Fencing>,
     /// The engines' attachment leases, as granted.
-    leases: Leases,
+    leases: leases::Leases,
     /// The engines' last reports on the rebuilds they run, by replica id.
     rebuilds: std::sync::Mutex<HashMap<String, lifecycle::RebuildReport>>,
+    /// Evidence about the nodes' hosts beside their heartbeats (in Kubernetes, the kubelets'
+    /// Nodes and Leases); None: the heartbeat alone decides.
+    evidence: Option<Evidence>,
+}
+
+/// A source of node evidence and how long it may keep a node up past its heartbeat.
+struct Evidence {
+    source: Arc<dyn NodeEvidence>,
+    vouch_ms: u64,
 }
 
 /// What the controller fences with.
@@ -113,10 +132,34 @@ impl Controller {
             locks: KeyLocks::default(),
             config,
             scheduled: std::sync::Mutex::new(None),
+            shared_store: false,
             fencing: None,
-            leases: Leases::default(),
+            leases: leases::Leases::default(),
             rebuilds: std::sync::Mutex::default(),
+            evidence: None,
         }
+    }
+
+    /// Marks the store as shared with other controllers (see `shared_store`): placement then
+    /// counts the scheduled space from every stored replica each time, rather than from an
+    /// aggregate that only this controller's writes keep up to date.
+    pub fn with_shared_store(mut self) -> Self {
+        self.shared_store = true;
+        self
+    }
+
+    /// Decides node health with `source`'s evidence about the hosts beside the heartbeats: a
+    /// node whose heartbeat expired stays up for `vouch_ms` more while its host is vouched
+    /// for (see `health`).
+    pub fn with_node_evidence(mut self, source: Arc<dyn NodeEvidence>, vouch_ms: u64) -> Self {
+        self.evidence = Some(Evidence { source, vouch_ms });
+        self
+    }
+
+    /// This controller process's name, as the volumes' lease records name their granter:
+    /// the host name and random bits drawn at start.
+    pub fn identity(&self) -> &str {
+        &self.leases.me
     }
 
     /// Enables attachment tokens and fencing (cluster mode).
@@ -138,19 +181,24 @@ impl Controller {
         *self.scheduled.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    /// The aggregate, loaded from the store when not known.
+    /// The aggregate, loaded from the store when not known (always, on a shared store).
     async fn scheduled_space(&self) -> Result<ScheduledSpace, StoreError> {
-        if let Some(space) = self
-            .scheduled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
-            return Ok(space);
+        if !self.shared_store {
+            if let Some(space) = self
+                .scheduled
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+            {
+                return Ok(space);
+            }
         }
         let mut space = ScheduledSpace::default();
         for r in self.store.replicas().list().await? {
             space.add(&r.value);
+        }
+        if self.shared_store {
+            return Ok(space);
         }
         let mut guard = self.scheduled.lock().unwrap_or_else(|p| p.into_inner());
         Ok(guard.get_or_insert(space).clone())

@@ -1,5 +1,6 @@
 //! Nodes: registration and heartbeats of the node agents, the replicas a node reports at
-//! start-up, node health (heartbeat age), and the nodes as `palisade ctl nodes` shows them.
+//! start-up, node health (the rule is in `health`: the heartbeat's age, and the node
+//! evidence when there is a source), and the nodes as `palisade ctl nodes` shows them.
 
 use super::*;
 
@@ -8,7 +9,7 @@ use super::*;
 #[derive(Debug, Clone)]
 pub struct NodeStatus {
     pub node: Arc<Node>,
-    /// True while the last heartbeat is at most the heartbeat timeout old.
+    /// Up by the health rule (see `health`).
     pub up: bool,
     /// How old the last heartbeat is, in milliseconds.
     pub heartbeat_age_ms: u64,
@@ -33,20 +34,44 @@ pub enum RegisterError {
 }
 
 impl Controller {
+    /// The node's health by the rule of `health`: its heartbeat, and what the node evidence
+    /// (if any) says about its host.
     pub(super) fn health(&self, node: Option<&Node>, now: u64) -> Health {
-        match node {
-            Some(n)
-                if now.saturating_sub(n.last_heartbeat_ms) <= self.config.heartbeat_timeout_ms =>
-            {
-                Health::Up
-            }
-            Some(n) => Health::Down {
-                for_ms: now.saturating_sub(n.last_heartbeat_ms + self.config.heartbeat_timeout_ms),
-            },
-            None => Health::Down {
-                for_ms: u64::MAX / 2,
-            },
+        let host = match (&self.evidence, node) {
+            (Some(e), Some(n)) => e.source.host(&n.id, now),
+            _ => HostEvidence::Unknown,
+        };
+        health::node_health(
+            node.map(|n| n.last_heartbeat_ms),
+            host,
+            now,
+            self.health_rule(),
+        )
+    }
+
+    /// Whether the node's own heartbeat is fresh, whatever else is known: the question a
+    /// second registration of a node id asks (is another process heartbeating with it?).
+    fn heartbeat_fresh(&self, node: &Node, now: u64) -> bool {
+        health::node_health(
+            Some(node.last_heartbeat_ms),
+            HostEvidence::Unknown,
+            now,
+            self.health_rule(),
+        ) == Health::Up
+    }
+
+    fn health_rule(&self) -> HealthRule {
+        HealthRule {
+            heartbeat_timeout_ms: self.config.heartbeat_timeout_ms,
+            vouch_ms: self.evidence.as_ref().map_or(0, |e| e.vouch_ms),
         }
+    }
+
+    /// What the node evidence says about node `id`'s host now (Unknown without any).
+    pub fn host_evidence(&self, id: &str) -> HostEvidence {
+        self.evidence
+            .as_ref()
+            .map_or(HostEvidence::Unknown, |e| e.source.host(id, now_ms()))
     }
 
     /// Records a node's heartbeat and its disks as its agent reports them.
@@ -99,9 +124,7 @@ impl Controller {
         let now = now_ms();
         if let Some(current) = self.store.nodes().get(&node.id).await? {
             let registered = &current.value.agent_address;
-            if registered != &node.agent_address
-                && self.health(Some(&current.value), now) == Health::Up
-            {
+            if registered != &node.agent_address && self.heartbeat_fresh(&current.value, now) {
                 return Err(RegisterError::Duplicate {
                     node: node.id.clone(),
                     registered: registered.clone(),

@@ -292,7 +292,7 @@ impl Controller {
             PublishDecision::Attach(a) => {
                 self.check_node_room(node_id).await?;
                 if volume.epoch > 0 {
-                    self.wait_for_older_leases(volume_id, a.epoch).await;
+                    self.wait_for_older_leases(volume, a.epoch).await;
                 }
                 a
             }
@@ -318,7 +318,7 @@ impl Controller {
                     });
                 }
                 info!(volume = %volume_id, epoch = to.epoch, fenced = outcome.fenced, of = outcome.members, "members fenced");
-                self.wait_for_older_leases(volume_id, to.epoch).await;
+                self.wait_for_older_leases(volume, to.epoch).await;
                 let mut updated = bumped;
                 updated.attachment = Some(to.clone());
                 self.store

@@ -247,7 +247,7 @@ async fn a_new_attachment_waits_for_the_previous_lease_unless_released() {
     beat(&c, "n1").await;
     c.publish("v", "n1", &cap, false).await.unwrap();
     assert!(
-        granted.elapsed() >= lease + LEASE_SLACK,
+        granted.elapsed() >= lease + leases::LEASE_SLACK,
         "took over {:?} after the old engine's last renewal, within its lease",
         granted.elapsed()
     );
@@ -276,7 +276,7 @@ async fn a_new_attachment_waits_for_the_previous_lease_unless_released() {
     beat(&c, "n2").await;
     c.publish("v", "n1", &cap, false).await.unwrap();
     assert!(
-        granted.elapsed() >= lease + LEASE_SLACK,
+        granted.elapsed() >= lease + leases::LEASE_SLACK,
         "{:?}",
         granted.elapsed()
     );
@@ -291,6 +291,198 @@ async fn a_new_attachment_waits_for_the_previous_lease_unless_released() {
         matches!(refused, Err(PublishError::Unfenceable { .. })),
         "{refused:?}"
     );
+}
+
+/// Two controllers on one store (two replicas, or one before and after a restart): the
+/// lease record on the volume is rewritten only when it does not cover a renewal or names
+/// the other controller, and a controller that did not grant the last lease waits for the
+/// record's bound, whatever its own memory says.
+#[tokio::test]
+async fn a_lease_granted_by_another_controller_is_waited_out_from_the_record() {
+    const LEASE_MS: u64 = 600;
+    let dir = tempfile::tempdir().unwrap();
+    let config = ControllerConfig {
+        heartbeat_timeout_ms: 200,
+        termination_grace_ms: 0,
+    };
+    let fencing = Fencing {
+        secret: Arc::new(vec![1; 32]),
+        fencer: Arc::new(Fences),
+        lease_ms: LEASE_MS,
+    };
+    let a = controller_with(dir.path(), config.clone())
+        .await
+        .with_fencing(fencing.clone());
+    let b = Controller::new(a.store.clone(), a.agent.clone(), config).with_fencing(fencing);
+    let mut create = request("v", 8 << 20);
+    create
+        .parameters
+        .insert("volumeAttachmentRecoveryPolicy".into(), "immediate".into());
+    a.create_volume(create).await.unwrap();
+    let cap = Capability {
+        access_type: AccessType::Block,
+        access_mode: AccessMode::SingleNodeWriter,
+    };
+    let version = || async { a.store.volumes().get("v").await.unwrap().unwrap().version };
+    let record = || async {
+        a.store
+            .volumes()
+            .get("v")
+            .await
+            .unwrap()
+            .unwrap()
+            .value
+            .engine_lease
+            .clone()
+            .unwrap()
+    };
+
+    beat(&a, "n2").await;
+    a.publish("v", "n2", &cap, false).await.unwrap();
+    a.start_engine("v", "n2", 1).await.unwrap();
+    let first = record().await;
+    assert_eq!(
+        (first.epoch, first.granter.as_str()),
+        (1, a.leases.me.as_str())
+    );
+    let written = version().await;
+    // Renewals with the controller the record names, within its bound: no write.
+    for _ in 0..3 {
+        a.renew_lease("v", "n2", 1).await.unwrap();
+    }
+    assert_eq!(
+        version().await,
+        written,
+        "a covered renewal wrote the store"
+    );
+    // The engine's renewals move to the other controller: it takes the record over first.
+    b.renew_lease("v", "n2", 1).await.unwrap();
+    let taken = record().await;
+    assert_eq!(taken.granter, b.leases.me);
+    assert!(version().await > written);
+    let granted = std::time::Instant::now();
+
+    // n2 goes down; `a` takes over. Its memory says its last grant was a while ago, but `b`
+    // granted since: it waits for the record's bound.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    beat(&a, "n1").await;
+    a.publish("v", "n1", &cap, false).await.unwrap();
+    let bound = taken.until_ms + leases::LEASE_SLACK.as_millis() as u64 + CLOCK_SKEW_MS;
+    assert!(
+        now_ms() >= bound,
+        "took over {} ms before the bound of the lease the other controller granted",
+        bound - now_ms()
+    );
+    assert!(granted.elapsed() >= Duration::from_millis(LEASE_MS));
+
+    // A restarted controller (a new one on the same store) trusts no memory of its previous
+    // life: the record names that one, so after a detach without the lease given back it
+    // waits for the bound too.
+    a.start_engine("v", "n1", 2).await.unwrap();
+    let ours = record().await;
+    assert_eq!(ours.granter, a.leases.me);
+    let restarted = Controller::new(
+        a.store.clone(),
+        a.agent.clone(),
+        ControllerConfig {
+            heartbeat_timeout_ms: 200,
+            termination_grace_ms: 0,
+        },
+    )
+    .with_fencing(Fencing {
+        secret: Arc::new(vec![1; 32]),
+        fencer: Arc::new(Fences),
+        lease_ms: LEASE_MS,
+    });
+    beat(&restarted, "n1").await;
+    restarted.unpublish("v", "n1").await.unwrap();
+    beat(&restarted, "n2").await;
+    restarted.publish("v", "n2", &cap, false).await.unwrap();
+    assert!(now_ms() >= ours.until_ms + leases::LEASE_SLACK.as_millis() as u64 + CLOCK_SKEW_MS);
+
+    // Given back through either controller, nothing is waited for by anyone.
+    restarted.start_engine("v", "n2", 3).await.unwrap();
+    a.release_lease("v", "n2", 3).await.unwrap();
+    assert!(record().await.released);
+    beat(&b, "n2").await;
+    restarted.unpublish("v", "n2").await.unwrap();
+    beat(&b, "n1").await;
+    let started = std::time::Instant::now();
+    b.publish("v", "n1", &cap, false).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(LEASE_MS),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+struct Hosts(std::sync::Mutex<HashMap<String, health::HostEvidence>>);
+
+impl health::NodeEvidence for Hosts {
+    fn host(&self, node_id: &str, _now_ms: u64) -> health::HostEvidence {
+        let map = self.0.lock().unwrap();
+        map.get(node_id)
+            .copied()
+            .unwrap_or(health::HostEvidence::Unknown)
+    }
+}
+
+/// The controller decides health with the node evidence it is given: a vouched-for host
+/// keeps a node with an expired heartbeat up for the confirmation period, NotReady alone
+/// never takes a node with a fresh heartbeat down, and a second registration of a node id
+/// is judged on the heartbeat alone.
+#[tokio::test]
+async fn node_health_follows_the_evidence_by_the_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ControllerConfig {
+        heartbeat_timeout_ms: 300,
+        termination_grace_ms: 0,
+    };
+    let hosts = Arc::new(Hosts(Default::default()));
+    let c = controller_with(dir.path(), config)
+        .await
+        .with_node_evidence(hosts.clone(), 600);
+    let set = |node: &str, e: health::HostEvidence| {
+        hosts.0.lock().unwrap().insert(node.to_string(), e);
+    };
+    let up = || async {
+        c.node_statuses()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.node.id.clone(), s.up))
+            .collect::<BTreeMap<_, _>>()
+    };
+    for n in ["n1", "n2", "n3"] {
+        beat(&c, n).await;
+    }
+    set("n1", health::HostEvidence::NotReady);
+    set("n2", health::HostEvidence::Alive);
+    set("n3", health::HostEvidence::Alive);
+    assert_eq!(c.host_evidence("n1"), health::HostEvidence::NotReady);
+    let all = |n1, n2, n3| {
+        BTreeMap::from([
+            ("n1".to_string(), n1),
+            ("n2".to_string(), n2),
+            ("n3".to_string(), n3),
+        ])
+    };
+    assert_eq!(
+        up().await,
+        all(true, true, true),
+        "NotReady with a fresh heartbeat"
+    );
+    // Every heartbeat expired: n1 (NotReady) is down at once, the vouched-for ones later.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(up().await, all(false, true, true));
+    // A second process registering n2 from another address is judged on the heartbeat
+    // alone, which has expired: it may.
+    let mut second = (*c.get_node("n2").await.unwrap().unwrap()).clone();
+    second.agent_address = "elsewhere:1".into();
+    c.register_node(second, &[]).await.unwrap();
+    // Past the confirmation period, a vouched-for node is down all the same.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(up().await, all(false, true, false));
 }
 
 /// A replacement whose creation a crash interrupted (recorded `Creating`) is finished by
@@ -481,28 +673,36 @@ async fn the_rebuild_limit_is_per_node_across_volumes() {
     assert!(now.contains(&ReplicaState::Rebuilding), "{now:?}");
 }
 
-#[test]
-fn leases_lapse_only_for_older_epochs() {
-    let leases = Leases::default();
-    let lease = Duration::from_millis(100) + LEASE_SLACK;
-    // Nothing known (a restart): as if granted just before the controller started.
-    assert_eq!(leases.lapse("v", 1, 100), Some(leases.started + lease));
-    leases.grant("v", 3);
-    let at = leases.lapse("v", 4, 100).unwrap();
-    assert!(at >= leases.started + lease && at <= std::time::Instant::now() + lease);
-    assert_eq!(leases.lapse("v", 3, 100), None, "the holder's own epoch");
+/// On a store shared with another controller, the scheduled space counts the other's
+/// replicas too.
+async fn scheduled(c: &Controller) -> u64 {
+    c.node_statuses()
+        .await
+        .unwrap()
+        .iter()
+        .flat_map(|s| s.scheduled.clone())
+        .sum()
+}
+
+#[tokio::test]
+async fn on_a_shared_store_scheduled_space_counts_every_controllers_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = controller(dir.path()).await.with_shared_store();
+    let b = Controller::new(
+        a.store.clone(),
+        a.agent.clone(),
+        ControllerConfig::default(),
+    )
+    .with_shared_store();
+    assert_eq!(scheduled(&a).await, 0);
+    let mut one = request("v", 8 << 20);
+    one.parameters.insert("numberOfReplicas".into(), "1".into());
+    b.create_volume(one).await.unwrap();
     assert_eq!(
-        leases.lapse("v", 2, 100),
-        None,
-        "an epoch older than the holder's"
+        scheduled(&a).await,
+        8 << 20,
+        "the other controller's replica"
     );
-    assert!(
-        !leases.release("v", 2),
-        "an older epoch's release changes nothing"
-    );
-    assert!(leases.lapse("v", 4, 100).is_some());
-    assert!(leases.release("v", 3));
-    assert_eq!(leases.lapse("v", 4, 100), None);
 }
 
 #[tokio::test]

@@ -308,6 +308,7 @@ impl Controller {
             next_replica: 0,
             engine_running: false,
             ready_replicas: 0,
+            engine_lease: None,
         };
         // Place before recording, so that a volume that cannot be placed leaves nothing.
         let placement = self.place(&volume, &[], req, settings).await?;

@@ -188,11 +188,7 @@ pub fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, SecretError> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "secret".to_string());
 
-    let mut secret = vec![0u8; SECRET_LEN];
-    let urandom = Path::new("/dev/urandom");
-    File::open(urandom)
-        .and_then(|mut f| f.read_exact(&mut secret))
-        .map_err(io_error("read", urandom))?;
+    let secret = new_secret()?;
 
     // Unique among the processes and threads that may race to create the secret.
     static ATTEMPT: AtomicU64 = AtomicU64::new(0);
@@ -218,6 +214,16 @@ pub fn load_or_create_secret(path: &Path) -> Result<Vec<u8>, SecretError> {
         .and_then(|d| d.sync_all())
         .map_err(io_error("sync directory", &dir))?;
     tracing::info!(path = %path.display(), "created the cluster secret");
+    Ok(secret)
+}
+
+/// A new cluster secret: [`SECRET_LEN`] bytes from /dev/urandom.
+pub fn new_secret() -> Result<Vec<u8>, SecretError> {
+    let mut secret = vec![0u8; SECRET_LEN];
+    let urandom = Path::new("/dev/urandom");
+    File::open(urandom)
+        .and_then(|mut f| f.read_exact(&mut secret))
+        .map_err(io_error("read", urandom))?;
     Ok(secret)
 }
 

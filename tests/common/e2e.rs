@@ -46,6 +46,9 @@ pub fn store_args(plane: &ControlPlane) -> Vec<String> {
         plane.kubeconfig.display().to_string(),
         "--namespace".into(),
         PALISADE_NAMESPACE.into(),
+        // One of a cluster's controller replicas: leader election, node evidence from the
+        // kubelets, and the recovery controller.
+        "--kubernetes".into(),
     ]
 }
 

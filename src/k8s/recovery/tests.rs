@@ -83,6 +83,7 @@ pub(super) fn stored(id: &str, epoch: u64, attachment: Option<(&str, u64)>) -> V
         next_replica: 2,
         engine_running: true,
         ready_replicas: 0,
+        engine_lease: None,
     }
 }
 

@@ -58,6 +58,7 @@ fn volume(id: &str) -> Volume {
         next_replica: 0,
         engine_running: false,
         ready_replicas: 0,
+        engine_lease: None,
     }
 }
 
