@@ -239,30 +239,19 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_force_deleted_pod_on_a_dead_node_is_replaced_in_seconds_with_its_data() {
-    let _one = ONE_AT_A_TIME.lock().await;
-    let test =
-        "k8s_recovery::a_force_deleted_pod_on_a_dead_node_is_replaced_in_seconds_with_its_data";
-    let log: Log = Arc::default();
-    let Some(e) = E2e::start_with(
-        test,
-        controller_manager_args(),
-        write_once_container(log.clone()),
+    run_scenario(
+        "k8s_recovery::a_force_deleted_pod_on_a_dead_node_is_replaced_in_seconds_with_its_data",
+        |e| {
+            Box::pin(failover(
+                e,
+                Scenario {
+                    policy: None,
+                    force_delete: true,
+                    goal: Some(GOAL),
+                },
+            ))
+        },
     )
-    .await
-    else {
-        return;
-    };
-    logs().insert(e.test.clone(), log);
-    e.run(|e| {
-        Box::pin(failover(
-            e,
-            Scenario {
-                policy: None,
-                force_delete: true,
-                goal: Some(GOAL),
-            },
-        ))
-    })
     .await;
 }
 
@@ -270,8 +259,29 @@ async fn a_force_deleted_pod_on_a_dead_node_is_replaced_in_seconds_with_its_data
 /// nobody force-deletes it; the replacement gets the volume once it is pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_immediate_policy_an_evicted_pod_on_a_dead_node_is_replaced_without_a_human() {
+    run_scenario(
+        "k8s_recovery::with_the_immediate_policy_an_evicted_pod_on_a_dead_node_is_replaced_without_a_human",
+        |e| {
+            Box::pin(failover(
+                e,
+                Scenario {
+                    policy: Some("immediate"),
+                    force_delete: false,
+                    goal: None,
+                },
+            ))
+        },
+    )
+    .await;
+}
+
+/// Starts the control plane, Palisade and the kubelets (one scenario at a time), then runs
+/// `scenario` in it.
+async fn run_scenario(
+    test: &str,
+    scenario: for<'a> fn(&'a mut E2e) -> futures::future::BoxFuture<'a, ()>,
+) {
     let _one = ONE_AT_A_TIME.lock().await;
-    let test = "k8s_recovery::with_the_immediate_policy_an_evicted_pod_on_a_dead_node_is_replaced_without_a_human";
     let log: Log = Arc::default();
     let Some(e) = E2e::start_with(
         test,
@@ -283,17 +293,7 @@ async fn with_the_immediate_policy_an_evicted_pod_on_a_dead_node_is_replaced_wit
         return;
     };
     logs().insert(e.test.clone(), log);
-    e.run(|e| {
-        Box::pin(failover(
-            e,
-            Scenario {
-                policy: Some("immediate"),
-                force_delete: false,
-                goal: None,
-            },
-        ))
-    })
-    .await;
+    e.run(scenario).await;
 }
 
 /// The containers' log of each running test, by test name.
