@@ -16,11 +16,13 @@
 //!
 //! Volumes: 1 replica, 1 MiB, block access. The node's disk is a private tmpfs, as in the
 //! standalone bench, so that replica files cost no disk flush and what differs between the
-//! two runs is the store. The harness puts etcd's data on tmpfs too (its fsyncs are free),
+//! two runs is the store. PALISADE_BENCH_REPLICAS=N starts N nodes and makes volumes of N
+//! replicas instead (3 is the default numberOfReplicas). The harness puts etcd's data on tmpfs too (its fsyncs are free),
 //! while the embedded store fsyncs its commits on the state directory's disk.
 //!
 //! Run: `cargo bench --bench create_delete_cluster`. Environment: PALISADE_BENCH_MAX (the
-//! highest level, 1000; 100 for a short run), PALISADE_BENCH_ONLY (`embedded` or
+//! highest level, 1000; 100 for a short run), PALISADE_BENCH_REPLICAS (1),
+//! PALISADE_BENCH_ONLY (`embedded` or
 //! `kubernetes`), PALISADE_BENCH_LOGS (a directory for the processes' logs). Without
 //! KUBEBUILDER_ASSETS it prints SKIPPED for the Kubernetes part and measures the embedded
 //! one. Without `--bench` (as `cargo test --all-targets` runs it) it is a smoke run: 100
@@ -82,6 +84,8 @@ struct Bench {
     admin: Option<kube::Client>,
     /// Volumes created so far by the fill.
     filled: usize,
+    /// numberOfReplicas of every volume, and the number of nodes.
+    replicas: String,
 }
 
 impl Drop for Bench {
@@ -92,9 +96,10 @@ impl Drop for Bench {
 }
 
 impl Bench {
-    /// A controller on `backend` and node n1 with a tmpfs disk, n1 up, free-space check off.
-    /// None (after a SKIPPED line) when the Kubernetes binaries are missing.
-    async fn start(backend: Backend, logs: Option<PathBuf>) -> Option<Bench> {
+    /// A controller on `backend` and nodes n1..n`replicas`, each with a tmpfs disk, all up,
+    /// free-space check off. None (after a SKIPPED line) when the Kubernetes binaries are
+    /// missing.
+    async fn start(backend: Backend, replicas: usize, logs: Option<PathBuf>) -> Option<Bench> {
         let mut controller_args = Vec::new();
         let mut plane = None;
         if backend == Backend::Kubernetes {
@@ -122,18 +127,21 @@ impl Bench {
         })
         .await;
         let secret = cluster.secret_file.clone();
-        let mut node = cluster.node_args("n1", &secret);
-        std::fs::create_dir_all(&node.disk).expect("disk directory");
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=16g", "palisade-bench"])
-            .arg(&node.disk)
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "mounting a tmpfs at {:?}", node.disk);
-        node.child = Some(cluster.spawn_process("n1", &node.args));
-        let socket = node.socket.clone();
-        cluster.nodes.push(node);
-        cluster.wait_for_csi(&socket).await;
+        for i in 1..=replicas {
+            let id = format!("n{i}");
+            let mut node = cluster.node_args(&id, &secret);
+            std::fs::create_dir_all(&node.disk).expect("disk directory");
+            let status = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=16g", "palisade-bench"])
+                .arg(&node.disk)
+                .status()
+                .expect("run mount");
+            assert!(status.success(), "mounting a tmpfs at {:?}", node.disk);
+            node.child = Some(cluster.spawn_process(&id, &node.args));
+            let socket = node.socket.clone();
+            cluster.nodes.push(node);
+            cluster.wait_for_csi(&socket).await;
+        }
         let csi = ready_cluster(&cluster).await;
         let admin = match &plane {
             Some(p) => Some(p.client().await),
@@ -146,6 +154,7 @@ impl Bench {
             _plane: plane,
             admin,
             filled: 0,
+            replicas: replicas.to_string(),
         };
         bench.warm_up().await;
         Some(bench)
@@ -180,7 +189,7 @@ impl Bench {
     async fn create(&mut self, name: &str) -> Duration {
         let start = Instant::now();
         self.csi
-            .create_volume(create_request(name, MIB, "1"))
+            .create_volume(create_request(name, MIB, &self.replicas))
             .await
             .unwrap_or_else(|e| panic!("{}: create {name}: {e}", self.backend.name()));
         start.elapsed()
@@ -390,6 +399,10 @@ async fn main() {
         println!("create_delete_cluster smoke run (cargo bench --bench create_delete_cluster for the figures)");
         (100, 20, 5)
     };
+    let replicas: usize = std::env::var("PALISADE_BENCH_REPLICAS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     let only = std::env::var("PALISADE_BENCH_ONLY").ok();
     let logs = std::env::var_os("PALISADE_BENCH_LOGS").map(PathBuf::from);
     let levels: Vec<usize> = [100usize, 1_000]
@@ -402,7 +415,7 @@ async fn main() {
         if only.as_deref().is_some_and(|o| o != backend.name()) {
             continue;
         }
-        match Bench::start(backend, logs.clone()).await {
+        match Bench::start(backend, replicas, logs.clone()).await {
             Some(b) => benches.push(b),
             None => println!(
                 "SKIPPED: the Kubernetes store was not measured (KUBEBUILDER_ASSETS, see above); \
@@ -411,7 +424,7 @@ async fn main() {
         }
     }
     println!(
-        "cluster mode: palisade controller + 1 palisade node (tmpfs disk); volumes of 1 replica, 1 MiB; \
+        "cluster mode: palisade controller + {replicas} palisade node(s) (tmpfs disks); volumes of {replicas} replica(s), 1 MiB; \
          {samples} CreateVolume + DeleteVolume pairs per level; requests counted over {counted} creates and their deletes"
     );
 
