@@ -160,11 +160,11 @@ impl Bench {
         Some(bench)
     }
 
-    /// A heartbeat of the node after its registration, one CreateVolume + DeleteVolume, and
-    /// a heartbeat after those. The first write of each kind in a fresh namespace can take
-    /// seconds on the API server (the node's registration is one), which leaves the node's
-    /// last heartbeat that old and, with the harness's 3 s heartbeat timeout, the node not
-    /// ready a moment later.
+    /// A heartbeat of each node after its registration, one CreateVolume + DeleteVolume,
+    /// and a heartbeat after those. The first writes in a fresh namespace take about 2 s on
+    /// the API server (the nodes' registrations and the settings here), which leaves a
+    /// node's last heartbeat that old and, with the harness's 3 s heartbeat timeout, the
+    /// node not ready a moment later.
     async fn warm_up(&mut self) {
         self.fresh_heartbeat().await;
         self.create("warm-up").await;
@@ -172,7 +172,7 @@ impl Bench {
         self.fresh_heartbeat().await;
     }
 
-    /// Waits until the node's last heartbeat is newer than the call.
+    /// Waits until every node's last heartbeat is newer than the call.
     async fn fresh_heartbeat(&self) {
         let since = Instant::now();
         self.cluster
