@@ -3,30 +3,30 @@
 //! embedded store (redb in the controller's state directory) and (b) with `--store
 //! kubernetes` against a real API server (etcd + kube-apiserver from `$KUBEBUILDER_ASSETS`,
 //! as tests/common/k8s.rs starts them). Both clusters run side by side; at 100 and 1,000
-//! volumes already in the store, each times SAMPLES CreateVolume + DeleteVolume pairs of new
+//! volumes already in the store, each times 200 CreateVolume + DeleteVolume pairs of new
 //! names over the controller's CSI socket, the two backends one after the other at each level
 //! so that they see the same machine. Prints p50/p99 of each call and the ratios kubernetes /
 //! embedded and 1,000 / 100 volumes.
 //!
 //! API requests: the API server's own count (`apiserver_request_total` of the palisade.io
-//! group, from `GET /metrics` with the admin credentials), differenced around a batch of
-//! COUNTED CreateVolumes and then around the DeleteVolumes of the same volumes, by resource
-//! and verb. The node's heartbeats (PUTs of palisadenodes) land in the same window; they
-//! are the node's, not the call's, and are printed apart.
+//! group, from `GET /metrics` with the admin credentials), differenced around a batch of 50
+//! CreateVolumes and then around the DeleteVolumes of the same volumes, by resource and
+//! verb. The node's heartbeats (PUTs of palisadenodes) land in the same window; they are the
+//! node's, not the call's, and are printed apart.
 //!
 //! Volumes: 1 replica, 1 MiB, block access. The node's disk is a private tmpfs, as in the
 //! standalone bench, so that replica files cost no disk flush and what differs between the
 //! two runs is the store. PALISADE_BENCH_REPLICAS=N starts N nodes and makes volumes of N
-//! replicas instead (3 is the default numberOfReplicas). The harness puts etcd's data on tmpfs too (its fsyncs are free),
-//! while the embedded store fsyncs its commits on the state directory's disk.
+//! replicas instead (3 is the default numberOfReplicas). The harness puts etcd's data on
+//! tmpfs too (its fsyncs are free), while the embedded store fsyncs its commits on the state
+//! directory's disk.
 //!
 //! Run: `cargo bench --bench create_delete_cluster`. Environment: PALISADE_BENCH_MAX (the
 //! highest level, 1000; 100 for a short run), PALISADE_BENCH_REPLICAS (1),
-//! PALISADE_BENCH_ONLY (`embedded` or
-//! `kubernetes`), PALISADE_BENCH_LOGS (a directory for the processes' logs). Without
-//! KUBEBUILDER_ASSETS it prints SKIPPED for the Kubernetes part and measures the embedded
-//! one. Without `--bench` (as `cargo test --all-targets` runs it) it is a smoke run: 100
-//! volumes, 20 samples.
+//! PALISADE_BENCH_ONLY (`embedded` or `kubernetes`), PALISADE_BENCH_LOGS (a directory for the
+//! processes' logs). Without KUBEBUILDER_ASSETS it prints SKIPPED for the Kubernetes part and
+//! measures the embedded one. Without `--bench` (as `cargo test --all-targets` runs it) it is
+//! a smoke run: 100 volumes, 20 samples, 5 counted.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
