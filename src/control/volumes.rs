@@ -428,29 +428,40 @@ impl Controller {
             VolumeState::Creating => {}
         }
         let volume = current.value.clone();
-        for planned in &volume.planned_replicas {
-            match self.put_replica(planned.clone(), None).await {
+        // The replicas' records, all at once: each is its own object, and the volume's
+        // Creating record, written before, already names them all. Every put runs to its
+        // end (none is dropped halfway), so that the scheduled-space aggregate follows
+        // each one that was written.
+        let puts = volume
+            .planned_replicas
+            .iter()
+            .map(|planned| self.put_replica(planned.clone(), None));
+        for result in futures::future::join_all(puts).await {
+            match result {
                 // Already recorded by an attempt that a crash interrupted.
                 Ok(_) | Err(StoreError::Conflict { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
         }
         // Every replica again: creation is idempotent, and one interrupted by a crash is
-        // finished here.
-        for replica in self.volume_replicas(&volume.id).await? {
+        // finished here. Only once every record is in the store, so that a deletion
+        // (which deletes what the records name) finds every replica made; the replicas
+        // are made all at once, each on its own node's agent.
+        let replicas = self.volume_replicas(&volume.id).await?;
+        let creates = replicas.iter().map(|replica| {
             let target = ReplicaTarget {
                 node_id: &replica.value.node_id,
                 disk_id: &replica.value.disk_id,
                 replica_id: &replica.value.id,
                 volume_id: &volume.id,
             };
-            self.agent
-                .create_replica(target, volume.size)
-                .await
-                .map_err(|source| CreateError::Agent {
-                    volume: volume.id.clone(),
-                    source,
-                })?;
+            self.agent.create_replica(target, volume.size)
+        });
+        for result in futures::future::join_all(creates).await {
+            result.map_err(|source| CreateError::Agent {
+                volume: volume.id.clone(),
+                source,
+            })?;
         }
         let mut ready = (*volume).clone();
         ready.state = VolumeState::Ready;
@@ -545,21 +556,32 @@ impl Controller {
         current: Versioned<Volume>,
     ) -> Result<(), DeleteError> {
         let id = current.value.id.clone();
-        for replica in self.volume_replicas(&id).await? {
-            let target = ReplicaTarget {
-                node_id: &replica.value.node_id,
-                disk_id: &replica.value.disk_id,
-                replica_id: &replica.value.id,
-                volume_id: &id,
-            };
-            self.agent
-                .delete_replica(target)
-                .await
-                .map_err(|source| DeleteError::Agent {
-                    volume: id.clone(),
-                    source,
-                })?;
-            self.delete_replica_record(&replica).await?;
+        // For each replica, its files on its node and then its record (never the record
+        // first: the record is what finds the files again after a crash); all replicas at
+        // once, each to its end. The volume's record goes only once every replica has.
+        let replicas = self.volume_replicas(&id).await?;
+        let deletions = replicas.iter().map(|replica| {
+            let id = &id;
+            async move {
+                let target = ReplicaTarget {
+                    node_id: &replica.value.node_id,
+                    disk_id: &replica.value.disk_id,
+                    replica_id: &replica.value.id,
+                    volume_id: id,
+                };
+                self.agent
+                    .delete_replica(target)
+                    .await
+                    .map_err(|source| DeleteError::Agent {
+                        volume: id.clone(),
+                        source,
+                    })?;
+                self.delete_replica_record(replica).await?;
+                Ok::<(), DeleteError>(())
+            }
+        });
+        for result in futures::future::join_all(deletions).await {
+            result?;
         }
         self.store.volumes().delete(&id, current.version).await?;
         info!(volume = %id, "volume deleted");
