@@ -40,7 +40,7 @@ pub use volumes::*;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::locks::KeyLocks;
 use crate::model::{

@@ -511,8 +511,10 @@ impl Controller {
         for id in self.store.volumes().deletion_requested().await? {
             match self.delete_volume(&id).await {
                 Ok(()) => info!(volume = %id, "deleted a volume whose record was deleted by hand"),
+                // Every pass (2 s) finds it again until it is detached: not worth an info line
+                // each time; ControllerPublish and CreateVolume say why they refuse it.
                 Err(DeleteError::InUse { node, .. }) => {
-                    info!(volume = %id, node = %node, "the record of an attached volume was deleted by hand: it is deleted once it is detached")
+                    debug!(volume = %id, node = %node, "the record of an attached volume was deleted by hand: it is deleted once it is detached")
                 }
                 Err(e) => {
                     warn!(volume = %id, error = %e, "deleting a volume whose record was deleted by hand failed; retrying at the next pass")
