@@ -106,6 +106,10 @@ enum Command {
         /// --kubernetes); 0: the heartbeat alone decides.
         #[arg(long, default_value_t = 10)]
         kubelet_vouch_seconds: u64,
+        /// With --kubernetes, do not run the recovery controller: Kubernetes alone handles a
+        /// dead node's VolumeAttachments and pods, as with any CSI driver (for comparison).
+        #[arg(long)]
+        no_recovery_controller: bool,
     },
     /// One node of a cluster: CSI Identity + Node on a unix socket, the node agent API and the
     /// replica server on TCP; registers and heartbeats with the controller.
@@ -263,6 +267,7 @@ fn main() -> ExitCode {
             kubernetes,
             leader_election_lease,
             kubelet_vouch_seconds,
+            no_recovery_controller,
         } => {
             let store = match store {
                 StoreKind::Embedded => Backend::Embedded {
@@ -285,6 +290,7 @@ fn main() -> ExitCode {
                     connection: kube.connection(),
                     lease_name: leader_election_lease,
                     vouch: Duration::from_secs(kubelet_vouch_seconds),
+                    recovery: !no_recovery_controller,
                 }),
                 state_dir,
                 driver_name,

@@ -83,6 +83,8 @@ pub struct KubernetesMode {
     /// How much longer a node whose heartbeat expired stays up while its kubelet is alive
     /// (see `control::health`).
     pub vouch: Duration,
+    /// Whether the recovery controller runs (on the leader).
+    pub recovery: bool,
 }
 
 /// Runs until SIGINT or SIGTERM.
@@ -147,7 +149,7 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
     // In a cluster, the recovery controller (stale VolumeAttachments, pods on down nodes)
     // runs on the leader too; it follows the leadership channel on its own.
     let recovery = match (&cfg.kubernetes, &kube_client) {
-        (Some(_), Some(client)) => {
+        (Some(k), Some(client)) if k.recovery => {
             let recovery = Recovery::new(
                 controller.clone(),
                 client.clone(),
@@ -158,6 +160,10 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
                 Arc::new(recovery),
                 leadership.receiver(),
             )))
+        }
+        (Some(_), Some(_)) => {
+            info!("the recovery controller is off (--no-recovery-controller): Kubernetes alone handles dead nodes");
+            None
         }
         _ => None,
     };

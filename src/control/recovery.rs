@@ -199,6 +199,26 @@ impl Controller {
     }
 
     /// Every volume as stored (the recovery controller's view of attachments and epochs).
+    /// Since when each registered node is down by the health rule (its heartbeat, weighed
+    /// with the node evidence), in milliseconds since the Unix epoch, at `now_ms`; the nodes
+    /// that are up are not listed.
+    pub async fn nodes_down_since(
+        &self,
+        now_ms: u64,
+    ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+        Ok(self
+            .list_nodes()
+            .await?
+            .iter()
+            .filter_map(|n| match self.health(Some(n), now_ms) {
+                crate::control::attach::Health::Up => None,
+                crate::control::attach::Health::Down { for_ms } => {
+                    Some((n.id.clone(), now_ms.saturating_sub(for_ms)))
+                }
+            })
+            .collect())
+    }
+
     pub async fn stored_volumes(&self) -> Result<Vec<Arc<Volume>>, StoreError> {
         Ok(self
             .store

@@ -71,14 +71,15 @@ impl E2e {
     /// Everything up, the nodes Ready and schedulable; None after a SKIPPED line when the
     /// binaries are missing.
     pub async fn start(test: &str) -> Option<E2e> {
-        E2e::start_with(test, Vec::new(), container()).await
+        E2e::start_with(test, Vec::new(), Vec::new(), container()).await
     }
 
-    /// As [`E2e::start`], with extra kube-controller-manager flags, and `container` as what
-    /// runs in every pod.
+    /// As [`E2e::start`], with extra kube-controller-manager flags, extra `palisade
+    /// controller` flags, and `container` as what runs in every pod.
     pub async fn start_with(
         test: &str,
         controller_manager_args: Vec<String>,
+        controller_args: Vec<String>,
         container: Container,
     ) -> Option<E2e> {
         let started = Instant::now();
@@ -105,7 +106,7 @@ impl E2e {
         let cluster = Cluster::start_with(ClusterOptions {
             nodes: NODES.len(),
             log_dir: Some(logs.clone()),
-            controller_args: store_args(&plane),
+            controller_args: [store_args(&plane), controller_args].concat(),
         })
         .await;
         cluster::ready_cluster(&cluster).await;
@@ -435,7 +436,10 @@ impl E2e {
     }
 
     /// Runs a scenario; on failure prints the logs; then stops everything and unmounts.
-    pub async fn run(mut self, scenario: for<'a> fn(&'a mut E2e) -> BoxFuture<'a, ()>) {
+    pub async fn run<F>(mut self, scenario: F)
+    where
+        F: for<'a> FnOnce(&'a mut E2e) -> BoxFuture<'a, ()>,
+    {
         let result =
             futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(scenario(&mut self)))
                 .await;

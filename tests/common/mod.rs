@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod e2e;
+pub mod failover;
 pub mod k8s;
 pub mod kubelet;
 pub mod sidecars;

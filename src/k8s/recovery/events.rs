@@ -25,6 +25,8 @@ pub mod reason {
     pub const STALE_ATTACHMENT_REMOVED: &str = "StaleAttachmentRemoved";
     /// The recovery policy holds the volume on the down node while a pod waits for it.
     pub const RECOVERY_WAITING: &str = "RecoveryWaiting";
+    /// A terminating pod on a down node was marked Failed once its volumes were fenced.
+    pub const POD_MARKED_FAILED: &str = "PodMarkedFailed";
     /// A pod on a down node was force-deleted.
     pub const POD_FORCE_DELETED: &str = "PodForceDeleted";
     /// A pod whose volume was detached under it was deleted, to be recreated.

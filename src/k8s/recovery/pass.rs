@@ -24,9 +24,14 @@ use crate::model::{now_ms, Volume};
 use crate::settings::Settings;
 use crate::store::StoreError;
 
-use super::decide::{self, AttachmentDecision, DetachedDecision, DownPodDecision, ForceCause};
+use super::decide::{
+    self, AttachmentDecision, DetachedDecision, DownPodDecision, ForceCause, Recover,
+};
 use super::events::{reason, Notice, Objects, Severity};
-use super::view::{unique_volume_name, AttachmentView, ClusterView, PodView, Snapshot};
+use super::view::{
+    unique_volume_name, AttachmentView, ClusterView, EarliestDown, Phase, PodView, Snapshot,
+    FAILOVER_TAINT,
+};
 use super::Recovery;
 
 /// An attachment to fence: (volume id, node).
@@ -44,6 +49,12 @@ pub struct Plan {
     pub attachments: Vec<RemoveAttachment>,
     /// The volumes to take out of a down Node's `status.volumesInUse` once fenced there.
     pub in_use: Vec<ReleaseInUse>,
+    /// The terminating pods on down nodes to mark Failed once their volume is fenced there.
+    pub terminate: Vec<RemovePod>,
+    /// The down Nodes to taint with [`FAILOVER_TAINT`] before their pods are failed over.
+    pub taint: BTreeSet<String>,
+    /// The Nodes whose [`FAILOVER_TAINT`] comes off: they are up again.
+    pub untaint: BTreeSet<String>,
     /// The pods on down nodes to force-delete once their attachments are fenced.
     pub force_deletes: Vec<RemovePod>,
     /// The pods to delete because their volume was detached under them.
@@ -96,6 +107,8 @@ pub struct RemovePod {
     /// Its volumes' claims, as (namespace, name), for the Events.
     pub claims: Vec<(String, String)>,
     pub why: String,
+    /// Deleted only once its node carries the [`FAILOVER_TAINT`] (the failover's pods).
+    pub needs_taint: bool,
 }
 
 /// What one pass did.
@@ -109,6 +122,11 @@ pub struct PassReport {
     pub attachments_removed: Vec<String>,
     /// The volumes taken out of a down Node's `status.volumesInUse`, as (node, PV name).
     pub in_use_released: Vec<(String, String)>,
+    /// The terminating pods on down nodes marked Failed, as `namespace/name`.
+    pub pods_marked_failed: Vec<String>,
+    /// The Nodes tainted with [`FAILOVER_TAINT`], and those it was taken off.
+    pub tainted: Vec<String>,
+    pub untainted: Vec<String>,
     /// The pods force-deleted, as `namespace/name`.
     pub pods_force_deleted: Vec<String>,
     /// The pods deleted (gracefully), as `namespace/name`.
@@ -171,6 +189,10 @@ pub fn plan(
         }
         let why = cause.describe(node);
         let needs: Vec<Target> = needs.into_iter().collect();
+        let needs_taint = matches!(cause, ForceCause::Failover { .. });
+        if needs_taint && !view.tainted.contains(node) {
+            plan.taint.insert(node.to_string());
+        }
         for va in view
             .attachments
             .iter()
@@ -195,8 +217,15 @@ pub fn plan(
             volume: None,
             claims: claims_of(pod),
             why,
+            needs_taint,
         });
     }
+    plan.untaint = view
+        .tainted
+        .iter()
+        .filter(|n| !view.down.contains_key(*n))
+        .cloned()
+        .collect();
 
     // VolumeAttachments on down nodes: the recovery policy.
     for va in &view.attachments {
@@ -223,6 +252,38 @@ pub fn plan(
             AttachmentDecision::Recover(recover) => {
                 let target = (volume.volume.clone(), va.node.clone());
                 plan.fences.insert(target.clone());
+                // The attach-detach controller keeps a terminating pod's volumes on its node
+                // for as long as the pod's containers are reported running, which only the
+                // dead kubelet could change: it will neither detach them there nor attach
+                // them elsewhere. Once fenced, such a pod is marked Failed, as its kubelet
+                // would once its containers stopped.
+                let held = match &recover {
+                    Recover::GracePeriodOver { pods: held, .. }
+                    | Recover::ReplacementPending { pods: held, .. } => held.clone(),
+                    Recover::NoPodOnNode { .. } => vec![],
+                };
+                for pod in pods.iter().filter(|p| {
+                    held.contains(&p.name)
+                        && p.deletion.is_some()
+                        && p.phase != Phase::Terminated
+                        && p.node.as_deref() == Some(va.node.as_str())
+                }) {
+                    if let Some(mark) = plan.terminate.iter_mut().find(|m| m.pod.key() == pod.key())
+                    {
+                        if !mark.needs.contains(&target) {
+                            mark.needs.push(target.clone());
+                        }
+                        continue;
+                    }
+                    plan.terminate.push(RemovePod {
+                        pod: (*pod).clone(),
+                        needs: vec![target.clone()],
+                        volume: Some(volume.volume.clone()),
+                        claims: claims_of(pod),
+                        why: recover.describe(&va.node),
+                        needs_taint: false,
+                    });
+                }
                 if removing.insert(va.name.clone()) {
                     plan.attachments.push(RemoveAttachment {
                         va: va.clone(),
@@ -312,6 +373,7 @@ pub fn plan(
                     why.describe(&volume, node)
                 ),
                 volume: Some(volume),
+                needs_taint: false,
             }),
             DetachedDecision::Bare { volume, why } => plan.notices.push(Notice {
                 key: Some(format!("bare-pod/{}", pod.key())),
@@ -393,15 +455,48 @@ impl Recovery {
             .into_iter()
             .map(|v| (v.id.clone(), v))
             .collect();
-        let view = ClusterView::new(snapshot, &self.config.driver_name, self.health.as_ref());
-        let plan = plan(&view, &stored, &settings, now_ms());
-        Ok(self.execute(plan, snapshot).await)
+        let now = now_ms();
+        let health = EarliestDown {
+            kubernetes: self.health.clone(),
+            agents: self.controller.nodes_down_since(now).await?,
+        };
+        let view = ClusterView::new(snapshot, &self.config.driver_name, &health);
+        let plan = plan(&view, &stored, &settings, now);
+        Ok(self.execute(plan, snapshot, &view.tainted).await)
     }
 
-    async fn execute(&self, plan: Plan, snapshot: &Snapshot) -> PassReport {
+    async fn execute(
+        &self,
+        plan: Plan,
+        snapshot: &Snapshot,
+        tainted: &BTreeSet<String>,
+    ) -> PassReport {
         let objects = Objects::new(snapshot);
         let mut seen = HashSet::new();
         let mut report = PassReport::default();
+
+        let mut tainted = tainted.clone();
+        for (node, add) in plan
+            .taint
+            .iter()
+            .map(|n| (n, true))
+            .chain(plan.untaint.iter().map(|n| (n, false)))
+        {
+            match self.set_failover_taint(node, add).await {
+                Ok(()) if add => {
+                    info!(node = %node, taint = FAILOVER_TAINT, "down node tainted NoSchedule before its pods are failed over, so that their replacements go elsewhere");
+                    tainted.insert(node.clone());
+                    report.tainted.push(node.clone());
+                }
+                Ok(()) => {
+                    info!(node = %node, taint = FAILOVER_TAINT, "the node is up again: its failover taint is taken off");
+                    report.untainted.push(node.clone());
+                }
+                Err(e) => {
+                    warn!(node = %node, add, error = %e, "could not change the node's failover taint; the next pass retries")
+                }
+            }
+        }
 
         let results: Vec<_> = stream::iter(plan.fences.iter().cloned())
             .map(|target| async move {
@@ -538,6 +633,41 @@ impl Recovery {
         }
 
         let pods = |namespace: &str| Api::<Pod>::namespaced(self.client.clone(), namespace);
+        for mark in &plan.terminate {
+            let pod = &mark.pod;
+            let node = pod.node.clone().unwrap_or_default();
+            if !mark.needs.iter().all(|t| fenced.contains(t)) {
+                continue;
+            }
+            let message = format!(
+                "node {node} is down and the pod's Palisade volumes are fenced there: {}",
+                mark.why
+            );
+            match mark_failed(&pods(&pod.namespace), pod, &message).await {
+                Ok(how) => {
+                    report.pods_marked_failed.push(pod.key());
+                    if let Deleted::Now = how {
+                        let n = Notice {
+                            severity: Severity::Normal,
+                            action: "MarkPodFailed",
+                            ..pod_notice(
+                                mark,
+                                reason::POD_MARKED_FAILED,
+                                format!(
+                                    "terminating pod {} on down node {node} marked Failed, so that the attach-detach controller releases its volumes: {message}",
+                                    pod.name
+                                ),
+                            )
+                        };
+                        self.notify(&n, &objects, &mut seen).await;
+                    }
+                }
+                Err(e) => {
+                    warn!(pod = %pod.key(), node = %node, error = %e, "could not mark the terminating pod on a down node Failed; the next pass retries")
+                }
+            }
+        }
+
         for remove in &plan.force_deletes {
             let pod = &remove.pod;
             let node = pod.node.clone().unwrap_or_default();
@@ -549,6 +679,9 @@ impl Recovery {
             let pending_attachment = plan.attachments.iter().any(|a| {
                 a.va.node == node && pod.volumes.contains(&a.va.pv) && !removed.contains(&a.va.name)
             });
+            if remove.needs_taint && !tainted.contains(&node) {
+                continue;
+            }
             if !unfenced.is_empty() || pending_attachment {
                 let missing: Vec<&str> = unfenced.iter().map(|t| t.0.as_str()).collect();
                 warn!(pod = %pod.key(), node = %node, unfenced = ?missing, "the pod on a down node is not force-deleted yet: not all of its node's attachments are fenced and released; the next pass retries");
@@ -609,6 +742,53 @@ impl Recovery {
     }
 }
 
+impl Recovery {
+    /// Adds (`add`) or removes the [`FAILOVER_TAINT`] (NoSchedule) on the Node `node`,
+    /// keeping its other taints: a merge patch with the resourceVersion just read (the list
+    /// is replaced as a whole), retried when the Node changed. A Node gone is fine.
+    async fn set_failover_taint(&self, node: &str, add: bool) -> Result<(), kube::Error> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let Some(current) = nodes.get_opt(node).await? else {
+                return Ok(());
+            };
+            let mut taints = current
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.clone())
+                .unwrap_or_default();
+            let has = taints.iter().any(|t| t.key == FAILOVER_TAINT);
+            if has == add {
+                return Ok(());
+            }
+            if add {
+                taints.push(k8s_openapi::api::core::v1::Taint {
+                    key: FAILOVER_TAINT.to_string(),
+                    value: Some("failover".to_string()),
+                    effect: "NoSchedule".to_string(),
+                    time_added: None,
+                });
+            } else {
+                taints.retain(|t| t.key != FAILOVER_TAINT);
+            }
+            let patch = serde_json::json!({
+                "metadata": { "resourceVersion": current.metadata.resource_version },
+                "spec": { "taints": taints },
+            });
+            match nodes
+                .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 409 && attempt < STATUS_ATTEMPTS => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 /// How many times a Node status patch is tried when the Node changed in between.
 const STATUS_ATTEMPTS: usize = 5;
 
@@ -646,6 +826,49 @@ impl Recovery {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// The reason of the condition and the status of a pod marked Failed.
+pub const FENCED_REASON: &str = "PalisadeVolumeFenced";
+
+/// Marks `pod` Failed, with a `DisruptionTarget` condition saying why (as the pod garbage
+/// collector does for a pod on an out-of-service node): the uid in the patch makes it fail
+/// on a pod recreated under the same name, and a pod already terminal is left as it is.
+async fn mark_failed(
+    pods: &Api<Pod>,
+    pod: &PodView,
+    message: &str,
+) -> Result<Deleted, kube::Error> {
+    let now =
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let patch = serde_json::json!({
+        "metadata": { "uid": pod.uid },
+        "status": {
+            "phase": "Failed",
+            "reason": FENCED_REASON,
+            "message": message,
+            "conditions": [{
+                "type": "DisruptionTarget",
+                "status": "True",
+                "reason": FENCED_REASON,
+                "message": message,
+                "lastTransitionTime": now,
+            }],
+        },
+    });
+    match pods
+        .patch_status(
+            &pod.name,
+            &PatchParams::default(),
+            &Patch::Strategic(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(Deleted::Now),
+        // Gone, replaced (uid), or already terminal (a phase cannot leave Failed/Succeeded).
+        Err(kube::Error::Api(s)) if [404, 409, 422].contains(&s.code) => Ok(Deleted::Gone),
+        Err(e) => Err(e),
     }
 }
 

@@ -4,7 +4,7 @@
 //! and which nodes are down since when ([`NodeHealth`]). Sans-IO apart from
 //! [`Snapshot::fetch`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::ReplicaSet;
@@ -215,6 +215,35 @@ pub struct ClusterView {
     /// While it does, the attach-detach controller does not detach them from the node
     /// before its maximum wait for unmount (6 minutes), even with the VolumeAttachment gone.
     pub in_use: BTreeMap<String, Vec<String>>,
+    /// The Nodes that carry the [`FAILOVER_TAINT`].
+    pub tainted: BTreeSet<String>,
+}
+
+/// The taint the node-down failover puts on a down Node before it deletes the pods there, so
+/// that their replacements are not scheduled back onto it (Kubernetes' own
+/// `node.kubernetes.io/unreachable` taint comes only with NotReady); taken off once the node
+/// is up again.
+pub const FAILOVER_TAINT: &str = "palisade.io/node-down";
+
+/// Node health from two sources: a node is down from the earlier moment either says so.
+pub struct EarliestDown {
+    /// The Kubernetes side (for instance [`NodeReady`]).
+    pub kubernetes: std::sync::Arc<dyn NodeHealth>,
+    /// Palisade's own: since when each node's agent is down by the controller's health rule
+    /// (its heartbeat, weighed with its kubelet's Lease).
+    pub agents: HashMap<String, u64>,
+}
+
+impl NodeHealth for EarliestDown {
+    fn down_since(&self, name: &str, node: Option<&Node>) -> Option<u64> {
+        match (
+            self.kubernetes.down_since(name, node),
+            self.agents.get(name).copied(),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// The name under which the kubelet reports a CSI volume in `status.volumesInUse` (and the
@@ -305,12 +334,23 @@ impl ClusterView {
                 (!pvs.is_empty()).then(|| (name.clone(), pvs))
             })
             .collect();
+        let tainted = nodes
+            .iter()
+            .filter(|(_, n)| {
+                n.spec
+                    .as_ref()
+                    .and_then(|s| s.taints.as_ref())
+                    .is_some_and(|t| t.iter().any(|t| t.key == FAILOVER_TAINT))
+            })
+            .map(|(name, _)| name.to_string())
+            .collect();
         ClusterView {
             volumes,
             attachments,
             pods,
             down,
             in_use,
+            tainted,
         }
     }
 

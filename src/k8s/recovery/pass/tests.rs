@@ -186,6 +186,68 @@ fn a_terminating_pod_on_a_down_node_is_planned_after_its_fence_and_its_attachmen
     assert_eq!(f.claims, [("apps".to_string(), "data".to_string())]);
 }
 
+/// `wait` and `immediate` move the volume away from a pod on the down node that is still
+/// there: once fenced, a terminating one is marked Failed (else the attach-detach controller
+/// keeps its volume there); one that is not being deleted never is.
+#[test]
+fn a_terminating_pod_holding_a_recovered_volume_is_marked_failed_after_its_fence() {
+    use crate::params::RecoveryPolicy::*;
+    let old = deleting(pod("old", Some("a"), Phase::Running, "pvc-1"), NOW - 1);
+    let new = pod("new", Some("b"), Phase::Pending, "pvc-1");
+    for policy in [Wait, Immediate] {
+        let settings = Settings {
+            volume_attachment_recovery_policy: policy,
+            ..Settings::default()
+        };
+        let view = view_of(vec![old.clone(), new.clone()]);
+        let p = plan(&view, &stored_on_a(None), &settings, NOW);
+        assert_eq!(p.fences, BTreeSet::from([target("pvc-1", "a")]), "{policy}");
+        assert_eq!(p.attachments.len(), 1, "{policy}");
+        assert_eq!(p.terminate.len(), 1, "{policy}: {:?}", p.terminate);
+        let m = &p.terminate[0];
+        assert_eq!(m.pod.name, "old");
+        assert_eq!(m.needs, [target("pvc-1", "a")]);
+        assert_eq!(m.volume.as_deref(), Some("pvc-1"));
+        assert_eq!(m.claims, [("apps".to_string(), "data".to_string())]);
+        assert!(
+            p.force_deletes.is_empty(),
+            "{policy}: not deleted, only marked"
+        );
+    }
+    // `wait` with the grace period still running: nothing yet.
+    let early = deleting(pod("old", Some("a"), Phase::Running, "pvc-1"), NOW + 5_000);
+    let wait = Settings {
+        volume_attachment_recovery_policy: Wait,
+        ..Settings::default()
+    };
+    let p = plan(
+        &view_of(vec![early, new.clone()]),
+        &stored_on_a(None),
+        &wait,
+        NOW,
+    );
+    assert!(p.terminate.is_empty() && p.fences.is_empty(), "{p:?}");
+    // `immediate` with the old pod not being deleted: the attachment goes, the pod is left.
+    let running = pod("old", Some("a"), Phase::Running, "pvc-1");
+    let immediate = Settings {
+        volume_attachment_recovery_policy: Immediate,
+        ..Settings::default()
+    };
+    let p = plan(
+        &view_of(vec![running, new.clone()]),
+        &stored_on_a(None),
+        &immediate,
+        NOW,
+    );
+    assert_eq!(p.attachments.len(), 1);
+    assert!(p.terminate.is_empty(), "{:?}", p.terminate);
+    // A pod already Failed (an earlier pass marked it): the seed case, nothing to mark.
+    let failed = deleting(pod("old", Some("a"), Phase::Terminated, "pvc-1"), NOW - 1);
+    let p = plan(&view_of(vec![failed, new]), &stored_on_a(None), &wait, NOW);
+    assert_eq!(p.attachments.len(), 1);
+    assert!(p.terminate.is_empty(), "{:?}", p.terminate);
+}
+
 #[test]
 fn the_failover_needs_every_volume_attached_on_the_node_fenced() {
     let settings = Settings {
