@@ -110,6 +110,10 @@ enum Command {
         /// dead node's VolumeAttachments and pods, as with any CSI driver (for comparison).
         #[arg(long)]
         no_recovery_controller: bool,
+        /// Fault injection for the tests: exit right after a recovery pass fences an
+        /// attachment, before it deletes anything.
+        #[arg(long, hide = true)]
+        crash_after_recovery_fence: bool,
     },
     /// One node of a cluster: CSI Identity + Node on a unix socket, the node agent API and the
     /// replica server on TCP; registers and heartbeats with the controller.
@@ -268,6 +272,7 @@ fn main() -> ExitCode {
             leader_election_lease,
             kubelet_vouch_seconds,
             no_recovery_controller,
+            crash_after_recovery_fence,
         } => {
             let store = match store {
                 StoreKind::Embedded => Backend::Embedded {
@@ -291,6 +296,7 @@ fn main() -> ExitCode {
                     lease_name: leader_election_lease,
                     vouch: Duration::from_secs(kubelet_vouch_seconds),
                     recovery: !no_recovery_controller,
+                    crash_after_recovery_fence,
                 }),
                 state_dir,
                 driver_name,

@@ -260,7 +260,6 @@ fn never<'a>(ns: &'a str) -> Vec<(&'static str, &'static str, Scope<'a>)> {
         ("create", "pods#exec", In("default")),
         ("create", "serviceaccounts#token", In(ns)),
         ("update", "nodes", Cluster),
-        ("patch", "nodes", Cluster),
         ("delete", "nodes", Cluster),
         ("delete", "persistentvolumeclaims", Cluster),
         ("create", "storageclasses.storage.k8s.io", Cluster),
@@ -344,6 +343,9 @@ async fn check_cluster_permissions(client: &kube::Client, ns: &str) {
         ("delete", "volumeattachments.storage.k8s.io", Cluster),
         ("list", "persistentvolumeclaims", Cluster),
         ("patch", "nodes#status", Cluster),
+        // the node-down failover's taint, and a Terminating pod on a dead node marked Failed
+        ("patch", "nodes", Cluster),
+        ("patch", "pods#status", Cluster),
     ];
     // palisade controller: the Kubernetes store
     for kind in [
@@ -378,7 +380,7 @@ async fn check_cluster_permissions(client: &kube::Client, ns: &str) {
         ("delete", "deployments.apps", Cluster),
         ("update", "pods", Cluster),
         ("update", "volumeattachments.storage.k8s.io", Cluster),
-        ("patch", "nodes", Cluster),
+        ("update", "pods#status", Cluster),
         ("update", "nodes#status", Cluster),
         ("delete", "replicasets.apps", Cluster),
     ]);
@@ -389,6 +391,8 @@ async fn check_cluster_permissions(client: &kube::Client, ns: &str) {
     let mut denied = never(ns);
     denied.extend([
         ("get", "nodes", Cluster),
+        ("patch", "nodes", Cluster),
+        ("patch", "pods#status", Cluster),
         ("list", "pods", Cluster),
         ("create", "events", In(ns)),
         ("get", "secrets/palisade-cluster-secret", In(ns)),
@@ -430,6 +434,8 @@ async fn check_standalone_permissions(client: &kube::Client, ns: &str) {
         ("patch", "volumeattachments.storage.k8s.io#status", Cluster),
         ("delete", "volumeattachments.storage.k8s.io", Cluster),
         ("delete", "pods", Cluster),
+        ("patch", "nodes", Cluster),
+        ("patch", "pods#status", Cluster),
         ("get", "palisadevolumes.palisade.io", In(ns)),
         ("create", "secrets", In(ns)),
         ("get", "secrets/palisade-cluster-secret", In(ns)),

@@ -329,10 +329,11 @@ async fn the_out_of_service_taint_moves_the_volume_with_palisades_recovery_off()
     .await;
 }
 
-/// kill -9 of the Palisade controller as soon as the recovery fenced the volume (the
-/// pod-deletion policy's force-delete and the VolumeAttachment's removal still to come):
-/// after the restart the new leader finishes it; the pod is force-deleted once, and the
-/// volume ends attached to the new node only.
+/// The Palisade controller stops dead (as with kill -9) in the middle of a recovery: right
+/// after its pass has fenced the volume, with the VolumeAttachment's removal and the
+/// pod-deletion policy's force-delete still to come. After the restart the new leader
+/// finishes it: the fence is not raised again, the pod is force-deleted once, and the volume
+/// ends attached to the new node only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_killed_in_the_middle_of_a_recovery_converges_after_its_restart() {
     let scenario = Scenario {
@@ -341,26 +342,40 @@ async fn a_controller_killed_in_the_middle_of_a_recovery_converges_after_its_res
             "node-down-pod-deletion-policy",
             "delete-both-statefulset-and-deployment-pod".into(),
         )],
-        kill_controller_when_fenced: true,
-        deadline: Duration::from_secs(240),
+        crash_after_fence: true,
         ..Scenario::new(Trigger::Evicted { grace_s: 5 })
     };
     run(
         "k8s_recovery::a_controller_killed_in_the_middle_of_a_recovery_converges_after_its_restart",
         failover::fast_node_monitor(),
-        vec![],
+        vec!["--crash-after-recovery-fence".into()],
         scenario,
         |e, outcome| {
             Box::pin(async move {
+                let p = &outcome.phases;
                 assert!(
-                    outcome.phases.controller_killed.is_some(),
-                    "the controller was killed"
+                    p.controller_killed.is_some(),
+                    "the controller crashed after fencing and was restarted"
                 );
-                let r = reasons(e).await;
                 assert!(
-                    count(&r, "PodForceDeleted") <= 2,
+                    p.stale_gone > p.controller_killed,
+                    "the stale VolumeAttachment was removed after the restart, not before the crash"
+                );
+                let events = failover::events(e).await;
+                let r: Vec<String> = events.iter().map(|ev| ev.2.clone()).collect();
+                assert_eq!(
+                    count(&r, "PodForceDeleted"),
+                    2,
                     "the pod was force-deleted once (an Event on the pod and the claim): {r:?}"
                 );
+                // Fenced before the crash and again after it, at the same epoch: never raised
+                // twice.
+                let epochs: std::collections::BTreeSet<&str> = events
+                    .iter()
+                    .filter(|ev| ev.2 == "VolumeFenced")
+                    .filter_map(|ev| ev.3.split("at epoch ").nth(1)?.split(' ').next())
+                    .collect();
+                assert_eq!(epochs.len(), 1, "{events:?}");
                 let attachments: Api<VolumeAttachment> = Api::all(e.client.clone());
                 let on: Vec<String> = attachments
                     .list(&Default::default())

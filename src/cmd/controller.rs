@@ -85,6 +85,8 @@ pub struct KubernetesMode {
     pub vouch: Duration,
     /// Whether the recovery controller runs (on the leader).
     pub recovery: bool,
+    /// Fault injection: see [`RecoveryConfig::crash_after_fence`].
+    pub crash_after_recovery_fence: bool,
 }
 
 /// Runs until SIGINT or SIGTERM.
@@ -153,7 +155,10 @@ pub async fn run(cfg: ControllerProcessConfig) -> Result<(), ClusterError> {
             let recovery = Recovery::new(
                 controller.clone(),
                 client.clone(),
-                RecoveryConfig::new(&cfg.driver_name, Some(controller.identity().to_string())),
+                RecoveryConfig {
+                    crash_after_fence: k.crash_after_recovery_fence,
+                    ..RecoveryConfig::new(&cfg.driver_name, Some(controller.identity().to_string()))
+                },
                 Arc::new(NodeReady),
             );
             Some(tokio::spawn(recovery::run(

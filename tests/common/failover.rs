@@ -230,9 +230,10 @@ pub struct Scenario {
     pub must_finish: bool,
     /// SIGSTOP the node's Palisade process instead of SIGKILL, so that it can come back.
     pub freeze: bool,
-    /// kill -9 of the Palisade controller as soon as the recovery has fenced the volume,
-    /// then the same controller again.
-    pub kill_controller_when_fenced: bool,
+    /// The Palisade controller runs with `--crash-after-recovery-fence` (it exits, as a kill
+    /// -9 stops it, right after its recovery pass has fenced the volume and before it deletes
+    /// anything); once it has, it is started again without.
+    pub crash_after_fence: bool,
 }
 
 impl Scenario {
@@ -245,7 +246,7 @@ impl Scenario {
             deadline: Duration::from_secs(240),
             must_finish: true,
             freeze: false,
-            kill_controller_when_fenced: false,
+            crash_after_fence: false,
         }
     }
 }
@@ -300,7 +301,7 @@ impl Phases {
         }
         if let (Some(k), Some(d)) = (self.controller_killed, self.died) {
             eprintln!(
-                "  (Palisade controller killed -9 and restarted at {:.2} s)",
+                "  (Palisade controller crashed after fencing, restarted at {:.2} s)",
                 k.saturating_duration_since(d).as_secs_f64()
             );
         }
@@ -441,7 +442,6 @@ pub async fn failover(e: &mut E2e, scenario: &Scenario, log: &Log) -> Outcome {
 
     let nodes: Api<Node> = Api::all(e.client.clone());
     let pods_api = e.api::<Pod>();
-    let events_api = Api::<Event>::namespaced(e.client.clone(), NAMESPACE);
     let attachments: Api<VolumeAttachment> = Api::all(e.client.clone());
     let stale = attachment_name(&handle, DRIVER, &old_node);
     let deadline = died + scenario.deadline;
@@ -506,17 +506,18 @@ pub async fn failover(e: &mut E2e, scenario: &Scenario, log: &Log) -> Outcome {
                 _ => {}
             }
         }
-        if scenario.kill_controller_when_fenced && phases.controller_killed.is_none() {
-            let fenced = events_api
-                .list(&ListParams::default())
-                .await
-                .expect("list the events")
-                .items
-                .iter()
-                .any(|ev| ev.reason.as_deref() == Some("VolumeFenced"));
-            if fenced {
-                e.step("the volume is fenced: kill -9 of the Palisade controller, then again");
+        if scenario.crash_after_fence && phases.controller_killed.is_none() {
+            let exited = e
+                .cluster
+                .controller
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if exited {
+                e.step("the Palisade controller exited right after fencing; started again");
                 phases.controller_killed = Some(Instant::now());
+                e.cluster
+                    .controller_args
+                    .retain(|a| a != "--crash-after-recovery-fence");
                 e.cluster.restart_controller().await;
                 e.step("the Palisade controller is back");
             }

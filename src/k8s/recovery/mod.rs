@@ -6,16 +6,21 @@
 //!
 //! - a VolumeAttachment on a down node is recovered as its volume's recovery policy says
 //!   (`never`, `wait`, `immediate`, with Longhorn's meaning): the attachment is fenced, then
-//!   the VolumeAttachment is deleted, so that the csi-attacher releases it, and the volume
-//!   is taken out of the dead Node's `status.volumesInUse`, which its kubelet can no longer
-//!   update: the attach-detach controller does not detach a volume its node reports in use
-//!   before its six-minute maximum wait for unmount, and notices a deleted VolumeAttachment
-//!   only at its periodic sync (60 s by default); with both gone, the pod waiting elsewhere
-//!   gets the volume at once, without Kubernetes' six-minute wait;
+//!   the VolumeAttachment is deleted, so that the csi-attacher releases it, the volume is
+//!   taken out of the dead Node's `status.volumesInUse`, which its kubelet can no longer
+//!   update, and a Terminating pod there that still holds it is marked Failed: the
+//!   attach-detach controller does not detach a volume its node reports in use before its
+//!   six-minute maximum wait for unmount, keeps a Terminating pod's volume on its node while
+//!   its containers are reported running, and notices a deleted VolumeAttachment only at its
+//!   periodic sync (60 s by default); with all three gone, the pod waiting elsewhere gets the
+//!   volume at once, without Kubernetes' six-minute wait;
 //! - a terminating pod on a down node is force-deleted as node-down-pod-deletion-policy says,
 //!   once its grace period is over, after its volumes are fenced and their VolumeAttachments
 //!   there deleted; with node-down-failover-seconds, a node's StatefulSet and Deployment pods
-//!   are, once it has been down that long and every Palisade volume attached there is fenced;
+//!   are, once it has been down that long and every Palisade volume attached there is fenced,
+//!   after the Node is tainted `palisade.io/node-down:NoSchedule` (taken off when it is up);
+//!   a node is down from the earlier of its Node going NotReady and Palisade's own health
+//!   rule (the agent's heartbeat, weighed with the kubelet's Lease) saying so;
 //! - a running pod whose volume was detached or fenced under it is deleted so that its
 //!   controller recreates it (auto-delete-pod-when-volume-detached-unexpectedly); a pod that
 //!   no controller owns never is.
@@ -57,6 +62,10 @@ pub struct RecoveryConfig {
     pub resync: Duration,
     /// Who the Events say reported them (`reportingController`, `reportingInstance`).
     pub reporter: Reporter,
+    /// Fault injection for the tests: the process exits at once, as a kill -9 would stop
+    /// it, right after a pass has fenced an attachment and before it deletes or marks
+    /// anything, so that a restart must finish the recovery.
+    pub crash_after_fence: bool,
 }
 
 impl RecoveryConfig {
@@ -66,6 +75,7 @@ impl RecoveryConfig {
         RecoveryConfig {
             driver_name: driver_name.to_string(),
             resync: DEFAULT_RESYNC,
+            crash_after_fence: false,
             reporter: Reporter {
                 controller: "palisade-recovery".to_string(),
                 instance,

@@ -565,6 +565,11 @@ impl Recovery {
             }
         }
 
+        if self.config.crash_after_fence && report.fenced.iter().any(|t| plan.fences.contains(t)) {
+            tracing::error!(fenced = ?report.fenced, "fault injection (--crash-after-recovery-fence): exiting after fencing, before anything is deleted");
+            std::process::exit(137);
+        }
+
         let attachments: Api<VolumeAttachment> = Api::all(self.client.clone());
         let mut removed = HashSet::new();
         for remove in &plan.attachments {

@@ -280,6 +280,70 @@ fn the_failover_needs_every_volume_attached_on_the_node_fenced() {
         BTreeSet::from([target("pvc-1", "a"), target("pvc-9", "a")])
     );
     assert_eq!(plan.attachments[0].needs, plan.force_deletes[0].needs);
+    // The failover's pods wait for the node's taint, which the plan puts on first.
+    assert!(plan.force_deletes[0].needs_taint);
+    assert_eq!(plan.taint, BTreeSet::from(["a".to_string()]));
+    assert!(plan.untaint.is_empty());
+}
+
+/// The failover taint goes on a down node whose pods fail over, once; it comes off a node
+/// that is up again, and stays on one still down.
+#[test]
+fn the_failover_taint_goes_on_before_the_pods_are_deleted_and_off_when_the_node_is_up() {
+    let settings = Settings {
+        node_down_failover_seconds: 30,
+        ..Settings::default()
+    };
+    let db = || {
+        owned(
+            pod("db-0", Some("a"), Phase::Running, "pvc-1"),
+            Owner::StatefulSet,
+        )
+    };
+    let mut view = view_of(vec![db()]);
+    view.tainted.insert("a".into());
+    let p = plan(&view, &stored_on_a(None), &settings, NOW);
+    assert!(p.taint.is_empty(), "tainted already: {:?}", p.taint);
+    assert!(p.untaint.is_empty(), "still down");
+    assert_eq!(p.force_deletes.len(), 1);
+    // The node is up again: its taint comes off, and nothing is deleted.
+    view.down.remove("a");
+    let p = plan(&view, &stored_on_a(None), &settings, NOW);
+    assert_eq!(p.untaint, BTreeSet::from(["a".to_string()]));
+    assert!(p.force_deletes.is_empty() && p.taint.is_empty());
+    // A pod deletion policy's force-delete (no failover) needs no taint.
+    let policy = Settings {
+        node_down_pod_deletion_policy: NodeDownPodDeletionPolicy::DeleteStatefulSetPod,
+        ..Settings::default()
+    };
+    let p = plan(
+        &view_of(vec![deleting(db(), NOW - 1)]),
+        &stored_on_a(None),
+        &policy,
+        NOW,
+    );
+    assert_eq!(p.force_deletes.len(), 1);
+    assert!(!p.force_deletes[0].needs_taint && p.taint.is_empty());
+}
+
+/// A node is down from the earlier of Kubernetes' and Palisade's own judgment.
+#[test]
+fn a_node_is_down_from_the_earlier_of_its_node_and_its_agent() {
+    use crate::k8s::recovery::view::EarliestDown;
+    use crate::k8s::recovery::NodeHealth;
+    let health = EarliestDown {
+        kubernetes: Arc::new(|name: &str, _: Option<&k8s_openapi::api::core::v1::Node>| {
+            (name != "up").then_some(5_000)
+        }),
+        agents: HashMap::from([("a".to_string(), 2_000), ("up".to_string(), 7_000)]),
+    };
+    assert_eq!(health.down_since("a", None), Some(2_000));
+    assert_eq!(health.down_since("b", None), Some(5_000));
+    assert_eq!(
+        health.down_since("up", None),
+        Some(7_000),
+        "the agent alone"
+    );
 }
 
 #[test]
@@ -384,6 +448,14 @@ fn api_server(log: Log, missing: Missing) -> (kube::Client, tokio::task::JoinHan
                     404,
                     json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
                     "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+                )
+            } else if method == "GET" && path.starts_with("/api/v1/nodes/") {
+                // A Node with no taints, for the failover taint's read-modify-write.
+                let name = path.trim_start_matches("/api/v1/nodes/");
+                (
+                    200,
+                    json!({"kind": "Node", "apiVersion": "v1",
+                    "metadata": {"name": name, "resourceVersion": "7"}, "spec": {}}),
                 )
             } else if method == "POST" {
                 (201, body)
@@ -815,6 +887,21 @@ async fn the_failover_waits_for_every_volume_on_the_node_and_spares_bare_pods() 
     assert_eq!(report.pods_force_deleted, ["apps/db-0"]);
     let paths: Vec<String> = deletes(&log).into_iter().map(|(p, _)| p).collect();
     assert_eq!(paths, [VA_PATH, "/api/v1/namespaces/apps/pods/db-0"]);
+    // The Node is tainted first, with the resourceVersion read, so that the replacement is
+    // not scheduled back onto it.
+    let tainted = position(&log, |e| {
+        matches!(e, Entry::Api { method, path, body } if method == "PATCH"
+            && path == "/api/v1/nodes/a"
+            && body["spec"]["taints"] == json!([{"key": "palisade.io/node-down", "value": "failover", "effect": "NoSchedule"}])
+            && body["metadata"]["resourceVersion"] == "7")
+    })
+    .expect("the failover taint patched onto node a");
+    let deleted = position(
+        &log,
+        |e| matches!(e, Entry::Api { method, path, .. } if method == "DELETE" && path.ends_with("/pods/db-0")),
+    )
+    .unwrap();
+    assert!(tainted < deleted, "{:?}", log.lock().unwrap());
 }
 
 /// auto-delete-pod-when-volume-detached-unexpectedly: a running Deployment pod on a node that
