@@ -33,6 +33,7 @@
 pub mod decide;
 mod events;
 mod pass;
+mod patches;
 mod run;
 pub mod view;
 
