@@ -158,6 +158,23 @@ async fn the_node_returns(e: &mut E2e, outcome: failover::Outcome) {
         "{} is still mounted",
         staging.display()
     );
+    // Its stale engine is gone with its device: no loop device over a file of the node's and
+    // no nbdfuse serving one.
+    let home = cluster::node_home(&e.cluster, &old);
+    let home = &home;
+    eventually(
+        "the returning node's stale engine torn down",
+        30,
+        || async move {
+            let (loops, fuse) = (cluster::loops_under(home), cluster::processes_naming(home));
+            if loops.is_empty() && fuse.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("loop devices {loops:?}, nbdfuse {fuse:?}"))
+            }
+        },
+    )
+    .await;
     // Nothing double-attaches: a few seconds of the returned node do not bring the volume back.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let attachments: Api<VolumeAttachment> = Api::all(e.client.clone());
