@@ -66,9 +66,14 @@ async fn one(name: &str, scenario: Scenario, recovery: bool) -> Run {
     phases
 }
 
-fn cell(at: Option<f64>, cap: f64) -> String {
-    at.map(|s| format!("{s:9.2} s"))
-        .unwrap_or_else(|| format!("  >{cap:.0} s"))
+/// A phase's time; one never reached prints `>cap` in a run that was capped, `-` in one that
+/// ended (the replacement ran) before it came.
+fn cell(at: Option<f64>, cap: f64, ended: bool) -> String {
+    match at {
+        Some(s) => format!("{s:9.2} s"),
+        None if ended => "-".to_string(),
+        None => format!("  >{cap:.0} s"),
+    }
 }
 
 /// The time from `from` to `to` in `p`, or a lower bound (from `from` to the cap) when `to`
@@ -103,13 +108,14 @@ fn report(
     println!("\n== {name}: phases from the node's death (default control-plane timings)");
     println!("  {:<40} {:>12} {:>12}", "phase", "Palisade", "Kubernetes");
     let rows = |r: &Run| r.as_ref().map(|p| p.rows()).unwrap_or_default();
+    let ended = |r: &Run| r.as_ref().is_some_and(|p| p.running.is_some());
     let (a, b) = (rows(palisade), rows(kubernetes));
     for (i, (phase, at)) in a.iter().enumerate() {
         let other = b.get(i).and_then(|(_, t)| *t);
         println!(
             "  {phase:<40} {:>12} {:>12}",
-            cell(*at, cap),
-            cell(other, cap)
+            cell(*at, cap, ended(palisade)),
+            cell(other, cap, ended(kubernetes))
         );
     }
     let (Some(p), Some(k)) = (
