@@ -139,25 +139,27 @@ async fn the_node_returns(e: &mut E2e, outcome: failover::Outcome) {
     e.step("the returning node's write failed");
     e.kubelet(&old).revive().await;
     e.step(&format!("{old}'s kubelet is alive again"));
-    // Its kubelet finds the old pod gone from the API and tears its mounts down.
-    let target = old_target.clone();
-    eventually("the old pod's mount on the returning node gone", 60, || {
-        let target = target.clone();
-        async move {
-            if cluster::is_mounted(&target) {
-                Err(format!("{} is still mounted", target.display()))
-            } else {
+    // Its kubelet finds the old pod gone from the API and tears its mounts down: the pod's
+    // (NodeUnpublish), then the staging one (NodeUnstage).
+    let mounts = [
+        old_target.clone(),
+        e.kubelet(&old).staging_path(&outcome.handle),
+    ];
+    let mounts = &mounts;
+    eventually(
+        "the old pod's mounts on the returning node gone",
+        60,
+        || async move {
+            let left: Vec<&std::path::PathBuf> =
+                mounts.iter().filter(|m| cluster::is_mounted(m)).collect();
+            if left.is_empty() {
                 Ok(())
+            } else {
+                Err(format!("still mounted: {left:?}"))
             }
-        }
-    })
+        },
+    )
     .await;
-    let staging = e.kubelet(&old).staging_path(&outcome.handle);
-    assert!(
-        !cluster::is_mounted(&staging),
-        "{} is still mounted",
-        staging.display()
-    );
     // Its stale engine is gone with its device: no loop device over a file of the node's and
     // no nbdfuse serving one.
     let home = cluster::node_home(&e.cluster, &old);

@@ -9,30 +9,71 @@ use super::pass::Deleted;
 use super::view::{PodView, FAILOVER_TAINT};
 use super::Recovery;
 
+/// How many times a Node patch is tried when the Node changed in between.
+const NODE_ATTEMPTS: usize = 5;
+
+/// Which part of a Node a patch writes.
+#[derive(Clone, Copy)]
+enum Part {
+    Spec,
+    Status,
+}
+
+/// A read-modify-write of the Node `node`: `edit` gives the merge patch's body for the Node
+/// as just read (None: nothing to change), sent with that resourceVersion, so that a list it
+/// replaces as a whole loses nothing written in between; retried when the Node changed. A
+/// Node gone is fine.
+async fn edit_node(
+    nodes: &Api<Node>,
+    node: &str,
+    part: Part,
+    edit: impl Fn(&Node) -> Option<serde_json::Value>,
+) -> Result<(), kube::Error> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let Some(current) = nodes.get_opt(node).await? else {
+            return Ok(());
+        };
+        let Some(mut patch) = edit(&current) else {
+            return Ok(());
+        };
+        patch["metadata"] =
+            serde_json::json!({ "resourceVersion": current.metadata.resource_version });
+        let params = PatchParams::default();
+        let result = match part {
+            Part::Spec => nodes.patch(node, &params, &Patch::Merge(&patch)).await,
+            Part::Status => {
+                nodes
+                    .patch_status(node, &params, &Patch::Merge(&patch))
+                    .await
+            }
+        };
+        match result {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 && attempt < NODE_ATTEMPTS => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 impl Recovery {
     /// Adds (`add`) or removes the [`FAILOVER_TAINT`] (NoSchedule) on the Node `node`,
-    /// keeping its other taints: a merge patch with the resourceVersion just read (the list
-    /// is replaced as a whole), retried when the Node changed. A Node gone is fine.
+    /// keeping its other taints.
     pub(super) async fn set_failover_taint(
         &self,
         node: &str,
         add: bool,
     ) -> Result<(), kube::Error> {
         let nodes: Api<Node> = Api::all(self.client.clone());
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let Some(current) = nodes.get_opt(node).await? else {
-                return Ok(());
-            };
+        edit_node(&nodes, node, Part::Spec, |current| {
             let mut taints = current
                 .spec
                 .as_ref()
                 .and_then(|s| s.taints.clone())
                 .unwrap_or_default();
-            let has = taints.iter().any(|t| t.key == FAILOVER_TAINT);
-            if has == add {
-                return Ok(());
+            if taints.iter().any(|t| t.key == FAILOVER_TAINT) == add {
+                return None;
             }
             if add {
                 taints.push(k8s_openapi::api::core::v1::Taint {
@@ -44,63 +85,29 @@ impl Recovery {
             } else {
                 taints.retain(|t| t.key != FAILOVER_TAINT);
             }
-            let patch = serde_json::json!({
-                "metadata": { "resourceVersion": current.metadata.resource_version },
-                "spec": { "taints": taints },
-            });
-            match nodes
-                .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(kube::Error::Api(s)) if s.code == 409 && attempt < STATUS_ATTEMPTS => {}
-                Err(e) => return Err(e),
-            }
-        }
+            Some(serde_json::json!({ "spec": { "taints": taints } }))
+        })
+        .await
     }
-}
 
-/// How many times a Node status patch is tried when the Node changed in between.
-const STATUS_ATTEMPTS: usize = 5;
-
-impl Recovery {
-    /// Takes `names` out of the Node `node`'s `status.volumesInUse`: a merge patch with the
-    /// resourceVersion just read, so that nothing else that changed in between is lost (the
-    /// list is replaced as a whole), retried when the Node changed.
+    /// Takes `names` out of the Node `node`'s `status.volumesInUse`, keeping the rest.
     pub(super) async fn release_in_use(
         &self,
         node: &str,
         names: &[String],
     ) -> Result<(), kube::Error> {
         let nodes: Api<Node> = Api::all(self.client.clone());
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let Some(current) = nodes.get_opt(node).await? else {
-                return Ok(());
-            };
+        edit_node(&nodes, node, Part::Status, |current| {
             let listed = current
                 .status
                 .as_ref()
                 .and_then(|s| s.volumes_in_use.clone())
                 .unwrap_or_default();
             let kept: Vec<&String> = listed.iter().filter(|v| !names.contains(v)).collect();
-            if kept.len() == listed.len() {
-                return Ok(());
-            }
-            let patch = serde_json::json!({
-                "metadata": { "resourceVersion": current.metadata.resource_version },
-                "status": { "volumesInUse": kept },
-            });
-            match nodes
-                .patch_status(node, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(kube::Error::Api(s)) if s.code == 409 && attempt < STATUS_ATTEMPTS => {}
-                Err(e) => return Err(e),
-            }
-        }
+            (kept.len() != listed.len())
+                .then(|| serde_json::json!({ "status": { "volumesInUse": kept } }))
+        })
+        .await
     }
 }
 
