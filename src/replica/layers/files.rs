@@ -95,7 +95,7 @@ pub(super) fn sync_dir(path: &Path) -> Result<(), LayerError> {
 
 /// The digest a frozen layer's map is recorded with.
 pub(super) fn digest(map: &Bitmap) -> String {
-    hex::encode(xxhash_rust::xxh3::xxh3_128(&map.to_bytes()).to_le_bytes())
+    hex::encode(xxhash_rust::xxh3::xxh3_128(map.as_bytes()).to_le_bytes())
 }
 
 /// Reads the manifest in `dir` and checks that it describes a well-formed chain; None if
@@ -232,7 +232,7 @@ pub(super) fn create_map(path: &Path, map: &Bitmap) -> Result<File, LayerError> 
     file.set_len(MAP_HEADER + bitmap::byte_len(map.blocks()))
         .map_err(io_error("set the length of", path))?;
     if map.count() > 0 {
-        file.write_all_at(&map.to_bytes(), MAP_HEADER)
+        file.write_all_at(map.as_bytes(), MAP_HEADER)
             .map_err(io_error("write", path))?;
     }
     file.sync_all().map_err(io_error("sync", path))?;

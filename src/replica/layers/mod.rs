@@ -123,6 +123,14 @@ pub struct SnapshotInfo {
     pub bytes_held: u64,
 }
 
+/// Bytes `start..end` of a view that resolve to one layer (None: to zeros).
+#[derive(Debug, PartialEq, Eq)]
+struct Run {
+    layer: Option<usize>,
+    start: u64,
+    end: u64,
+}
+
 /// One layer's open files and map, in the manifest's order.
 struct Layer {
     data: File,
@@ -148,7 +156,7 @@ impl Chain {
     /// Creates an empty chain of `size` bytes in `dir` (made if missing), or opens the one
     /// there if it has that size.
     pub fn create(dir: &Path, size: u64) -> Result<Chain, LayerError> {
-        if size % BLOCK_SIZE != 0 {
+        if !size.is_multiple_of(BLOCK_SIZE) {
             return Err(LayerError::UnalignedSize { size });
         }
         if !dir.exists() {
@@ -196,8 +204,11 @@ impl Chain {
         let manifest = files::read_manifest(dir)?.ok_or_else(|| LayerError::NotAChain {
             path: dir.to_path_buf(),
         })?;
-        if manifest.size % BLOCK_SIZE != 0
-            || manifest.layers.iter().any(|l| l.size % BLOCK_SIZE != 0)
+        if !manifest.size.is_multiple_of(BLOCK_SIZE)
+            || manifest
+                .layers
+                .iter()
+                .any(|l| !l.size.is_multiple_of(BLOCK_SIZE))
         {
             return Err(files::invalid(
                 &dir.join(files::MANIFEST),
@@ -305,7 +316,7 @@ impl Chain {
                 requested: new_size,
             });
         }
-        if new_size % BLOCK_SIZE != 0 {
+        if !new_size.is_multiple_of(BLOCK_SIZE) {
             return Err(LayerError::UnalignedSize { size: new_size });
         }
         if new_size == self.size() {
@@ -381,26 +392,39 @@ impl Chain {
     /// Fills `buf` from `offset` in the view of layers `0..=top`: one pread per run of blocks
     /// that resolve to the same layer; blocks no layer holds stay zero.
     fn read_into(&self, top: usize, offset: u64, buf: &mut [u8]) -> Result<(), LayerError> {
-        let end = offset + buf.len() as u64;
-        let mut at = offset;
+        for run in self.runs(top, offset, offset + buf.len() as u64) {
+            if let Some(layer) = run.layer {
+                let part = &mut buf[(run.start - offset) as usize..(run.end - offset) as usize];
+                self.layers[layer]
+                    .data
+                    .read_exact_at(part, run.start)
+                    .map_err(|e| io_error("read", &self.data_path(layer))(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The bytes `start..end` of the view of layers `0..=top`, cut where the layer they
+    /// resolve to changes.
+    fn runs(&self, top: usize, start: u64, end: u64) -> Vec<Run> {
+        let mut runs = Vec::new();
+        let mut at = start;
         while at < end {
             let block = at / BLOCK_SIZE;
-            let owner = self.owner(top, block);
+            let layer = self.owner(top, block);
             let mut next = block + 1;
-            while next * BLOCK_SIZE < end && self.owner(top, next) == owner {
+            while next * BLOCK_SIZE < end && self.owner(top, next) == layer {
                 next += 1;
             }
             let stop = (next * BLOCK_SIZE).min(end);
-            if let Some(layer) = owner {
-                let part = &mut buf[(at - offset) as usize..(stop - offset) as usize];
-                self.layers[layer]
-                    .data
-                    .read_exact_at(part, at)
-                    .map_err(|e| io_error("read", &self.data_path(layer))(e))?;
-            }
+            runs.push(Run {
+                layer,
+                start: at,
+                end: stop,
+            });
             at = stop;
         }
-        Ok(())
+        runs
     }
 
     /// The newest layer at or below `top` that holds `block`.
@@ -489,7 +513,7 @@ impl Chain {
             let bytes = self.layers[head].map.page_bytes(page);
             let at = files::MAP_HEADER + (page * bitmap::PAGE_BYTES) as u64;
             self.head_map
-                .write_all_at(&bytes, at)
+                .write_all_at(bytes, at)
                 .map_err(io_error("write", &path))?;
         }
         self.head_map.sync_data().map_err(io_error("sync", &path))

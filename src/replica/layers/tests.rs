@@ -104,6 +104,29 @@ fn a_snapshot_keeps_its_point_in_time_view() {
 }
 
 #[test]
+fn a_large_read_is_one_pread_per_run_of_a_layer() {
+    let dir = temp();
+    let mut chain = Chain::create(dir.path(), 4 * MIB).unwrap();
+    chain.write(0, &pattern(1, MIB as usize)).unwrap();
+    chain.snapshot("s").unwrap();
+    chain.write(MIB / 2, &pattern(2, 64 * BS as usize)).unwrap();
+    let runs = chain.runs(1, 100, 2 * MIB);
+    let at = |layer, start, end| Run { layer, start, end };
+    let middle = MIB / 2 + 64 * BS;
+    assert_eq!(
+        runs,
+        vec![
+            at(Some(0), 100, MIB / 2),
+            at(Some(1), MIB / 2, middle),
+            at(Some(0), middle, MIB),
+            at(None, MIB, 2 * MIB),
+        ]
+    );
+    // The snapshot's own view stops at its layer.
+    assert_eq!(chain.runs(0, 0, MIB), vec![at(Some(0), 0, MIB)]);
+}
+
+#[test]
 fn a_trim_hides_older_layers_and_an_unflushed_write_never_resurfaces() {
     let dir = temp();
     let mut chain = Chain::create(dir.path(), MIB).unwrap();
