@@ -51,6 +51,10 @@ pub(super) struct LayerEntry {
     pub map: String,
     /// The XXH3-128 of a frozen layer's bitmap, hex; None for the head, whose map changes.
     pub map_digest: Option<String>,
+    /// The snapshot is deleted and its child's blocks are being moved into its files (an
+    /// intent, rolled forward at open); it is no longer listed or readable.
+    #[serde(default)]
+    pub deleting: bool,
 }
 
 impl LayerEntry {
@@ -169,6 +173,9 @@ fn check_manifest(m: &Manifest) -> Result<(), String> {
         if layer.map_digest.is_none() {
             return Err(format!("snapshot {name:?} has no map digest"));
         }
+    }
+    if head.deleting || frozen.iter().filter(|l| l.deleting).count() > 1 {
+        return Err("more than one layer, or the head, is being deleted".to_string());
     }
     if m.layers.windows(2).any(|w| w[0].size > w[1].size) {
         return Err("a layer is larger than a newer one (volumes only grow)".to_string());

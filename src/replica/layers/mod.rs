@@ -28,15 +28,12 @@
 //!   the manifest with the old head frozen (named, with its map's digest) and the new head
 //!   appended. Before the rename the old chain stands (the new files are leftovers); after it
 //!   the new one. Nothing is copied: the cost is a few fsyncs and a hash of the head's map.
-//! - Delete a snapshot L with child C: the blocks L holds and C does not are copied into C's
-//!   data file, where C's map does not claim them, so no view changes; then C's map gains
-//!   them (the head's in place, a frozen layer's as a new map file, since its recorded digest
-//!   must stay true); then the manifest drops L (and names C's new map); then L's files go.
-//!   A crash before the manifest leaves the old chain whole, every view reading as before
-//!   (C and L hold the same bytes for the moved blocks); a re-run converges. Copying L's
-//!   unshadowed blocks down into C is the way that never overwrites a byte any view can see;
-//!   moving C's blocks into L instead would be cheaper when L is much larger than C, but it
-//!   overwrites L's visible data and would need an intent record rolled forward at open.
+//! - Delete a snapshot L with child C: L and C are merged into one layer, by copying L's
+//!   blocks that C lacks down into C's file, or C's blocks up into L's file when C holds
+//!   fewer, whichever copies less (see merge.rs). Down never overwrites a byte any view can
+//!   see, and the manifest drops L last; up overwrites bytes only L's own view sees, so the
+//!   manifest first marks L deleted (open rolls that forward). Either way a crash leaves the
+//!   old chain or the new one, and a re-run converges.
 //! - Grow: the head's data and map files are extended first, then the manifest records the
 //!   size; files longer than recorded are fine. Older layers keep their size: past it they
 //!   hold nothing.
@@ -51,6 +48,7 @@
 mod bitmap;
 mod extents;
 mod files;
+mod merge;
 
 use std::fs::File;
 use std::io;
@@ -150,6 +148,9 @@ pub struct Chain {
     /// The step at which a test stops an operation, as a crash would.
     #[cfg(test)]
     crash_at: Option<&'static str>,
+    /// Forces the direction of a merge (true: the child's blocks up into the parent).
+    #[cfg(test)]
+    merge_up: Option<bool>,
 }
 
 impl Chain {
@@ -183,6 +184,7 @@ impl Chain {
             size,
             map: files::map_name(1),
             map_digest: None,
+            deleting: false,
         };
         files::create_data(&dir.join(head.data_name()), size)?;
         files::create_map(&dir.join(&head.map), &Bitmap::new(blocks_of(size)))?;
@@ -227,7 +229,7 @@ impl Chain {
                 path: dir.to_path_buf(),
             })?;
         let head_map = files::open_existing(&dir.join(&head_entry.map))?;
-        Ok(Chain {
+        let mut chain = Chain {
             dir: dir.to_path_buf(),
             manifest,
             layers,
@@ -236,7 +238,14 @@ impl Chain {
             poisoned: false,
             #[cfg(test)]
             crash_at: None,
-        })
+            #[cfg(test)]
+            merge_up: None,
+        };
+        // A delete that recorded its intent and stopped: finish it.
+        if let Some(index) = chain.manifest.layers.iter().position(|l| l.deleting) {
+            chain.finish_merge_up(index)?;
+        }
+        Ok(chain)
     }
 
     /// The volume's size in bytes.
@@ -286,6 +295,7 @@ impl Chain {
     /// Freezes the head as snapshot `name` and starts a new empty head; returns the snapshot.
     /// A snapshot of that name that exists already is returned as it is.
     pub fn snapshot(&mut self, name: &str) -> Result<SnapshotInfo, LayerError> {
+        self.usable()?;
         check_name(name)?;
         if let Ok(index) = self.snapshot_index(name) {
             return Ok(self.info(index));
@@ -296,6 +306,7 @@ impl Chain {
     /// Deletes snapshot `name`, merging what it alone holds into its child and freeing the
     /// rest. Deleting a snapshot that is not there is Ok.
     pub fn delete_snapshot(&mut self, name: &str) -> Result<(), LayerError> {
+        self.usable()?;
         let Ok(index) = self.snapshot_index(name) else {
             return Ok(());
         };
@@ -304,7 +315,10 @@ impl Chain {
 
     /// The snapshots, oldest first.
     pub fn list_snapshots(&self) -> Vec<SnapshotInfo> {
-        (0..self.head_index()).map(|i| self.info(i)).collect()
+        (0..self.head_index())
+            .filter(|&i| !self.manifest.layers[i].deleting)
+            .map(|i| self.info(i))
+            .collect()
     }
 
     /// Grows the volume to `new_size` bytes (the new bytes read as zeros). The same size is a
@@ -347,7 +361,7 @@ impl Chain {
     fn snapshot_index(&self, name: &str) -> Result<usize, LayerError> {
         self.manifest.layers[..self.head_index()]
             .iter()
-            .position(|l| l.name.as_deref() == Some(name))
+            .position(|l| !l.deleting && l.name.as_deref() == Some(name))
             .ok_or_else(|| LayerError::SnapshotNotFound {
                 name: name.to_string(),
                 path: self.dir.clone(),
@@ -364,16 +378,22 @@ impl Chain {
         }
     }
 
-    /// Runs a change; any error leaves the chain refusing further use.
-    fn guard<T>(
-        &mut self,
-        change: impl FnOnce(&mut Chain) -> Result<T, LayerError>,
-    ) -> Result<T, LayerError> {
+    /// Refuses a chain that failed in the middle of a change.
+    fn usable(&self) -> Result<(), LayerError> {
         if self.poisoned {
             return Err(LayerError::Poisoned {
                 path: self.dir.clone(),
             });
         }
+        Ok(())
+    }
+
+    /// Runs a change; any error leaves the chain refusing further use.
+    fn guard<T>(
+        &mut self,
+        change: impl FnOnce(&mut Chain) -> Result<T, LayerError>,
+    ) -> Result<T, LayerError> {
+        self.usable()?;
         let result = change(self);
         if result.is_err() {
             self.poisoned = true;
@@ -532,6 +552,7 @@ impl Chain {
             size,
             map: files::map_name(id + 1),
             map_digest: None,
+            deleting: false,
         };
         let map = Bitmap::new(blocks_of(size));
         let data = files::create_data(&self.dir.join(head.data_name()), size)?;
@@ -554,75 +575,6 @@ impl Chain {
         self.layers.push(Layer { data, map });
         self.head_map = map_file;
         Ok(self.info(old))
-    }
-
-    fn delete_inner(&mut self, index: usize) -> Result<(), LayerError> {
-        let child = index + 1;
-        let child_is_head = child == self.head_index();
-        if child_is_head {
-            self.flush_inner()?;
-        }
-        let moving = self.layers[index].map.minus(&self.layers[child].map);
-        self.copy_blocks(index, child, &moving)?;
-        self.crash_point("delete: blocks copied")?;
-
-        let mut next = self.manifest.clone();
-        let mut merged = self.layers[child].map.clone();
-        merged.union_with(&moving);
-        let mut replaced_map = None;
-        if child_is_head {
-            self.layers[child].map = merged;
-            self.flush_inner()?;
-        } else {
-            let name = files::map_name(next.next_id);
-            next.next_id += 1;
-            files::create_map(&self.dir.join(&name), &merged)?;
-            files::sync_dir(&self.dir)?;
-            let entry = &mut next.layers[child];
-            entry.map_digest = Some(files::digest(&merged));
-            replaced_map = Some(std::mem::replace(&mut entry.map, name));
-            merged.mark_clean();
-            self.layers[child].map = merged;
-        }
-        self.crash_point("delete: child map written")?;
-
-        let gone = next.layers.remove(index);
-        files::write_manifest(&self.dir, &next)?;
-        self.crash_point("delete: manifest written")?;
-
-        self.manifest = next;
-        self.layers.remove(index);
-        files::remove_file(&self.dir.join(gone.data_name()))?;
-        files::remove_file(&self.dir.join(&gone.map))?;
-        if let Some(old) = replaced_map {
-            files::remove_file(&self.dir.join(old))?;
-        }
-        files::sync_dir(&self.dir)
-    }
-
-    /// Copies the blocks of `blocks` from layer `from`'s data file into layer `to`'s, in runs
-    /// of at most [`COPY_CHUNK_BLOCKS`], and syncs `to`'s.
-    fn copy_blocks(&self, from: usize, to: usize, blocks: &Bitmap) -> Result<(), LayerError> {
-        let (from_path, to_path) = (self.data_path(from), self.data_path(to));
-        let mut buf = vec![0u8; (COPY_CHUNK_BLOCKS * BLOCK_SIZE) as usize];
-        let mut at = 0;
-        while let Some(start) = blocks.next_set(at) {
-            let stop = blocks.next_clear(start).min(start + COPY_CHUNK_BLOCKS);
-            let part = &mut buf[..((stop - start) * BLOCK_SIZE) as usize];
-            self.layers[from]
-                .data
-                .read_exact_at(part, start * BLOCK_SIZE)
-                .map_err(io_error("read", &from_path))?;
-            self.layers[to]
-                .data
-                .write_all_at(part, start * BLOCK_SIZE)
-                .map_err(io_error("write", &to_path))?;
-            at = stop;
-        }
-        self.layers[to]
-            .data
-            .sync_all()
-            .map_err(io_error("sync", &to_path))
     }
 
     fn grow_inner(&mut self, new_size: u64) -> Result<(), LayerError> {

@@ -160,6 +160,12 @@ fn a_trim_hides_older_layers_and_an_unflushed_write_never_resurfaces() {
 
 #[test]
 fn deleting_snapshots_merges_without_changing_any_view_and_frees_their_files() {
+    for up in [Some(false), Some(true), None] {
+        deleting_snapshots_merges(up);
+    }
+}
+
+fn deleting_snapshots_merges(up: Option<bool>) {
     let dir = temp();
     let mut chain = Chain::create(dir.path(), MIB).unwrap();
     chain.write(0, &pattern(1, 8 * BS as usize)).unwrap();
@@ -170,6 +176,7 @@ fn deleting_snapshots_merges_without_changing_any_view_and_frees_their_files() {
     chain.write(3 * BS, &pattern(3, 3 * BS as usize)).unwrap();
     chain.snapshot("s3").unwrap();
     chain.write(7 * BS, &pattern(4, BS as usize)).unwrap();
+    chain.merge_up = up;
     let len = 8 * BS as usize;
     let views: Vec<Vec<u8>> = ["s2", "s3"]
         .iter()
@@ -187,6 +194,12 @@ fn deleting_snapshots_merges_without_changing_any_view_and_frees_their_files() {
     assert!(chain.list_snapshots().is_empty());
     chain.delete_snapshot("s3").unwrap();
     assert_eq!(files_in(dir.path()).len(), expected_files(&chain));
+    // Up keeps the oldest layer's files, down the head's.
+    match up {
+        Some(true) => assert_eq!(chain.manifest.layers[0].id, 0),
+        Some(false) => assert_ne!(chain.manifest.layers[0].id, 0),
+        None => {}
+    }
     drop(chain);
     let chain = Chain::open(dir.path()).unwrap();
     assert_eq!(chain.read(0, len).unwrap(), head);
@@ -423,12 +436,17 @@ fn a_snapshot_stopped_at_any_step_leaves_the_old_or_new_chain_and_converges() {
 
 #[test]
 fn a_delete_stopped_at_any_step_leaves_the_old_or_new_chain_and_converges() {
+    let cases = [
+        (false, "delete: blocks copied"),
+        (false, "delete: child map written"),
+        (false, "delete: manifest written"),
+        (true, "delete: intent written"),
+        (true, "delete: blocks copied"),
+        (true, "delete: child map written"),
+        (true, "delete: manifest written"),
+    ];
     for victim in ["a", "b"] {
-        for point in [
-            "delete: blocks copied",
-            "delete: child map written",
-            "delete: manifest written",
-        ] {
+        for (up, point) in cases {
             let dir = temp();
             chain_on_disk(dir.path());
             let mut chain = Chain::open(dir.path()).unwrap();
@@ -442,14 +460,21 @@ fn a_delete_stopped_at_any_step_leaves_the_old_or_new_chain_and_converges() {
             let chain = crash_then_retry(
                 dir.path(),
                 point,
-                |c| c.delete_snapshot(victim),
+                |c| {
+                    c.merge_up = Some(up);
+                    c.delete_snapshot(victim)
+                },
                 |c| {
                     let now = views(c);
-                    assert!(now == old || now == new, "{victim} {point}: a mix");
+                    assert!(now == old || now == new, "{victim} {up} {point}: a mix");
                 },
             );
             snaps.retain(|(name, _)| name != victim);
-            assert_eq!(views(&chain), (head.clone(), snaps), "{victim} {point}");
+            assert_eq!(
+                views(&chain),
+                (head.clone(), snaps),
+                "{victim} {up} {point}"
+            );
         }
     }
 }
@@ -536,7 +561,7 @@ enum Op {
     Write { offset: u64, len: usize, seed: u8 },
     Trim { offset: u64, len: u64 },
     Snapshot,
-    Delete(usize),
+    Delete(usize, Option<bool>),
     ReadAt(usize, u64, usize),
     Reopen,
     Grow(u64),
@@ -549,7 +574,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(offset, len, seed)| Op::Write { offset, len, seed }),
         2 => (0..span, 1..4 * BS).prop_map(|(offset, len)| Op::Trim { offset, len }),
         2 => Just(Op::Snapshot),
-        2 => any::<usize>().prop_map(Op::Delete),
+        2 => (any::<usize>(), any::<Option<bool>>()).prop_map(|(i, up)| Op::Delete(i, up)),
         1 => (any::<usize>(), 0..span, 1..2 * BS as usize).prop_map(|(s, o, l)| Op::ReadAt(s, o, l)),
         1 => Just(Op::Reopen),
         1 => (0..3u64).prop_map(Op::Grow),
@@ -588,8 +613,9 @@ fn apply(chain: &mut Chain, model: &mut Model, op: &Op, dir: &Path) {
             chain.snapshot(&name).unwrap();
             model.snaps.push((name, model.head.clone()));
         }
-        Op::Delete(i) if !model.snaps.is_empty() => {
+        Op::Delete(i, up) if !model.snaps.is_empty() => {
             let (name, _) = model.snaps.remove(i % model.snaps.len());
+            chain.merge_up = *up;
             chain.delete_snapshot(&name).unwrap();
         }
         Op::ReadAt(i, offset, len) if !model.snaps.is_empty() => {
@@ -609,7 +635,7 @@ fn apply(chain: &mut Chain, model: &mut Model, op: &Op, dir: &Path) {
             chain.grow(size as u64).unwrap();
             model.head.resize(size, 0);
         }
-        Op::Delete(_) | Op::ReadAt(..) => {}
+        Op::Delete(..) | Op::ReadAt(..) => {}
     }
 }
 
