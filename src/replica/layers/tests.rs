@@ -558,12 +558,21 @@ fn snapshot_time_does_not_grow_with_the_volume() {
 /// What the proptest does to a chain and to the model.
 #[derive(Clone, Debug)]
 enum Op {
-    Write { offset: u64, len: usize, seed: u8 },
-    Trim { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        len: usize,
+        seed: u8,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+    },
     Snapshot,
     Delete(usize, Option<bool>),
     ReadAt(usize, u64, usize),
     Reopen,
+    /// Reopened without a flush: each block reads as at the last flush or as now.
+    Crash,
     Grow(u64),
 }
 
@@ -577,6 +586,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<usize>(), any::<Option<bool>>()).prop_map(|(i, up)| Op::Delete(i, up)),
         1 => (any::<usize>(), 0..span, 1..2 * BS as usize).prop_map(|(s, o, l)| Op::ReadAt(s, o, l)),
         1 => Just(Op::Reopen),
+        1 => Just(Op::Crash),
         1 => (0..3u64).prop_map(Op::Grow),
     ]
 }
@@ -584,6 +594,8 @@ fn op() -> impl Strategy<Value = Op> {
 /// The model: the head's bytes and each snapshot's, oldest first.
 struct Model {
     head: Vec<u8>,
+    /// The head's bytes at the last flush.
+    flushed: Vec<u8>,
     snaps: Vec<(String, Vec<u8>)>,
     named: usize,
 }
@@ -612,9 +624,15 @@ fn apply(chain: &mut Chain, model: &mut Model, op: &Op, dir: &Path) {
             let name = format!("s{}", model.named);
             chain.snapshot(&name).unwrap();
             model.snaps.push((name, model.head.clone()));
+            model.flushed = model.head.clone();
         }
         Op::Delete(i, up) if !model.snaps.is_empty() => {
-            let (name, _) = model.snaps.remove(i % model.snaps.len());
+            let index = i % model.snaps.len();
+            if index == model.snaps.len() - 1 {
+                // Merging into the head flushes it first.
+                model.flushed = model.head.clone();
+            }
+            let (name, _) = model.snaps.remove(index);
             chain.merge_up = *up;
             chain.delete_snapshot(&name).unwrap();
         }
@@ -629,18 +647,46 @@ fn apply(chain: &mut Chain, model: &mut Model, op: &Op, dir: &Path) {
         Op::Reopen => {
             chain.flush().unwrap();
             *chain = Chain::open(dir).unwrap();
+            model.flushed = model.head.clone();
+        }
+        Op::Crash => {
+            *chain = Chain::open(dir).unwrap();
+            let got = chain.read(0, model.head.len()).unwrap();
+            let blocks = got.chunks(BS as usize).zip(model.head.chunks(BS as usize));
+            for (i, (got, now)) in blocks.enumerate() {
+                let then = &model.flushed[i * BS as usize..][..BS as usize];
+                assert!(
+                    got == now || got == then,
+                    "block {i} is neither as flushed nor as now"
+                );
+            }
+            model.head = got.clone();
+            model.flushed = got;
         }
         Op::Grow(blocks) => {
             let size = model.head.len() + (*blocks * BS) as usize;
             chain.grow(size as u64).unwrap();
             model.head.resize(size, 0);
+            model.flushed.resize(size, 0);
         }
         Op::Delete(..) | Op::ReadAt(..) => {}
     }
 }
 
+/// Panics at the first byte where `got` and `want` differ (not with 64 KiB of both).
+fn same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!("{what}: byte {i} is {}, the model has {}", got[i], want[i]);
+    }
+}
+
 fn check(chain: &Chain, model: &Model) {
-    assert_eq!(chain.read(0, model.head.len()).unwrap(), model.head);
+    same(
+        &chain.read(0, model.head.len()).unwrap(),
+        &model.head,
+        "head",
+    );
     let names: Vec<String> = chain.list_snapshots().into_iter().map(|s| s.name).collect();
     let model_names: Vec<String> = model.snaps.iter().map(|(n, _)| n.clone()).collect();
     assert_eq!(names, model_names);
@@ -665,13 +711,18 @@ proptest! {
         let dir = temp();
         let size = 16 * BS;
         let mut chain = Chain::create(dir.path(), size).unwrap();
-        let mut model = Model { head: vec![0; size as usize], snaps: vec![], named: 0 };
+        let mut model = Model {
+            head: vec![0; size as usize],
+            flushed: vec![0; size as usize],
+            snaps: vec![],
+            named: 0,
+        };
         for op in &ops {
             apply(&mut chain, &mut model, op, dir.path());
             check(&chain, &model);
         }
         for (name, bytes) in &model.snaps {
-            prop_assert_eq!(&chain.read_at_snapshot(name, 0, bytes.len()).unwrap(), bytes);
+            same(&chain.read_at_snapshot(name, 0, bytes.len()).unwrap(), bytes, name);
         }
         chain.flush().unwrap();
         drop(chain);
