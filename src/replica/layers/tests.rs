@@ -206,6 +206,39 @@ fn deleting_snapshots_merges(up: Option<bool>) {
     assert_eq!(chain.layers[0].map.count(), 8);
 }
 
+/// The bytes the files in `dir` take on disk.
+fn allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+        .sum()
+}
+
+#[test]
+fn deleting_a_snapshot_frees_the_space_its_child_shadows() {
+    for up in [false, true] {
+        let dir = temp();
+        let mut chain = Chain::create(dir.path(), 16 * MIB).unwrap();
+        chain.write(0, &pattern(1, 4 * MIB as usize)).unwrap();
+        chain.snapshot("old").unwrap();
+        chain.write(0, &pattern(2, 4 * MIB as usize)).unwrap();
+        chain.flush().unwrap();
+        let before = allocated(dir.path());
+        chain.merge_up = Some(up);
+        chain.delete_snapshot("old").unwrap();
+        let after = allocated(dir.path());
+        assert!(
+            before - after >= 4 * MIB - 64 * 1024,
+            "up {up}: {before} -> {after}"
+        );
+        assert_eq!(
+            chain.read(0, 4 * MIB as usize).unwrap(),
+            pattern(2, 4 * MIB as usize)
+        );
+    }
+}
+
 #[test]
 fn growing_adds_zeros_and_older_snapshots_keep_their_size() {
     let dir = temp();
