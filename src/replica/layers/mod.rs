@@ -354,6 +354,18 @@ impl Chain {
         Ok(Extents::new(union))
     }
 
+    /// The byte ranges the layer itself holds: snapshot `name`'s, or the head's (`None`), in
+    /// order and coalesced; those the view gets from older layers are not among them. Copying
+    /// each snapshot's own ranges (read from its view) into a new chain's head and taking the
+    /// snapshot there, oldest first, then the head's, rebuilds the chain with every view.
+    pub fn layer_extents(&self, snapshot: Option<&str>) -> Result<Extents, LayerError> {
+        let index = match snapshot {
+            Some(name) => self.snapshot_index(name)?,
+            None => self.head_index(),
+        };
+        Ok(Extents::new(self.layers[index].map.clone()))
+    }
+
     fn head_index(&self) -> usize {
         self.layers.len() - 1
     }

@@ -283,6 +283,44 @@ fn extents_are_the_coalesced_union_of_the_views_layers() {
 }
 
 #[test]
+fn a_chain_copied_layer_by_layer_has_every_view() {
+    let (from, to) = (temp(), temp());
+    let mut source = Chain::create(from.path(), MIB).unwrap();
+    source.write(0, &pattern(1, 8 * BS as usize)).unwrap();
+    source.snapshot("a").unwrap();
+    source.trim(2 * BS, 2 * BS).unwrap();
+    source.write(6 * BS + 5, &pattern(2, 100)).unwrap();
+    source.snapshot("b").unwrap();
+    source.write(BS, &pattern(3, BS as usize)).unwrap();
+
+    let mut copy = Chain::create(to.path(), MIB).unwrap();
+    let layers: Vec<Option<String>> = source
+        .list_snapshots()
+        .into_iter()
+        .map(|s| Some(s.name))
+        .chain([None])
+        .collect();
+    for layer in &layers {
+        for (offset, len) in source.layer_extents(layer.as_deref()).unwrap() {
+            let bytes = match layer {
+                Some(name) => source.read_at_snapshot(name, offset, len as usize),
+                None => source.read(offset, len as usize),
+            };
+            copy.write(offset, &bytes.unwrap()).unwrap();
+        }
+        if let Some(name) = layer {
+            copy.snapshot(name).unwrap();
+        }
+    }
+    let (head, snaps) = views(&source);
+    assert_eq!(views(&copy), (head, snaps));
+    assert_eq!(
+        source.layer_extents(Some("b")).unwrap().collect::<Vec<_>>(),
+        vec![(2 * BS, 2 * BS), (6 * BS, BS)]
+    );
+}
+
+#[test]
 fn bad_requests_are_errors() {
     let dir = temp();
     assert!(matches!(
