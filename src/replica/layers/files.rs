@@ -26,6 +26,7 @@ const MAP_PREFIX: &str = "map-";
 
 /// The manifest's contents.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub(super) struct Manifest {
     pub format_version: u32,
     pub block_size: u64,
@@ -39,6 +40,7 @@ pub(super) struct Manifest {
 
 /// One layer in the manifest.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub(super) struct LayerEntry {
     pub id: u64,
     /// The snapshot's name; None for the head.

@@ -9,10 +9,10 @@
 //! layer holding it (zeros if none) and reads each run of blocks of one layer in one pread.
 //! A snapshot's own view is the same resolution stopped at that layer.
 //!
-//! Why 4 KiB blocks: it is the page size and the block size of ext4, of the filesystems put on
-//! the volume and of the kernel's nbd device, so their writes cover whole blocks and never
-//! need the old contents copied up from older layers (partial blocks are handled, just
-//! slower); the map is 32 KiB per GiB (2 MiB for 64 GiB), small enough to keep in memory for
+//! Why 4 KiB blocks: it is the page size, ext4's block size (on the node's disk and as the
+//! volume's filesystem) and the preferred block size the engine's NBD export advertises, so
+//! writes cover whole blocks and need no old contents copied up from older layers (partial
+//! blocks are handled, by a read-modify-write of the edge blocks); the map is 32 KiB per GiB (2 MiB for 64 GiB), small enough to keep in memory for
 //! every layer and to write at a flush only where it changed. Volume sizes are multiples of
 //! the block size (Palisade rounds them to MiB).
 //!

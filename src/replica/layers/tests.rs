@@ -386,6 +386,10 @@ fn malformed_files_are_errors_naming_them() {
 
     std::fs::write(&manifest_path, b"{ torn").unwrap();
     assert!(open_error(dir.path()).contains("chain.json is malformed"));
+    let mut unknown: serde_json::Value = serde_json::from_slice(&good).unwrap();
+    unknown["layers"][0]["reflink"] = true.into();
+    std::fs::write(&manifest_path, unknown.to_string()).unwrap();
+    assert!(open_error(dir.path()).contains("chain.json is malformed"));
     let edits: Vec<fn(&mut Manifest)> = vec![
         |m| m.format_version = 9,
         |m| m.block_size = 512,
