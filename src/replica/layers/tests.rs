@@ -630,6 +630,54 @@ fn snapshot_time_does_not_grow_with_the_volume() {
     );
 }
 
+/// A small deterministic generator (an LCG), for scattering blocks without a dependency.
+fn scatter(seed: &mut u64, below: u64) -> u64 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (*seed >> 33) % below
+}
+
+/// The time of `reads` random 4 KiB reads of `chain`.
+fn random_reads(chain: &Chain, reads: usize) -> Duration {
+    let blocks = chain.size() / BS;
+    let mut seed = 7;
+    let started = Instant::now();
+    for _ in 0..reads {
+        let block = scatter(&mut seed, blocks);
+        chain.read(block * BS, BS as usize).unwrap();
+    }
+    started.elapsed()
+}
+
+#[test]
+fn random_reads_through_ten_snapshots_cost_about_as_much_as_through_none() {
+    // 64 MiB; ten rounds of 10% of the blocks written at random, a snapshot after each in
+    // one chain, all in the head of the other; then the same 20 000 random 4 KiB reads.
+    let (flat_dir, deep_dir) = (temp(), temp());
+    let size = 64 * MIB;
+    let mut flat = Chain::create(flat_dir.path(), size).unwrap();
+    let mut deep = Chain::create(deep_dir.path(), size).unwrap();
+    let mut seed = 1;
+    let block = pattern(5, BS as usize);
+    for round in 0..10 {
+        for _ in 0..size / BS / 10 {
+            let at = scatter(&mut seed, size / BS) * BS;
+            flat.write(at, &block).unwrap();
+            deep.write(at, &block).unwrap();
+        }
+        deep.snapshot(&format!("s{round}")).unwrap();
+    }
+    flat.flush().unwrap();
+    let base = random_reads(&flat, 20_000);
+    let chained = random_reads(&deep, 20_000);
+    println!("20 000 random 4 KiB reads: no snapshot {base:?}, ten snapshots {chained:?}");
+    assert!(
+        chained < base * 3 + Duration::from_millis(200),
+        "{base:?} vs {chained:?}"
+    );
+}
+
 /// What the proptest does to a chain and to the model.
 #[derive(Clone, Debug)]
 enum Op {
