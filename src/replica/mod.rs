@@ -20,6 +20,7 @@ pub mod agent;
 pub mod client;
 pub mod extents;
 pub mod io;
+pub mod layers;
 pub mod server;
 pub mod token;
 pub mod wire;
