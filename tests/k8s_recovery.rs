@@ -13,8 +13,10 @@
 //! - `immediate`: the pod is evicted and left Terminating; attached ≤ 5 s after the
 //!   replacement pod exists;
 //! - `wait`: the same; attached ≤ 5 s after the old pod's grace period is over;
-//! - node-down-pod-deletion-policy `delete-deployment-pod` with the policy `never`: Palisade
-//!   force-deletes the Terminating pod after its grace period, then the seed case follows;
+//! - node-down-pod-deletion-policy `delete-deployment-pod` with the policy `never`, and
+//!   `delete-statefulset-pod` with a StatefulSet's pod: Palisade force-deletes the
+//!   Terminating pod after its grace period, then the seed case follows (attached ≤ 5 s
+//!   after the grace period);
 //! - node-down-failover-seconds with every control-plane timing at its default: nobody
 //!   does anything, and the replacement runs ≤ 60 s after the node's death;
 //! - the out-of-service taint with Palisade's recovery controller off: Kubernetes' own way
@@ -287,6 +289,41 @@ async fn the_pod_deletion_policy_force_deletes_a_deployments_pod_on_a_dead_node_
                     e.api::<Pod>().get_opt(&old).await.unwrap().is_none(),
                     "the old pod is gone"
                 );
+            })
+        },
+    )
+    .await;
+}
+
+/// node-down-pod-deletion-policy `delete-statefulset-pod`, with the default `wait` policy: a
+/// StatefulSet recreates `writer-0` only once the old one is gone, which its dead kubelet
+/// never confirms; Palisade force-deletes it after its grace period, and the new `writer-0`
+/// (same name, new uid) gets the volume on another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pod_deletion_policy_force_deletes_a_statefulsets_pod_on_a_dead_node_after_its_grace_period(
+) {
+    let scenario = Scenario {
+        settings: vec![(
+            "node-down-pod-deletion-policy",
+            "delete-statefulset-pod".into(),
+        )],
+        workload: failover::Workload::StatefulSet,
+        goal: Some((GOAL, From::GraceOver, Until::Attached)),
+        ..Scenario::new(Trigger::Evicted { grace_s: 10 })
+    };
+    run(
+        "k8s_recovery::the_pod_deletion_policy_force_deletes_a_statefulsets_pod_on_a_dead_node_after_its_grace_period",
+        failover::fast_node_monitor(),
+        vec![],
+        scenario,
+        |e, outcome| {
+            Box::pin(async move {
+                let r = reasons(e).await;
+                assert_eq!(count(&r, "PodForceDeleted"), 2, "on the pod and the claim: {r:?}");
+                let old = outcome.old_pod.metadata.name.clone().unwrap();
+                assert_eq!(old, "writer-0");
+                let now = e.api::<Pod>().get(&old).await.expect("the new writer-0");
+                assert_ne!(now.metadata.uid, outcome.old_pod.metadata.uid, "a new pod");
             })
         },
     )

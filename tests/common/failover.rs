@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::cluster;
 use super::e2e::*;
 use super::kubelet::{attachment_name, Container};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Event, Node, PersistentVolume, Pod};
 use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttachment};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -83,12 +83,22 @@ pub fn write_once_container(log: Log) -> Container {
     })
 }
 
-/// A Deployment of one pod with the claim mounted as its volume `data`, writing `marker`.
-/// With `tolerate_s`, the pods tolerate an unreachable or not-ready node only that long
-/// (default 300 s), so that they are evicted (Terminating, never confirmed) soon after; with
-/// `grace_s`, that is their termination grace period (default 30 s).
-pub async fn create_deployment(
+/// The workload that owns the pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// A Deployment (its ReplicaSet replaces an evicted pod at once, under a new name).
+    Deployment,
+    /// A StatefulSet (it recreates `writer-0` only once the old one is gone).
+    StatefulSet,
+}
+
+/// A Deployment or StatefulSet of one pod with the claim mounted as its volume `data`,
+/// writing `marker`. With `tolerate_s`, the pods tolerate an unreachable or not-ready node
+/// only that long (default 300 s), so that they are evicted (Terminating, never confirmed)
+/// soon after; with `grace_s`, that is their termination grace period (default 30 s).
+pub async fn create_workload(
     e: &E2e,
+    workload: Workload,
     claim: &str,
     marker: &str,
     tolerate_s: Option<u32>,
@@ -114,26 +124,49 @@ pub async fn create_deployment(
     if let Some(g) = grace_s {
         spec["terminationGracePeriodSeconds"] = json!(g);
     }
-    let deployment: Deployment = serde_json::from_value(json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": { "name": APP },
-        "spec": {
-            "replicas": 1,
-            "selector": { "matchLabels": { "app": APP } },
-            // RWO: the old pod must go before the new one starts.
-            "strategy": { "type": "Recreate" },
-            "template": {
-                "metadata": { "labels": { "app": APP }, "annotations": { WRITE: marker } },
-                "spec": spec,
-            },
-        },
-    }))
-    .expect("a Deployment");
-    e.api::<Deployment>()
-        .create(&PostParams::default(), &deployment)
-        .await
-        .expect("create the Deployment");
+    let template = json!({
+        "metadata": { "labels": { "app": APP }, "annotations": { WRITE: marker } },
+        "spec": spec,
+    });
+    match workload {
+        Workload::Deployment => {
+            let deployment: Deployment = serde_json::from_value(json!({
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": { "name": APP },
+                "spec": {
+                    "replicas": 1,
+                    "selector": { "matchLabels": { "app": APP } },
+                    // RWO: the old pod must go before the new one starts.
+                    "strategy": { "type": "Recreate" },
+                    "template": template,
+                },
+            }))
+            .expect("a Deployment");
+            e.api::<Deployment>()
+                .create(&PostParams::default(), &deployment)
+                .await
+                .expect("create the Deployment");
+        }
+        Workload::StatefulSet => {
+            let set: StatefulSet = serde_json::from_value(json!({
+                "apiVersion": "apps/v1",
+                "kind": "StatefulSet",
+                "metadata": { "name": APP },
+                "spec": {
+                    "replicas": 1,
+                    "serviceName": APP,
+                    "selector": { "matchLabels": { "app": APP } },
+                    "template": template,
+                },
+            }))
+            .expect("a StatefulSet");
+            e.api::<StatefulSet>()
+                .create(&PostParams::default(), &set)
+                .await
+                .expect("create the StatefulSet");
+        }
+    }
 }
 
 /// The Deployment's pods, and those not being deleted.
@@ -230,6 +263,8 @@ pub struct Scenario {
     pub must_finish: bool,
     /// SIGSTOP the node's Palisade process instead of SIGKILL, so that it can come back.
     pub freeze: bool,
+    /// What owns the pod.
+    pub workload: Workload,
     /// The Palisade controller runs with `--crash-after-recovery-fence` (it exits, as a kill
     /// -9 stops it, right after its recovery pass has fenced the volume and before it deletes
     /// anything); once it has, it is started again without.
@@ -246,6 +281,7 @@ impl Scenario {
             deadline: Duration::from_secs(240),
             must_finish: true,
             freeze: false,
+            workload: Workload::Deployment,
             crash_after_fence: false,
         }
     }
@@ -379,7 +415,15 @@ pub async fn failover(e: &mut E2e, scenario: &Scenario, log: &Log) -> Outcome {
         Trigger::Evicted { grace_s } => (Some(2), Some(grace_s)),
         _ => (None, None),
     };
-    create_deployment(e, "data", "written before the node died", tolerate, grace).await;
+    create_workload(
+        e,
+        scenario.workload,
+        "data",
+        "written before the node died",
+        tolerate,
+        grace,
+    )
+    .await;
     let first: Pod = eventually("the Deployment's pod Running", 120, || async {
         let pods = app_pods(e).await;
         match pods.as_slice() {
