@@ -385,8 +385,9 @@ async fn recovery_against_a_real_api_server() {
         ..DeleteParams::default()
     };
     cluster.api::<Pod>().delete("db-0", &grace).await.unwrap();
-    // A volume that moved to third under a running pod on alive, and a bare pod on it too.
-    cluster.volume("moved", None, None).await;
+    // A volume that moved to third under a running pod on alive, and a bare pod on it too;
+    // its VolumeAttachment on alive still says attached.
+    cluster.volume("moved", None, Some("alive")).await;
     cluster
         .pod(
             "app",
@@ -443,6 +444,10 @@ async fn recovery_against_a_real_api_server() {
     let pods = cluster.api::<Pod>();
     assert!(cluster.exists(&vas, "va-seed").await.is_none(), "va-seed");
     assert!(cluster.exists(&vas, "va-sts").await.is_none(), "va-sts");
+    assert!(
+        cluster.exists(&vas, "va-moved").await.is_none(),
+        "the moved volume's stale VolumeAttachment on alive, with the pod it was deleted for"
+    );
     assert!(
         cluster.exists(&pods, "db-0").await.is_none(),
         "db-0 force-deleted"

@@ -365,17 +365,36 @@ pub fn plan(
         );
         match decision {
             DetachedDecision::Keep => {}
-            DetachedDecision::Delete { volume, why } => plan.deletes.push(RemovePod {
-                pod: pod.clone(),
-                needs: vec![],
-                claims: claims_of(pod),
-                why: format!(
+            DetachedDecision::Delete { volume, why } => {
+                let why = format!(
                     "auto-delete-pod-when-volume-detached-unexpectedly: {}; deleted so that its controller recreates it",
                     why.describe(&volume, node)
-                ),
-                volume: Some(volume),
-                needs_taint: false,
-            }),
+                );
+                // The VolumeAttachment there still says attached, with the publish context of
+                // an attachment that is gone or fenced: a replacement on the same node would
+                // stage with it. Deleted too, so that the volume is published afresh (a new
+                // epoch) wherever the replacement lands.
+                for va in view.attachments.iter().filter(|a| {
+                    a.node == node && !a.deleting && pod.volumes.contains(&a.pv)
+                }) {
+                    if removing.insert(va.name.clone()) {
+                        plan.attachments.push(RemoveAttachment {
+                            va: va.clone(),
+                            volume: volume.clone(),
+                            needs: vec![],
+                            why: why.clone(),
+                        });
+                    }
+                }
+                plan.deletes.push(RemovePod {
+                    pod: pod.clone(),
+                    needs: vec![],
+                    claims: claims_of(pod),
+                    why,
+                    volume: Some(volume),
+                    needs_taint: false,
+                });
+            }
             DetachedDecision::Bare { volume, why } => plan.notices.push(Notice {
                 key: Some(format!("bare-pod/{}", pod.key())),
                 signature: format!("{volume} {why:?}"),

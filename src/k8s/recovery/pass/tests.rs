@@ -370,6 +370,20 @@ fn a_pod_whose_volume_moved_under_it_is_planned_for_deletion_and_a_bare_one_repo
     );
     assert_eq!(plan.notices.len(), 1);
     assert_eq!(plan.notices[0].reason, "PodNotDeleted");
+    // Its VolumeAttachment on its own node, stale, goes with it (without a fence: the
+    // attachment there is gone or fenced already); the one on the down node a is the
+    // recovery policy's.
+    let mut with_va = view_of(vec![pod("app", Some("b"), Phase::Running, "pvc-1")]);
+    let mut stale = with_va.attachments[0].clone();
+    stale.name = "csi-b".into();
+    stale.node = "b".into();
+    with_va.attachments.push(stale);
+    let p = super::plan(&with_va, &stored, &Settings::default(), NOW);
+    let on_b: Vec<&RemoveAttachment> = p.attachments.iter().filter(|a| a.va.node == "b").collect();
+    assert_eq!(on_b.len(), 1, "{:?}", p.attachments);
+    assert_eq!(on_b[0].va.name, "csi-b");
+    assert!(on_b[0].needs.is_empty());
+    assert_eq!(p.deletes.len(), 1);
     let off = Settings {
         auto_delete_pod_when_volume_detached_unexpectedly: false,
         ..Settings::default()
