@@ -22,7 +22,10 @@
 //! - the out-of-service taint with Palisade's recovery controller off: Kubernetes' own way
 //!   works with Palisade (ControllerUnpublish of the down node succeeds after fencing);
 //! - kill -9 of the Palisade controller in the middle of a recovery: it converges after the
-//!   restart, deleting nothing twice.
+//!   restart, deleting nothing twice;
+//! - auto-delete-pod-when-volume-detached-unexpectedly: a running pod whose volume an
+//!   operator force-detaches is deleted with its stale VolumeAttachment, and its replacement
+//!   is published afresh and finds the data.
 //!
 //! Except where said, kube-controller-manager runs with `--node-monitor-grace-period=20s`
 //! (default 50 s) and `--node-monitor-period=1s` (default 5 s) so that the Node goes NotReady
@@ -450,4 +453,91 @@ async fn a_controller_killed_in_the_middle_of_a_recovery_converges_after_its_res
         },
     )
     .await;
+}
+
+/// auto-delete-pod-when-volume-detached-unexpectedly (on by default): an operator
+/// force-detaches the volume of a running Deployment pod (`palisade ctl volume detach --force
+/// ID`); Palisade deletes the pod and its stale VolumeAttachment, and the replacement is
+/// published afresh (a higher epoch), mounts the volume and finds the data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_whose_volume_is_detached_under_it_is_restarted_on_the_volume() {
+    let test = "k8s_recovery::a_pod_whose_volume_is_detached_under_it_is_restarted_on_the_volume";
+    let _one = ONE_AT_A_TIME.lock().await;
+    let log: Log = Arc::default();
+    let Some(e) = E2e::start_with(
+        test,
+        failover::fast_node_monitor(),
+        vec![],
+        failover::write_once_container(log.clone()),
+    )
+    .await
+    else {
+        return;
+    };
+    e.run(move |e| Box::pin(detached_under_its_pod(e, log)))
+        .await;
+}
+
+async fn detached_under_its_pod(e: &mut E2e, log: Log) {
+    failover::storage_class(e, None).await;
+    e.create_claim("data", "palisade-2").await;
+    failover::create_workload(
+        e,
+        failover::Workload::Deployment,
+        "data",
+        "written before the detach",
+        None,
+        None,
+    )
+    .await;
+    let pods = e.api::<Pod>();
+    let selector = kube::api::ListParams::default().labels(&format!("app={}", failover::APP));
+    let (pods, selector) = (&pods, &selector);
+    let first = eventually("the Deployment's pod Running", 120, || async move {
+        let listed = pods.list(selector).await.map_err(|e| e.to_string())?.items;
+        match listed.as_slice() {
+            [p] if failover::is_running(p) => Ok(p.clone()),
+            other => Err(format!("{} pods", other.len())),
+        }
+    })
+    .await;
+    let pv = e.bound_volume("data").await;
+    let (handle, _) = volume_handle(&pv);
+    let before = e.volumes()[0].clone();
+    let old_epoch = before["attachment"]["epoch"].as_u64().expect("an epoch");
+    e.step("the pod runs and wrote; the operator force-detaches its volume");
+    e.cluster.ctl_ok(&["volume", "detach", "--force", &handle]);
+    let old_uid = first.metadata.uid.clone();
+    let old_uid = &old_uid;
+    let replacement = eventually("the replacement pod Running", 120, || async move {
+        let listed = pods.list(selector).await.map_err(|e| e.to_string())?.items;
+        listed
+            .into_iter()
+            .find(|p| &p.metadata.uid != old_uid && failover::is_running(p))
+            .ok_or_else(|| "not yet".to_string())
+    })
+    .await;
+    e.step(&format!(
+        "the replacement runs on {}",
+        failover::node_of(&replacement).unwrap_or_default()
+    ));
+    let entries = log.lock().unwrap().clone();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert_eq!(entries[1].1, "verified", "the replacement found the data");
+    let r = reasons(e).await;
+    assert_eq!(
+        count(&r, "PodDeleted"),
+        2,
+        "on the pod and the claim: {r:?}"
+    );
+    let after = e.volumes()[0].clone();
+    assert_eq!(
+        after["attachment"]["node_id"].as_str(),
+        failover::node_of(&replacement).as_deref(),
+        "{after:#}"
+    );
+    assert!(
+        after["attachment"]["epoch"].as_u64().expect("an epoch") > old_epoch,
+        "published afresh: {after:#}"
+    );
 }

@@ -366,7 +366,7 @@ pub struct Outcome {
 }
 
 /// The StorageClass `palisade-2`: 2 replicas, ext4, WaitForFirstConsumer, with `policy`.
-async fn storage_class(e: &E2e, policy: Option<&str>) {
+pub async fn storage_class(e: &E2e, policy: Option<&str>) {
     let mut parameters = json!({
         "numberOfReplicas": "2",
         "csi.storage.k8s.io/fstype": "ext4",
