@@ -18,6 +18,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod durable;
 pub mod extents;
 pub mod io;
 pub mod layers;
@@ -26,7 +27,7 @@ pub mod token;
 pub mod wire;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -501,9 +502,17 @@ fn exists(path: &Path) -> Result<bool, ReplicaError> {
 }
 
 fn sync_dir(path: &Path) -> Result<(), ReplicaError> {
-    File::open(path)
-        .and_then(|dir| dir.sync_all())
-        .map_err(io_error("sync directory", path))
+    durable::sync_dir(path).map_err(ReplicaError::from)
+}
+
+impl From<durable::FileError> for ReplicaError {
+    fn from(e: durable::FileError) -> ReplicaError {
+        ReplicaError::Io {
+            action: e.action,
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 /// Creates the directory `path` if it is missing, durably (its parent is synced).
@@ -547,26 +556,7 @@ fn write_json_atomically(
     name: &str,
     value: &impl Serialize,
 ) -> Result<(), ReplicaError> {
-    let path = dir.join(name);
-    let temp = dir.join(format!(".{name}.tmp"));
-    let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| ReplicaError::Io {
-        action: "encode",
-        path: path.clone(),
-        source: std::io::Error::other(e),
-    })?;
-    bytes.push(b'\n');
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)
-        .map_err(io_error("create", &temp))?;
-    file.write_all(&bytes).map_err(io_error("write", &temp))?;
-    file.sync_all().map_err(io_error("sync", &temp))?;
-    drop(file);
-    fs::rename(&temp, &path).map_err(io_error("rename into place", &temp))?;
-    sync_dir(dir)
+    durable::replace_json(dir, name, value).map_err(ReplicaError::from)
 }
 
 fn write_metadata(replica: &ReplicaDir) -> Result<(), ReplicaError> {

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -94,9 +94,17 @@ pub(super) fn invalid(path: &Path, reason: impl Into<String>) -> LayerError {
 }
 
 pub(super) fn sync_dir(path: &Path) -> Result<(), LayerError> {
-    File::open(path)
-        .and_then(|dir| dir.sync_all())
-        .map_err(io_error("sync directory", path))
+    crate::replica::durable::sync_dir(path).map_err(LayerError::from)
+}
+
+impl From<crate::replica::durable::FileError> for LayerError {
+    fn from(e: crate::replica::durable::FileError) -> LayerError {
+        LayerError::Io {
+            action: e.action,
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 /// The digest a frozen layer's map is recorded with.
@@ -194,26 +202,7 @@ fn valid_map_name(name: &str, next_id: u64) -> bool {
 
 /// Replaces the manifest in `dir` with `manifest`, atomically and durably.
 pub(super) fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), LayerError> {
-    let path = dir.join(MANIFEST);
-    let temp = dir.join(format!(".{MANIFEST}.tmp"));
-    let mut bytes = serde_json::to_vec_pretty(manifest).map_err(|e| LayerError::Io {
-        action: "encode",
-        path: path.clone(),
-        source: io::Error::other(e),
-    })?;
-    bytes.push(b'\n');
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)
-        .map_err(io_error("create", &temp))?;
-    file.write_all(&bytes).map_err(io_error("write", &temp))?;
-    file.sync_all().map_err(io_error("sync", &temp))?;
-    drop(file);
-    fs::rename(&temp, &path).map_err(io_error("rename into place", &temp))?;
-    sync_dir(dir)
+    crate::replica::durable::replace_json(dir, MANIFEST, manifest).map_err(LayerError::from)
 }
 
 /// Creates (or truncates: a name the manifest does not list holds nothing of value) a sparse
