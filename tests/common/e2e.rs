@@ -200,15 +200,24 @@ impl E2e {
 
     /// A StorageClass of `replicas` replicas, WaitForFirstConsumer, ext4, reclaim Delete.
     pub async fn storage_class(&self, name: &str, replicas: u32) {
+        self.storage_class_with(name, replicas, &[]).await;
+    }
+
+    /// As [`E2e::storage_class`], with `extra` parameters.
+    pub async fn storage_class_with(&self, name: &str, replicas: u32, extra: &[(&str, &str)]) {
+        let mut parameters = json!({
+            "numberOfReplicas": replicas.to_string(),
+            "csi.storage.k8s.io/fstype": "ext4",
+        });
+        for (key, value) in extra {
+            parameters[*key] = json!(value);
+        }
         let class: StorageClass = serde_json::from_value(json!({
             "apiVersion": "storage.k8s.io/v1",
             "kind": "StorageClass",
             "metadata": { "name": name },
             "provisioner": DRIVER,
-            "parameters": {
-                "numberOfReplicas": replicas.to_string(),
-                "csi.storage.k8s.io/fstype": "ext4",
-            },
+            "parameters": parameters,
             "reclaimPolicy": "Delete",
             "volumeBindingMode": "WaitForFirstConsumer",
         }))

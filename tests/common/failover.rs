@@ -19,7 +19,7 @@ use super::e2e::*;
 use super::kubelet::{attachment_name, Container};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Event, Node, PersistentVolume, Pod};
-use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttachment};
+use k8s_openapi::api::storage::v1::VolumeAttachment;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -367,27 +367,11 @@ pub struct Outcome {
 
 /// The StorageClass `palisade-2`: 2 replicas, ext4, WaitForFirstConsumer, with `policy`.
 pub async fn storage_class(e: &E2e, policy: Option<&str>) {
-    let mut parameters = json!({
-        "numberOfReplicas": "2",
-        "csi.storage.k8s.io/fstype": "ext4",
-    });
-    if let Some(policy) = policy {
-        parameters["volumeAttachmentRecoveryPolicy"] = json!(policy);
-    }
-    let class: StorageClass = serde_json::from_value(json!({
-        "apiVersion": "storage.k8s.io/v1",
-        "kind": "StorageClass",
-        "metadata": { "name": "palisade-2" },
-        "provisioner": DRIVER,
-        "parameters": parameters,
-        "reclaimPolicy": "Delete",
-        "volumeBindingMode": "WaitForFirstConsumer",
-    }))
-    .expect("a StorageClass");
-    Api::<StorageClass>::all(e.client.clone())
-        .create(&PostParams::default(), &class)
-        .await
-        .expect("create the StorageClass");
+    let extra: Vec<(&str, &str)> = policy
+        .map(|p| ("volumeAttachmentRecoveryPolicy", p))
+        .into_iter()
+        .collect();
+    e.storage_class_with("palisade-2", 2, &extra).await;
 }
 
 /// An instant `t` (wall clock) in this process's monotonic clock.
