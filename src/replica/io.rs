@@ -60,4 +60,48 @@ pub trait ReplicaIo: Send + Sync + 'static {
             &self.read(offset, len).await?,
         ))
     }
+
+    /// Cuts the snapshot `name` of the replica: every write it completed before is in it,
+    /// none that comes after. The caller (the engine) has drained its writes first. Taking a
+    /// name that exists is Ok and changes nothing. By default refused: the replica keeps no
+    /// snapshots.
+    async fn snapshot(&self, name: &str) -> Result<(), ReplicaIoError> {
+        Err(unsupported(self.id(), &format!("snapshot {name:?}")))
+    }
+
+    /// Deletes the snapshot `name` (its space is merged or freed); a name that is gone is Ok.
+    async fn delete_snapshot(&self, name: &str) -> Result<(), ReplicaIoError> {
+        Err(unsupported(self.id(), &format!("delete snapshot {name:?}")))
+    }
+
+    /// Reads `len` bytes at `offset` of the snapshot `name`'s view of the volume.
+    async fn read_snapshot(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u32,
+    ) -> Result<Bytes, ReplicaIoError> {
+        let _ = (offset, len);
+        Err(unsupported(self.id(), &format!("read snapshot {name:?}")))
+    }
+
+    /// The ranges within `len` bytes at `offset` of the snapshot `name`'s view that hold data,
+    /// as [`ReplicaIo::extents`] gives them for the live view.
+    async fn snapshot_extents(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<(u64, u32)>, ReplicaIoError> {
+        let _ = name;
+        Ok(vec![(offset, len)])
+    }
+}
+
+/// The refusal of a replica that keeps no snapshots.
+pub fn unsupported(replica: &str, what: &str) -> ReplicaIoError {
+    ReplicaIoError::Invalid {
+        replica: replica.to_string(),
+        why: format!("{what}: this replica keeps no snapshots"),
+    }
 }
